@@ -1,0 +1,65 @@
+// The safetensors container (https://github.com/huggingface/safetensors), read as strictly as
+// the reference Rust reader and written byte-for-byte the way its writer lays files out.
+// Rules and sources: shared research/formats.md §1; docs/formats/safetensors.md.
+#pragma once
+
+#include <cstddef>
+#include <filesystem>
+#include <map>
+#include <memory>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "lorakit/atomic_file.h"
+#include "lorakit/mapped_file.h"
+#include "lorakit/registry.h"
+#include "lorakit/tensor.h"
+
+namespace lorakit::formats {
+
+// The reference reader's limit on the JSON header (HeaderTooLarge).
+inline constexpr std::uint64_t safetensors_max_header = 100'000'000;
+
+class SafetensorsDriver final : public ContainerDriver {
+public:
+    std::string_view name() const override { return "safetensors"; }
+    int identify(std::span<const std::byte> head, const std::filesystem::path& path) const override;
+    std::unique_ptr<TensorFile> open(std::shared_ptr<const MappedFile> file) const override;
+};
+
+// Parses and validates a whole safetensors file. Throws ErrorCode::bad_input with a message
+// naming the rule that failed (and the tensor, where there is one).
+std::unique_ptr<TensorFile> read_safetensors(std::shared_ptr<const MappedFile> file);
+
+struct TensorToWrite {
+    std::string name;
+    TensorView view;
+};
+
+// The order tensors are laid out in, the reference writer's: by dtype, widest first in the
+// reference enum's order (U64, I64, F64, F32, U32, I32, BF16, F16, U16, I16, F8_E4M3,
+// F8_E5M2, I8, U8, BOOL), then by name compared as bytes.
+void sort_for_safetensors(std::vector<TensorToWrite>& tensors);
+
+// The complete file: the 8-byte length, the compact JSON header ("__metadata__" first with
+// sorted keys, then tensors in layout order, fields dtype/shape/data_offsets) padded with
+// spaces to a multiple of 8, then the data. Identical input gives identical bytes. Duplicate
+// names throw ErrorCode::internal.
+std::vector<std::byte> serialize_safetensors_header(std::vector<TensorToWrite>& tensors,
+                                                    const std::map<std::string, std::string>& metadata);
+std::vector<std::byte> serialize_safetensors(std::vector<TensorToWrite> tensors,
+                                             const std::map<std::string, std::string>& metadata);
+
+// Streams the file into `out` (header, then each tensor's bytes); the caller commits.
+void write_safetensors(AtomicFile& out, std::vector<TensorToWrite> tensors,
+                       const std::map<std::string, std::string>& metadata);
+// Writes `target` atomically; refuses to replace an existing file unless `overwrite`.
+void write_safetensors(const std::filesystem::path& target, std::vector<TensorToWrite> tensors,
+                       const std::map<std::string, std::string>& metadata, bool overwrite);
+
+// SHA-256 of the data section only (everything after the header): kohya's sshs_model_hash
+// and A1111's "addnet" hash. Hex, lower case.
+std::string safetensors_data_sha256(std::span<const std::byte> file_bytes);
+
+}  // namespace lorakit::formats

@@ -1,0 +1,57 @@
+// Writing an output file atomically: the data goes to an unnamed temporary file in the
+// target's directory (O_TMPFILE; a hidden named temporary where the file system lacks it),
+// is flushed to disk, and only then appears under the target name. A failed, interrupted or
+// killed run leaves no output behind, and an existing file is replaced only when allowed.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <filesystem>
+#include <span>
+#include <string>
+#include <string_view>
+#include <vector>
+
+namespace lorakit {
+
+// Throws ErrorCode::usage when `target` exists and `overwrite` is false, and ErrorCode::io
+// when its directory does not exist. Tools call this before doing any work.
+void check_output_path(const std::filesystem::path& target, bool overwrite);
+
+class AtomicFile {
+public:
+    // "-" writes to standard output directly (nothing to make atomic).
+    AtomicFile(std::filesystem::path target, bool overwrite);
+    ~AtomicFile();  // discards the data unless commit() succeeded
+    AtomicFile(const AtomicFile&) = delete;
+    AtomicFile& operator=(const AtomicFile&) = delete;
+
+    void write(std::span<const std::byte> bytes);
+    void write(std::string_view text) { write(std::as_bytes(std::span(text.data(), text.size()))); }
+    // Bytes written so far.
+    std::uint64_t size() const noexcept { return written_; }
+    // Flushes, syncs and moves the file into place. Throws io on failure (nothing is left).
+    void commit();
+
+    const std::filesystem::path& target() const noexcept { return target_; }
+
+private:
+    void flush_buffer();
+    void discard() noexcept;
+
+    std::filesystem::path target_;
+    bool overwrite_;
+    int fd_ = -1;
+    bool to_stdout_ = false;
+    bool anonymous_ = false;  // O_TMPFILE
+    std::string temp_path_;   // the named temporary when not anonymous
+    std::vector<std::byte> buffer_;
+    std::size_t buffered_ = 0;
+    std::uint64_t written_ = 0;
+    bool committed_ = false;
+};
+
+// Writes `bytes` to `target` atomically in one call.
+void write_file_atomically(const std::filesystem::path& target, std::span<const std::byte> bytes, bool overwrite);
+
+}  // namespace lorakit

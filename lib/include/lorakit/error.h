@@ -1,0 +1,87 @@
+// The one error type of lorakit.
+//
+// Library code reports every failure by throwing lorakit::Error. An Error carries a stable
+// category (ErrorCode) that the tools map to their exit code in exactly one place
+// (exit_code_for), a message saying what is wrong, and a chain of context added on the
+// way up ("'a.safetensors'", "module 'x.q_proj'"), so the final one-line message names
+// the file and the part of it that failed.
+#pragma once
+
+#include <exception>
+#include <string>
+#include <string_view>
+#include <utility>
+#include <vector>
+
+#include <fmt/core.h>
+
+namespace lorakit {
+
+enum class ErrorCode {
+    check_failed,  // the input is readable but a requested check did not pass
+    usage,         // bad arguments, refused overwrite, impossible option combination
+    bad_input,     // malformed, inconsistent or unrecognised input data
+    unsupported,   // well-formed input using a feature lorakit does not handle
+    io,            // the operating system refused a read or a write
+    internal,      // a bug in lorakit
+};
+
+// Process exit codes shared by every tool. Documented in README.md ("Exit codes").
+namespace exit_codes {
+inline constexpr int success = 0;
+inline constexpr int check_failed = 1;
+inline constexpr int usage = 2;
+inline constexpr int bad_input = 3;
+inline constexpr int io = 4;
+inline constexpr int internal = 5;
+}  // namespace exit_codes
+
+int exit_code_for(ErrorCode code) noexcept;
+std::string_view error_code_name(ErrorCode code) noexcept;
+
+class Error : public std::exception {
+public:
+    Error(ErrorCode code, std::string message);
+
+    ErrorCode code() const noexcept { return code_; }
+    // The innermost description of the problem, without context.
+    const std::string& message() const noexcept { return message_; }
+    // Context, outermost first.
+    const std::vector<std::string>& context() const noexcept { return context_; }
+
+    // Adds an outer layer of context ("'file.safetensors'"). Returns *this for rethrow.
+    Error& add_context(std::string outer);
+
+    // "outer: inner: message".
+    const char* what() const noexcept override { return full_.c_str(); }
+
+private:
+    void rebuild();
+
+    ErrorCode code_;
+    std::string message_;
+    std::vector<std::string> context_;
+    std::string full_;
+};
+
+template <typename... Args>
+[[noreturn]] void fail(ErrorCode code, fmt::format_string<Args...> format, Args&&... args) {
+    throw Error(code, fmt::format(format, std::forward<Args>(args)...));
+}
+
+// Runs body(); an Error escaping it gets `context` added. Use for file and module scopes:
+//   with_context(fmt::format("'{}'", path), [&] { ... });
+template <typename Body>
+decltype(auto) with_context(std::string_view context, Body&& body) {
+    try {
+        return std::forward<Body>(body)();
+    } catch (Error& error) {
+        error.add_context(std::string(context));
+        throw;
+    }
+}
+
+// "'path'" — the quoting used for file names in every message.
+std::string quote(std::string_view text);
+
+}  // namespace lorakit

@@ -1,0 +1,71 @@
+// Low-rank linear algebra on LoRA factors, without ever forming the dense out x in product.
+//
+// For M = Σ_i c_i · B_i · A_i (B_i: out x r_i, A_i: r_i x in, all row-major f32) the factors
+// are stacked into B = [c_1 B_1 ... c_k B_k] (out x R) and A = [A_1; ...; A_k] (R x in),
+// thin Householder QRs B = Q_b R_b and Aᵀ = Q_a R_a are taken with LAPACK (sgeqrf), and the
+// small R x R core R_b R_aᵀ is decomposed in double precision (dgesdd). The singular values
+// of the core are those of M; U = Q_b U_c and V = Q_a V_c. Cost O((out + in) R² + R³).
+//
+// LAPACK is called through LAPACKE directly (not through Eigen, whose LAPACKE routing picks
+// the slow ?gesvd): see shared research/performance.md §1.1 and §2.
+#pragma once
+
+#include <cstdint>
+#include <span>
+#include <vector>
+
+namespace lorakit::linalg {
+
+// One term c · B · A. Pointers are row-major f32 and must stay valid for the call.
+struct LowRankTerm {
+    const float* b = nullptr;  // out x rank
+    const float* a = nullptr;  // rank x in
+    std::int64_t out = 0;
+    std::int64_t rank = 0;
+    std::int64_t in = 0;
+    double coefficient = 1.0;
+};
+
+// Reusable scratch memory. Fresh pages are slow to touch on the machines we target, so
+// callers that decompose many modules keep one Workspace per thread.
+class Workspace {
+public:
+    Workspace();
+    ~Workspace();
+    Workspace(Workspace&&) noexcept;
+    Workspace& operator=(Workspace&&) noexcept;
+
+    struct Impl;
+    Impl& impl() { return *impl_; }
+
+private:
+    Impl* impl_;
+};
+
+// The singular values of Σ c_i B_i A_i, descending, min(out, in, R) of them (exact zeros
+// included when the stacked factors are rank-deficient). Throws ErrorCode::bad_input when
+// the terms disagree in out or in, or ErrorCode::internal when LAPACK fails.
+std::vector<double> factored_singular_values(std::span<const LowRankTerm> terms, Workspace& workspace);
+
+// The thin SVD of Σ c_i B_i A_i truncated to the top `keep` triplets (keep <= 0: all
+// min(out, in, R)). U is out x k and V is in x k, both row-major f32 with orthonormal
+// columns; the full spectrum (all min(out, in, R) values) is returned in `singular_values`.
+struct FactoredSvd {
+    std::int64_t out = 0;
+    std::int64_t in = 0;
+    std::int64_t kept = 0;
+    std::vector<float> u;                 // out x kept, row-major
+    std::vector<double> singular_values;  // full spectrum, descending
+    std::vector<float> v;                 // in x kept, row-major
+};
+FactoredSvd factored_svd(std::span<const LowRankTerm> terms, std::int64_t keep, Workspace& workspace);
+
+// Reference: singular values of a dense row-major rows x cols f32 matrix (LAPACK sgesdd,
+// computed in double internally). For tests and small matrices only.
+std::vector<double> dense_singular_values(const float* matrix, std::int64_t rows, std::int64_t cols);
+
+// Sets the number of threads BLAS/LAPACK may use (OpenBLAS); 1 inside our own parallel loops.
+void set_blas_threads(int threads) noexcept;
+int blas_threads() noexcept;
+
+}  // namespace lorakit::linalg

@@ -1,0 +1,46 @@
+// Read-only access to a whole input file: memory-mapped for regular files, read into memory
+// for standard input ("-"). Inputs are opened read-only and never modified.
+#pragma once
+
+#include <cstddef>
+#include <filesystem>
+#include <memory>
+#include <span>
+#include <string>
+
+namespace lorakit {
+
+class MappedFile {
+public:
+    // Opens `path` ("-" reads standard input to its end). Throws ErrorCode::io when the file
+    // cannot be opened or read, and ErrorCode::bad_input for a directory or a special file.
+    static std::shared_ptr<const MappedFile> open(const std::filesystem::path& path);
+    // A file-like object over bytes already in memory (tests, fuzzers, generated data).
+    static std::shared_ptr<const MappedFile> from_bytes(std::string display_name, std::span<const std::byte> bytes);
+
+    ~MappedFile();
+    MappedFile(const MappedFile&) = delete;
+    MappedFile& operator=(const MappedFile&) = delete;
+
+    std::span<const std::byte> bytes() const noexcept { return {data_, size_}; }
+    std::size_t size() const noexcept { return size_; }
+    // The name used in messages (the path as given, or "<stdin>").
+    const std::string& name() const noexcept { return name_; }
+    const std::filesystem::path& path() const noexcept { return path_; }
+
+    // Hints that [offset, offset + length) will be read soon (madvise WILLNEED). No-op for
+    // in-memory data.
+    void prefetch(std::size_t offset, std::size_t length) const noexcept;
+
+private:
+    MappedFile() = default;
+
+    std::filesystem::path path_;
+    std::string name_;
+    const std::byte* data_ = nullptr;
+    std::size_t size_ = 0;
+    bool mapped_ = false;
+    std::unique_ptr<std::byte[]> heap_;
+};
+
+}  // namespace lorakit

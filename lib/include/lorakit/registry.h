@@ -1,0 +1,142 @@
+// The interfaces formats plug into, and the registry that finds the right one.
+//
+// The core never names a specific format. A *container* driver turns bytes into named
+// tensors (safetensors, GGUF, pickle); a *convention* driver turns named tensors plus an
+// optional sidecar config into an Adapter (PEFT, kohya, diffusers, mlx-lm, ...). Drivers are
+// registered explicitly (see lorakit/formats/builtin.h), never by static initialisers.
+#pragma once
+
+#include <cstdint>
+#include <filesystem>
+#include <map>
+#include <memory>
+#include <optional>
+#include <span>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "lorakit/adapter.h"
+#include "lorakit/mapped_file.h"
+#include "lorakit/tensor.h"
+
+namespace lorakit {
+
+// One tensor record of a container.
+struct TensorEntry {
+    std::string name;
+    std::string dtype_name;    // as the file spells it
+    Shape shape;
+    std::uint64_t offset = 0;  // byte range of the data, relative to the container's data section
+    std::uint64_t size = 0;
+    Tensor tensor;             // empty when the dtype is recognised but not supported
+    bool supported() const noexcept { return !tensor.empty() || size == 0; }
+};
+
+// A parsed container: its tensors in the order the file lists them, and its metadata.
+class TensorFile {
+public:
+    virtual ~TensorFile() = default;
+
+    virtual std::string_view format_name() const = 0;
+    // The name for messages (the path as given).
+    virtual const std::string& name() const = 0;
+    virtual const std::vector<TensorEntry>& entries() const = 0;
+    virtual const std::map<std::string, std::string>& metadata() const = 0;
+
+    const TensorEntry* find(std::string_view tensor_name) const;
+    // The tensor named `tensor_name`; throws bad_input if absent and unsupported if its dtype
+    // is one lorakit does not compute with.
+    const Tensor& tensor(std::string_view tensor_name) const;
+
+protected:
+    void build_index();
+
+private:
+    std::map<std::string, std::size_t, std::less<>> index_;
+};
+
+class ContainerDriver {
+public:
+    virtual ~ContainerDriver() = default;
+    virtual std::string_view name() const = 0;
+    // How sure the driver is that these are its bytes: 0 = not mine, 100 = certain. `head`
+    // holds at most the first 64 bytes. Must be cheap and never throw.
+    virtual int identify(std::span<const std::byte> head, const std::filesystem::path& path) const = 0;
+    virtual std::unique_ptr<TensorFile> open(std::shared_ptr<const MappedFile> file) const = 0;
+};
+
+// A config file found beside (or inside the directory of) the weights.
+struct SidecarConfig {
+    std::filesystem::path path;
+    std::string text;
+};
+
+struct AdapterInput {
+    std::string source;  // the path the user gave
+    const TensorFile& tensors;
+    std::optional<SidecarConfig> config;
+};
+
+struct Detection {
+    int score = 0;  // 0 = not this convention; higher wins
+    std::string detail;
+};
+
+// Where an adapter directory keeps its files.
+struct LocatedAdapter {
+    std::filesystem::path weights;
+    std::optional<std::filesystem::path> config;
+};
+
+class ConventionDriver {
+public:
+    virtual ~ConventionDriver() = default;
+    virtual std::string_view name() const = 0;
+    virtual std::string_view description() const = 0;
+
+    // If `dir` is laid out as this convention's adapter directory, where its files are.
+    virtual std::optional<LocatedAdapter> locate(const std::filesystem::path& dir) const;
+    // File names this convention reads as a sidecar config next to a weights file.
+    virtual std::vector<std::string> sidecar_config_names() const;
+    // Called with the sidecar config before the weights are opened; a driver that owns the
+    // config and finds it describes something lorakit cannot read (e.g. a PEFT prefix-tuning
+    // adapter) throws here, so the user gets that message rather than a container error.
+    virtual void precheck(const SidecarConfig& config) const;
+
+    virtual Detection detect(const AdapterInput& input) const = 0;
+    virtual Adapter read(const AdapterInput& input) const = 0;
+};
+
+class Registry {
+public:
+    void add(std::unique_ptr<ContainerDriver> driver);
+    void add(std::unique_ptr<ConventionDriver> driver);
+
+    const std::vector<std::unique_ptr<ContainerDriver>>& containers() const { return containers_; }
+    const std::vector<std::unique_ptr<ConventionDriver>>& conventions() const { return conventions_; }
+    const ConventionDriver* convention(std::string_view name) const;
+
+    // Opens a tensor container, choosing the driver by identify(). "-" reads standard input.
+    std::unique_ptr<TensorFile> open_tensor_file(const std::filesystem::path& path) const;
+    std::unique_ptr<TensorFile> open_tensor_file(std::shared_ptr<const MappedFile> file) const;
+
+    // Loads an adapter from a weights file or an adapter directory, detecting the convention.
+    // Errors carry the path as context.
+    Adapter load_adapter(const std::filesystem::path& path) const;
+    // Detects and reads an adapter from an already opened container.
+    Adapter read_adapter(const std::string& source, const TensorFile& tensors,
+                         const std::optional<SidecarConfig>& config) const;
+
+private:
+    std::optional<SidecarConfig> find_sidecar(const std::filesystem::path& weights) const;
+
+    std::vector<std::unique_ptr<ContainerDriver>> containers_;
+    std::vector<std::unique_ptr<ConventionDriver>> conventions_;
+};
+
+// Reads a whole (small) text file such as a JSON config. Throws io on failure and bad_input
+// above `max_bytes`.
+std::string read_text_file(const std::filesystem::path& path, std::size_t max_bytes = 64u << 20);
+
+}  // namespace lorakit

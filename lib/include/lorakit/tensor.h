@@ -1,0 +1,105 @@
+// Tensors: a non-owning view over bytes (usually a memory-mapped file) and a shared tensor
+// that either aliases such bytes (keeping their owner alive, no copy) or owns its buffer.
+//
+// Data is little-endian, row-major and densely packed, as in safetensors and GGUF. Bytes
+// need not be aligned: readers go through convert_to_f32, which uses unaligned loads.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "lorakit/dtype.h"
+
+namespace lorakit {
+
+using Shape = std::vector<std::int64_t>;
+
+// Element count of a shape. Throws ErrorCode::bad_input on a negative dimension or when the
+// product does not fit in 63 bits. An empty shape (a scalar) has one element.
+std::int64_t checked_element_count(const Shape& shape);
+// checked_element_count * dtype_size, overflow-checked the same way.
+std::uint64_t checked_byte_count(const Shape& shape, DType type);
+// "[4, 768]".
+std::string format_shape(const Shape& shape);
+
+class TensorView {
+public:
+    TensorView() = default;
+    // The caller guarantees bytes.size() == checked_byte_count(shape, type).
+    TensorView(DType type, Shape shape, std::span<const std::byte> bytes)
+        : type_(type), shape_(std::move(shape)), bytes_(bytes) {}
+
+    DType dtype() const noexcept { return type_; }
+    const Shape& shape() const noexcept { return shape_; }
+    std::size_t ndim() const noexcept { return shape_.size(); }
+    std::int64_t dim(std::size_t i) const { return shape_.at(i); }
+    std::int64_t element_count() const noexcept;
+    std::span<const std::byte> bytes() const noexcept { return bytes_; }
+
+    // The values widened to f32 (a copy).
+    std::vector<float> to_f32() const;
+    // Writes the values as f32 into `out`, which must hold element_count() floats.
+    void to_f32(std::span<float> out) const;
+    // The single value of a one-element tensor, as f64. Throws bad_input otherwise.
+    double scalar_value() const;
+    // Number of NaN and infinite values (0 for integer types).
+    std::int64_t count_nonfinite() const;
+
+private:
+    DType type_ = DType::F32;
+    Shape shape_;
+    std::span<const std::byte> bytes_;
+};
+
+class Tensor {
+public:
+    Tensor() = default;
+
+    // A tensor over bytes owned by someone else; `owner` is kept alive as long as any copy
+    // of this tensor lives (for example the MappedFile the bytes belong to).
+    static Tensor alias(DType type, Shape shape, std::span<const std::byte> bytes,
+                        std::shared_ptr<const void> owner);
+    // A tensor owning `bytes`, which must hold exactly shape x dtype bytes.
+    static Tensor own(DType type, Shape shape, std::vector<std::byte> bytes);
+    // A tensor of `type` holding `values` rounded once from f32.
+    static Tensor from_f32(DType type, Shape shape, std::span<const float> values);
+    // A zero-filled tensor.
+    static Tensor zeros(DType type, Shape shape);
+
+    bool empty() const noexcept { return !data_ && shape_.empty(); }
+    DType dtype() const noexcept { return type_; }
+    const Shape& shape() const noexcept { return shape_; }
+    std::size_t ndim() const noexcept { return shape_.size(); }
+    std::int64_t dim(std::size_t i) const { return shape_.at(i); }
+    std::int64_t element_count() const noexcept;
+    std::span<const std::byte> bytes() const noexcept { return {data_.get(), size_}; }
+    TensorView view() const { return TensorView(type_, shape_, bytes()); }
+    operator TensorView() const { return view(); }
+
+    std::vector<float> to_f32() const { return view().to_f32(); }
+    double scalar_value() const { return view().scalar_value(); }
+
+    // The same bytes under another shape with the same element count (no copy).
+    Tensor reshaped(Shape shape) const;
+    // A copy converted to another dtype (no copy when the dtype is unchanged).
+    Tensor converted(DType type) const;
+    // The transpose of a 2-D tensor, as a new owned tensor (exact: moves bytes only).
+    Tensor transposed_2d() const;
+
+private:
+    DType type_ = DType::F32;
+    Shape shape_;
+    std::shared_ptr<const std::byte> data_;
+    std::size_t size_ = 0;
+};
+
+struct NamedTensor {
+    std::string name;
+    Tensor tensor;
+};
+
+}  // namespace lorakit

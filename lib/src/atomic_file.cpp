@@ -1,0 +1,255 @@
+#include "lorakit/atomic_file.h"
+
+#include <fcntl.h>
+#include <limits.h>
+#include <signal.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cerrno>
+#include <cstring>
+#include <mutex>
+#include <random>
+
+#include "lorakit/error.h"
+
+namespace lorakit {
+
+namespace fs = std::filesystem;
+
+namespace {
+
+constexpr std::size_t buffer_capacity = 4u << 20;
+
+[[noreturn]] void fail_io(std::string_view what, const fs::path& path, int err) {
+    fail(ErrorCode::io, "cannot {} {}: {}", what, quote(path.string()), std::strerror(err));
+}
+
+fs::path directory_of(const fs::path& target) {
+    fs::path dir = target.parent_path();
+    return dir.empty() ? fs::path(".") : dir;
+}
+
+// Named temporaries (only used where O_TMPFILE is unavailable) are removed on SIGINT/SIGTERM.
+// The handler may only use async-signal-safe calls, hence the fixed table.
+constexpr int max_temps = 16;
+char temp_table[max_temps][PATH_MAX];
+std::atomic<bool> temp_used[max_temps];
+std::once_flag handlers_installed;
+
+extern "C" void remove_temps_and_reraise(int signal_number) {
+    for (int i = 0; i < max_temps; ++i)
+        if (temp_used[i].load()) ::unlink(temp_table[i]);
+    ::signal(signal_number, SIG_DFL);
+    ::raise(signal_number);
+}
+
+int register_temp(const std::string& path) {
+    std::call_once(handlers_installed, [] {
+        for (int sig : {SIGINT, SIGTERM, SIGHUP}) {
+            struct sigaction action {};
+            action.sa_handler = remove_temps_and_reraise;
+            sigemptyset(&action.sa_mask);
+            struct sigaction old {};
+            // Keep a handler the program already installed (or an ignored signal).
+            if (::sigaction(sig, nullptr, &old) == 0 && old.sa_handler == SIG_DFL) ::sigaction(sig, &action, nullptr);
+        }
+    });
+    if (path.size() >= PATH_MAX) return -1;
+    for (int i = 0; i < max_temps; ++i) {
+        if (temp_used[i].load()) continue;
+        std::memcpy(temp_table[i], path.c_str(), path.size() + 1);
+        temp_used[i].store(true);
+        return i;
+    }
+    return -1;
+}
+
+void unregister_temp(const std::string& path) {
+    for (int i = 0; i < max_temps; ++i)
+        if (temp_used[i].load() && path == temp_table[i]) temp_used[i].store(false);
+}
+
+std::string random_suffix() {
+    static std::mutex mutex;
+    static std::mt19937_64 engine{std::random_device{}()};
+    std::lock_guard lock(mutex);
+    static constexpr char alphabet[] = "abcdefghijklmnopqrstuvwxyz0123456789";
+    std::string out(8, 'x');
+    for (auto& c : out) c = alphabet[engine() % (sizeof(alphabet) - 1)];
+    return out;
+}
+
+// ".<name>.lorakit-<random>" next to the target.
+std::string hidden_temp_name(const fs::path& dir, const fs::path& target) {
+    return (dir / fmt::format(".{}.lorakit-{}", target.filename().string(), random_suffix())).string();
+}
+
+void fsync_directory(const fs::path& dir) {
+    const int fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (fd >= 0) {
+        ::fsync(fd);
+        ::close(fd);
+    }
+}
+
+}  // namespace
+
+void check_output_path(const fs::path& target, bool overwrite) {
+    if (target == "-") return;
+    std::error_code ec;
+    const auto status = fs::symlink_status(target, ec);
+    if (fs::exists(status)) {
+        if (fs::is_directory(status))
+            fail(ErrorCode::usage, "output {} is an existing directory", quote(target.string()));
+        if (!overwrite) fail(ErrorCode::usage, "output {} exists (use --force to replace it)", quote(target.string()));
+    }
+    const fs::path dir = directory_of(target);
+    if (!fs::is_directory(dir, ec))
+        fail(ErrorCode::io, "cannot write {}: directory {} does not exist", quote(target.string()),
+             quote(dir.string()));
+}
+
+AtomicFile::AtomicFile(fs::path target, bool overwrite) : target_(std::move(target)), overwrite_(overwrite) {
+    if (target_ == "-") {
+        to_stdout_ = true;
+        fd_ = STDOUT_FILENO;
+        buffer_.resize(1 << 16);
+        return;
+    }
+    check_output_path(target_, overwrite_);
+    const fs::path dir = directory_of(target_);
+    fd_ = ::open(dir.c_str(), O_TMPFILE | O_WRONLY | O_CLOEXEC, 0666);
+    if (fd_ >= 0) {
+        anonymous_ = true;
+        // O_TMPFILE ignores the umask for the mode given at link time on some kernels;
+        // apply the usual default explicitly.
+        const mode_t mask = ::umask(0);
+        ::umask(mask);
+        ::fchmod(fd_, 0666 & ~mask);
+    } else {
+        for (int attempt = 0; attempt < 100 && fd_ < 0; ++attempt) {
+            temp_path_ = hidden_temp_name(dir, target_);
+            fd_ = ::open(temp_path_.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0666);
+            if (fd_ < 0 && errno != EEXIST) fail_io("create a temporary file in", dir, errno);
+        }
+        if (fd_ < 0) fail_io("create a temporary file in", dir, EEXIST);
+        register_temp(temp_path_);
+    }
+    buffer_.resize(buffer_capacity);
+}
+
+AtomicFile::~AtomicFile() {
+    if (!committed_) discard();
+}
+
+void AtomicFile::discard() noexcept {
+    if (to_stdout_) return;
+    if (fd_ >= 0) {
+        ::close(fd_);
+        fd_ = -1;
+    }
+    if (!temp_path_.empty()) {
+        ::unlink(temp_path_.c_str());
+        unregister_temp(temp_path_);
+        temp_path_.clear();
+    }
+}
+
+void AtomicFile::flush_buffer() {
+    std::size_t done = 0;
+    while (done < buffered_) {
+        const ssize_t n = ::write(fd_, buffer_.data() + done, buffered_ - done);
+        if (n < 0) {
+            if (errno == EINTR) continue;
+            fail_io("write", to_stdout_ ? fs::path("<stdout>") : target_, errno);
+        }
+        done += static_cast<std::size_t>(n);
+    }
+    buffered_ = 0;
+}
+
+void AtomicFile::write(std::span<const std::byte> bytes) {
+    if (committed_ || fd_ < 0) fail(ErrorCode::internal, "write after commit to {}", quote(target_.string()));
+    written_ += bytes.size();
+    while (!bytes.empty()) {
+        if (buffered_ == 0 && bytes.size() >= buffer_.size()) {
+            // Large blocks go straight out; copying them through the buffer gains nothing.
+            const ssize_t n = ::write(fd_, bytes.data(), bytes.size());
+            if (n < 0) {
+                if (errno == EINTR) continue;
+                fail_io("write", to_stdout_ ? fs::path("<stdout>") : target_, errno);
+            }
+            bytes = bytes.subspan(static_cast<std::size_t>(n));
+            continue;
+        }
+        const std::size_t n = std::min(bytes.size(), buffer_.size() - buffered_);
+        std::memcpy(buffer_.data() + buffered_, bytes.data(), n);
+        buffered_ += n;
+        bytes = bytes.subspan(n);
+        if (buffered_ == buffer_.size()) flush_buffer();
+    }
+}
+
+void AtomicFile::commit() {
+    if (committed_) return;
+    flush_buffer();
+    if (to_stdout_) {
+        committed_ = true;
+        return;
+    }
+    if (::fsync(fd_) != 0) fail_io("sync", target_, errno);
+    const fs::path dir = directory_of(target_);
+    if (anonymous_) {
+        const std::string proc = fmt::format("/proc/self/fd/{}", fd_);
+        if (!overwrite_) {
+            if (::linkat(AT_FDCWD, proc.c_str(), AT_FDCWD, target_.c_str(), AT_SYMLINK_FOLLOW) != 0) {
+                if (errno == EEXIST)
+                    fail(ErrorCode::usage, "output {} exists (use --force to replace it)", quote(target_.string()));
+                fail_io("create", target_, errno);
+            }
+        } else {
+            // Give the data a hidden name first, then rename it over the target atomically.
+            std::string hidden;
+            for (int attempt = 0; attempt < 100; ++attempt) {
+                hidden = hidden_temp_name(dir, target_);
+                if (::linkat(AT_FDCWD, proc.c_str(), AT_FDCWD, hidden.c_str(), AT_SYMLINK_FOLLOW) == 0) break;
+                if (errno != EEXIST) fail_io("create", target_, errno);
+                hidden.clear();
+            }
+            if (hidden.empty()) fail_io("create", target_, EEXIST);
+            if (::rename(hidden.c_str(), target_.c_str()) != 0) {
+                const int err = errno;
+                ::unlink(hidden.c_str());
+                fail_io("replace", target_, err);
+            }
+        }
+    } else {
+        if (!overwrite_) {
+            // link() refuses an existing target: the no-clobber check and the move are one step.
+            if (::link(temp_path_.c_str(), target_.c_str()) != 0) {
+                if (errno == EEXIST)
+                    fail(ErrorCode::usage, "output {} exists (use --force to replace it)", quote(target_.string()));
+                fail_io("create", target_, errno);
+            }
+            ::unlink(temp_path_.c_str());
+        } else if (::rename(temp_path_.c_str(), target_.c_str()) != 0) {
+            fail_io("replace", target_, errno);
+        }
+        unregister_temp(temp_path_);
+        temp_path_.clear();
+    }
+    ::close(fd_);
+    fd_ = -1;
+    fsync_directory(dir);
+    committed_ = true;
+}
+
+void write_file_atomically(const fs::path& target, std::span<const std::byte> bytes, bool overwrite) {
+    AtomicFile file(target, overwrite);
+    file.write(bytes);
+    file.commit();
+}
+
+}  // namespace lorakit

@@ -1,0 +1,108 @@
+#include "lorakit/mapped_file.h"
+
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+#include <vector>
+
+#include "lorakit/error.h"
+
+namespace lorakit {
+namespace {
+
+[[noreturn]] void fail_errno(const std::string& what, int err) {
+    fail(ErrorCode::io, "{}: {}", what, std::strerror(err));
+}
+
+std::vector<std::byte> read_all(int fd, const std::string& name) {
+    std::vector<std::byte> data;
+    std::size_t used = 0;
+    for (;;) {
+        if (data.size() - used < 65536) data.resize(std::max<std::size_t>(data.size() * 2, 1 << 20));
+        const ssize_t n = ::read(fd, data.data() + used, data.size() - used);
+        if (n < 0) {
+            if (errno == EINTR) continue;
+            fail_errno("cannot read " + quote(name), errno);
+        }
+        if (n == 0) break;
+        used += static_cast<std::size_t>(n);
+    }
+    data.resize(used);
+    return data;
+}
+
+}  // namespace
+
+std::shared_ptr<const MappedFile> MappedFile::open(const std::filesystem::path& path) {
+    auto file = std::shared_ptr<MappedFile>(new MappedFile());
+    file->path_ = path;
+    if (path == "-") {
+        file->name_ = "<stdin>";
+        auto data = read_all(STDIN_FILENO, file->name_);
+        file->size_ = data.size();
+        file->heap_ = std::make_unique<std::byte[]>(data.size() ? data.size() : 1);
+        if (!data.empty()) std::memcpy(file->heap_.get(), data.data(), data.size());
+        file->data_ = file->heap_.get();
+        return file;
+    }
+    file->name_ = path.string();
+    // O_NONBLOCK keeps a FIFO from blocking the open; such files are refused below anyway.
+    const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
+    if (fd < 0) fail_errno("cannot open " + quote(file->name_), errno);
+    struct stat st {};
+    if (::fstat(fd, &st) != 0) {
+        const int err = errno;
+        ::close(fd);
+        fail_errno("cannot stat " + quote(file->name_), err);
+    }
+    if (S_ISDIR(st.st_mode)) {
+        ::close(fd);
+        fail(ErrorCode::bad_input, "{} is a directory, expected a file", quote(file->name_));
+    }
+    if (!S_ISREG(st.st_mode)) {
+        ::close(fd);
+        fail(ErrorCode::bad_input, "{} is not a regular file", quote(file->name_));
+    }
+    file->size_ = static_cast<std::size_t>(st.st_size);
+    if (file->size_ > 0) {
+        void* map = ::mmap(nullptr, file->size_, PROT_READ, MAP_PRIVATE, fd, 0);
+        if (map == MAP_FAILED) {
+            const int err = errno;
+            ::close(fd);
+            fail_errno("cannot map " + quote(file->name_), err);
+        }
+        file->data_ = static_cast<const std::byte*>(map);
+        file->mapped_ = true;
+    }
+    ::close(fd);
+    return file;
+}
+
+std::shared_ptr<const MappedFile> MappedFile::from_bytes(std::string display_name, std::span<const std::byte> bytes) {
+    auto file = std::shared_ptr<MappedFile>(new MappedFile());
+    file->name_ = std::move(display_name);
+    file->path_ = file->name_;
+    file->size_ = bytes.size();
+    file->heap_ = std::make_unique<std::byte[]>(bytes.size() ? bytes.size() : 1);
+    if (!bytes.empty()) std::memcpy(file->heap_.get(), bytes.data(), bytes.size());
+    file->data_ = file->heap_.get();
+    return file;
+}
+
+MappedFile::~MappedFile() {
+    if (mapped_) ::munmap(const_cast<std::byte*>(data_), size_);
+}
+
+void MappedFile::prefetch(std::size_t offset, std::size_t length) const noexcept {
+    if (!mapped_ || offset >= size_) return;
+    length = std::min(length, size_ - offset);
+    const auto page = static_cast<std::size_t>(::sysconf(_SC_PAGESIZE));
+    const std::size_t start = offset / page * page;
+    ::madvise(const_cast<std::byte*>(data_) + start, length + (offset - start), MADV_WILLNEED);
+}
+
+}  // namespace lorakit

@@ -1,0 +1,182 @@
+#include "lorakit/registry.h"
+
+#include <algorithm>
+#include <fstream>
+#include <sstream>
+
+#include <fmt/format.h>
+
+#include "lorakit/base_model.h"
+#include "lorakit/error.h"
+#include "lorakit/names.h"
+
+namespace lorakit {
+
+namespace fs = std::filesystem;
+
+// ---- TensorFile -------------------------------------------------------------------------
+
+void TensorFile::build_index() {
+    index_.clear();
+    const auto& all = entries();
+    for (std::size_t i = 0; i < all.size(); ++i) index_.emplace(all[i].name, i);
+}
+
+const TensorEntry* TensorFile::find(std::string_view tensor_name) const {
+    auto it = index_.find(tensor_name);
+    return it == index_.end() ? nullptr : &entries()[it->second];
+}
+
+const Tensor& TensorFile::tensor(std::string_view tensor_name) const {
+    const TensorEntry* entry = find(tensor_name);
+    if (!entry) fail(ErrorCode::bad_input, "no tensor named {}", quote(tensor_name));
+    if (!entry->supported())
+        fail(ErrorCode::unsupported, "tensor {} has unsupported dtype {}", quote(tensor_name), entry->dtype_name);
+    return entry->tensor;
+}
+
+// ---- ConventionDriver defaults -----------------------------------------------------------
+
+std::optional<LocatedAdapter> ConventionDriver::locate(const fs::path&) const { return std::nullopt; }
+std::vector<std::string> ConventionDriver::sidecar_config_names() const { return {}; }
+void ConventionDriver::precheck(const SidecarConfig&) const {}
+
+// ---- Registry -----------------------------------------------------------------------------
+
+void Registry::add(std::unique_ptr<ContainerDriver> driver) { containers_.push_back(std::move(driver)); }
+void Registry::add(std::unique_ptr<ConventionDriver> driver) { conventions_.push_back(std::move(driver)); }
+
+const ConventionDriver* Registry::convention(std::string_view name) const {
+    for (const auto& driver : conventions_)
+        if (driver->name() == name) return driver.get();
+    return nullptr;
+}
+
+std::unique_ptr<TensorFile> Registry::open_tensor_file(const fs::path& path) const {
+    auto file = MappedFile::open(path);
+    return open_tensor_file(std::move(file));
+}
+
+std::unique_ptr<TensorFile> Registry::open_tensor_file(std::shared_ptr<const MappedFile> file) const {
+    return with_context(quote(file->name()), [&] {
+        const auto bytes = file->bytes();
+        const auto head = bytes.first(std::min<std::size_t>(bytes.size(), 64));
+        const ContainerDriver* best = nullptr;
+        int best_score = 0;
+        for (const auto& driver : containers_) {
+            const int score = driver->identify(head, file->path());
+            if (score > best_score) {
+                best_score = score;
+                best = driver.get();
+            }
+        }
+        if (!best) {
+            std::vector<std::string_view> names;
+            for (const auto& driver : containers_) names.push_back(driver->name());
+            if (bytes.empty()) fail(ErrorCode::bad_input, "file is empty");
+            fail(ErrorCode::bad_input, "not a recognised tensor file (tried {})", fmt::join(names, ", "));
+        }
+        return best->open(file);
+    });
+}
+
+std::optional<SidecarConfig> Registry::find_sidecar(const fs::path& weights) const {
+    if (weights == "-") return std::nullopt;
+    fs::path dir = weights.parent_path();
+    if (dir.empty()) dir = ".";
+    for (const auto& driver : conventions_) {
+        for (const auto& name : driver->sidecar_config_names()) {
+            const fs::path candidate = dir / name;
+            std::error_code ec;
+            if (fs::is_regular_file(candidate, ec)) return SidecarConfig{candidate, read_text_file(candidate)};
+        }
+    }
+    return std::nullopt;
+}
+
+Adapter Registry::load_adapter(const fs::path& path) const {
+    return with_context(quote(path.string()), [&] {
+        fs::path weights = path;
+        std::optional<SidecarConfig> config;
+        std::error_code ec;
+        if (path != "-" && fs::is_directory(path, ec)) {
+            std::optional<LocatedAdapter> located;
+            for (const auto& driver : conventions_) {
+                located = driver->locate(path);
+                if (located) break;
+            }
+            if (!located) fail(ErrorCode::bad_input, "directory holds no adapter weights file that lorakit knows");
+            weights = located->weights;
+            if (located->config) config = SidecarConfig{*located->config, read_text_file(*located->config)};
+        } else {
+            if (path != "-" && !fs::exists(path, ec)) fail(ErrorCode::io, "no such file or directory");
+            config = find_sidecar(path);
+        }
+        if (config)
+            with_context(quote(config->path.string()), [&] {
+                for (const auto& driver : conventions_) driver->precheck(*config);
+            });
+        auto tensors = open_tensor_file(weights);
+        if (weights != path) {
+            // Messages from inside the directory name the file itself too.
+            return with_context(quote(weights.filename().string()),
+                                [&] { return read_adapter(path.string(), *tensors, config); });
+        }
+        return read_adapter(path.string(), *tensors, config);
+    });
+}
+
+Adapter Registry::read_adapter(const std::string& source, const TensorFile& tensors,
+                               const std::optional<SidecarConfig>& config) const {
+    AdapterInput input{source, tensors, config};
+    const ConventionDriver* best = nullptr;
+    Detection best_detection;
+    for (const auto& driver : conventions_) {
+        Detection detection = driver->detect(input);
+        if (detection.score > best_detection.score) {
+            best_detection = std::move(detection);
+            best = driver.get();
+        }
+    }
+    if (!best) {
+        std::vector<std::string_view> names;
+        for (const auto& driver : conventions_) names.push_back(driver->name());
+        std::vector<std::string> keys;
+        for (const auto& entry : tensors.entries()) {
+            if (keys.size() == 4) break;
+            keys.push_back(quote(entry.name));
+        }
+        if (tensors.entries().empty())
+            fail(ErrorCode::bad_input, "not a LoRA adapter: the file holds no tensors (tried {})", fmt::join(names, ", "));
+        fail(ErrorCode::bad_input, "not a LoRA adapter in any known layout (tried {}); its {} tensors include {}",
+             fmt::join(names, ", "), tensors.entries().size(), fmt::join(keys, ", "));
+    }
+    Adapter adapter = best->read(input);
+    adapter.source = source;
+    adapter.container = std::string(tensors.format_name());
+    if (adapter.convention.empty()) adapter.convention = std::string(best->name());
+    if (adapter.convention_detail.empty()) adapter.convention_detail = best_detection.detail;
+    if (adapter.metadata.empty()) adapter.metadata = tensors.metadata();
+    if (config && adapter.config_json.empty()) {
+        adapter.config_json = config->text;
+        adapter.config_path = config->path.string();
+    }
+    for (const auto& module : adapter.modules) validate_module(module);
+    std::stable_sort(adapter.modules.begin(), adapter.modules.end(),
+                     [](const LoraModule& a, const LoraModule& b) { return natural_less(a.name, b.name); });
+    std::stable_sort(adapter.lycoris_modules.begin(), adapter.lycoris_modules.end(),
+                     [](const LycorisModule& a, const LycorisModule& b) { return natural_less(a.name, b.name); });
+    infer_base_model(adapter);
+    return adapter;
+}
+
+std::string read_text_file(const fs::path& path, std::size_t max_bytes) {
+    auto file = MappedFile::open(path);
+    if (file->size() > max_bytes)
+        fail(ErrorCode::bad_input, "{} is {} bytes, more than the {} allowed for a config file", quote(path.string()),
+             file->size(), max_bytes);
+    const auto bytes = file->bytes();
+    return std::string(reinterpret_cast<const char*>(bytes.data()), bytes.size());
+}
+
+}  // namespace lorakit

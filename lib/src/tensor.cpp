@@ -1,0 +1,147 @@
+#include "lorakit/tensor.h"
+
+#include <cmath>
+#include <cstring>
+#include <limits>
+
+#include <fmt/format.h>
+
+#include "lorakit/error.h"
+
+namespace lorakit {
+
+std::int64_t checked_element_count(const Shape& shape) {
+    std::int64_t count = 1;
+    for (std::int64_t dim : shape) {
+        if (dim < 0) fail(ErrorCode::bad_input, "negative dimension {} in shape {}", dim, format_shape(shape));
+        if (dim != 0 && count > std::numeric_limits<std::int64_t>::max() / dim)
+            fail(ErrorCode::bad_input, "shape {} has too many elements", format_shape(shape));
+        count *= dim;
+    }
+    return count;
+}
+
+std::uint64_t checked_byte_count(const Shape& shape, DType type) {
+    const auto count = static_cast<std::uint64_t>(checked_element_count(shape));
+    const std::uint64_t size = dtype_size(type);
+    if (count > std::numeric_limits<std::uint64_t>::max() / 2 / size)
+        fail(ErrorCode::bad_input, "shape {} of {} is too large", format_shape(shape), dtype_name(type));
+    return count * size;
+}
+
+std::string format_shape(const Shape& shape) { return fmt::format("[{}]", fmt::join(shape, ", ")); }
+
+// ---- TensorView -------------------------------------------------------------------------
+
+std::int64_t TensorView::element_count() const noexcept {
+    return static_cast<std::int64_t>(bytes_.size() / dtype_size(type_));
+}
+
+std::vector<float> TensorView::to_f32() const {
+    std::vector<float> out(static_cast<std::size_t>(element_count()));
+    to_f32(out);
+    return out;
+}
+
+void TensorView::to_f32(std::span<float> out) const { convert_to_f32(type_, bytes_, out); }
+
+double TensorView::scalar_value() const {
+    if (element_count() != 1)
+        fail(ErrorCode::bad_input, "expected a single value, found a tensor of shape {}", format_shape(shape_));
+    double value = 0;
+    convert_to_f64(type_, bytes_.data(), &value, 1);
+    return value;
+}
+
+std::int64_t TensorView::count_nonfinite() const {
+    if (!is_floating(type_)) return 0;
+    std::int64_t count = 0;
+    constexpr std::size_t block = 4096;
+    float buffer[block];
+    const std::size_t size = dtype_size(type_);
+    const auto total = static_cast<std::size_t>(element_count());
+    for (std::size_t start = 0; start < total; start += block) {
+        const std::size_t n = std::min(block, total - start);
+        convert_to_f32(type_, bytes_.data() + start * size, buffer, n);
+        for (std::size_t i = 0; i < n; ++i) count += std::isfinite(buffer[i]) ? 0 : 1;
+    }
+    return count;
+}
+
+// ---- Tensor -----------------------------------------------------------------------------
+
+namespace {
+
+void check_size(DType type, const Shape& shape, std::size_t size) {
+    const auto expected = checked_byte_count(shape, type);
+    if (expected != size)
+        fail(ErrorCode::internal, "tensor of {} {} needs {} bytes, got {}", dtype_name(type), format_shape(shape),
+             expected, size);
+}
+
+}  // namespace
+
+std::int64_t Tensor::element_count() const noexcept { return static_cast<std::int64_t>(size_ / dtype_size(type_)); }
+
+Tensor Tensor::alias(DType type, Shape shape, std::span<const std::byte> bytes, std::shared_ptr<const void> owner) {
+    check_size(type, shape, bytes.size());
+    Tensor t;
+    t.type_ = type;
+    t.shape_ = std::move(shape);
+    t.data_ = std::shared_ptr<const std::byte>(std::move(owner), bytes.data());
+    t.size_ = bytes.size();
+    return t;
+}
+
+Tensor Tensor::own(DType type, Shape shape, std::vector<std::byte> bytes) {
+    check_size(type, shape, bytes.size());
+    auto holder = std::make_shared<const std::vector<std::byte>>(std::move(bytes));
+    Tensor t;
+    t.type_ = type;
+    t.shape_ = std::move(shape);
+    t.size_ = holder->size();
+    t.data_ = std::shared_ptr<const std::byte>(holder, holder->data());
+    return t;
+}
+
+Tensor Tensor::from_f32(DType type, Shape shape, std::span<const float> values) {
+    const auto count = checked_element_count(shape);
+    if (static_cast<std::size_t>(count) != values.size())
+        fail(ErrorCode::internal, "from_f32: {} values for shape {}", values.size(), format_shape(shape));
+    std::vector<std::byte> bytes(values.size() * dtype_size(type));
+    convert_from_f32(type, values, bytes);
+    return own(type, std::move(shape), std::move(bytes));
+}
+
+Tensor Tensor::zeros(DType type, Shape shape) {
+    std::vector<std::byte> bytes(checked_byte_count(shape, type));
+    return own(type, std::move(shape), std::move(bytes));
+}
+
+Tensor Tensor::reshaped(Shape shape) const {
+    if (checked_element_count(shape) != element_count())
+        fail(ErrorCode::internal, "cannot reshape {} to {}", format_shape(shape_), format_shape(shape));
+    Tensor t = *this;
+    t.shape_ = std::move(shape);
+    return t;
+}
+
+Tensor Tensor::converted(DType type) const {
+    if (type == type_) return *this;
+    const auto values = to_f32();
+    return from_f32(type, shape_, values);
+}
+
+Tensor Tensor::transposed_2d() const {
+    if (ndim() != 2) fail(ErrorCode::internal, "transposed_2d on a tensor of shape {}", format_shape(shape_));
+    const auto rows = static_cast<std::size_t>(shape_[0]);
+    const auto cols = static_cast<std::size_t>(shape_[1]);
+    const std::size_t size = dtype_size(type_);
+    std::vector<std::byte> out(size_);
+    const std::byte* in = data_.get();
+    for (std::size_t r = 0; r < rows; ++r)
+        for (std::size_t c = 0; c < cols; ++c) std::memcpy(&out[(c * rows + r) * size], in + (r * cols + c) * size, size);
+    return own(type_, Shape{shape_[1], shape_[0]}, std::move(out));
+}
+
+}  // namespace lorakit

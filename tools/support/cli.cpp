@@ -1,0 +1,95 @@
+#include "support/cli.h"
+
+#include <unistd.h>
+
+#include <cstdio>
+#include <exception>
+
+#include <fmt/format.h>
+
+#include "lorakit/error.h"
+#include "lorakit/version.h"
+#include "support/progress_bar.h"
+
+namespace lorakit::cli {
+
+Tool::Tool(std::string name, std::string description) : name_(std::move(name)), app_(std::move(description), name_) {
+    app_.set_version_flag("--version", fmt::format("{} (lorakit) {}", name_, LORAKIT_VERSION_STRING));
+    app_.get_formatter()->column_width(34);
+}
+
+Tool::~Tool() = default;
+
+void Tool::add_output_option(std::string& output, std::string_view help) {
+    app_.add_option("-o,--output", output, std::string(help))->type_name("FILE");
+}
+
+void Tool::add_force_option(bool& force) {
+    app_.add_flag("-f,--force", force, "replace an existing output file");
+}
+
+void Tool::add_json_option(bool& json, std::string_view help) { app_.add_flag("--json", json, std::string(help)); }
+
+void Tool::add_verbosity_options() {
+    app_.add_flag("-q,--quiet", quiet_, "print no notes or progress on stderr (errors still are)");
+    app_.add_flag("-v,--verbose", verbose_, "print more notes on stderr");
+}
+
+void Tool::note(std::string_view message) const {
+    if (quiet_) return;
+    fmt::print(stderr, "{}: note: {}\n", name_, message);
+}
+
+void Tool::warn(std::string_view message) const {
+    if (quiet_) return;
+    fmt::print(stderr, "{}: warning: {}\n", name_, message);
+}
+
+Progress& Tool::progress() {
+    if (!progress_) {
+        if (!quiet_ && ::isatty(STDERR_FILENO)) progress_ = std::make_unique<TerminalProgress>(STDERR_FILENO);
+        else return no_progress();
+    }
+    return *progress_;
+}
+
+int Tool::run(int argc, char** argv, const std::function<int()>& body) {
+    try {
+        app_.parse(argc, argv);
+    } catch (const CLI::CallForHelp&) {
+        fmt::print("{}", app_.help());
+        return exit_codes::success;
+    } catch (const CLI::CallForAllHelp&) {
+        fmt::print("{}", app_.help("", CLI::AppFormatMode::All));
+        return exit_codes::success;
+    } catch (const CLI::CallForVersion&) {
+        fmt::print("{}\n", app_.version());
+        return exit_codes::success;
+    } catch (const CLI::ParseError& e) {
+        fmt::print(stderr, "{}: error: {} (see {} --help)\n", name_, e.what(), name_);
+        return exit_codes::usage;
+    }
+    try {
+        const int code = body();
+        std::fflush(stdout);
+        if (std::ferror(stdout)) {
+            fmt::print(stderr, "{}: error: cannot write to standard output\n", name_);
+            return exit_codes::io;
+        }
+        return code;
+    } catch (const Error& e) {
+        if (progress_) progress_->end();
+        fmt::print(stderr, "{}: error: {}\n", name_, e.what());
+        return exit_code_for(e.code());
+    } catch (const std::bad_alloc&) {
+        if (progress_) progress_->end();
+        fmt::print(stderr, "{}: error: out of memory\n", name_);
+        return exit_codes::io;
+    } catch (const std::exception& e) {
+        if (progress_) progress_->end();
+        fmt::print(stderr, "{}: error: internal error: {}\n", name_, e.what());
+        return exit_codes::internal;
+    }
+}
+
+}  // namespace lorakit::cli

@@ -1,0 +1,54 @@
+// Shared plumbing for every lorakit tool: option conventions, the one place where errors
+// become exit codes and one-line messages, notes and the progress bar on stderr.
+//
+// Manners (the same for every tool): nothing but the result goes to stdout; notes and
+// progress go to stderr, progress only on a terminal; --quiet silences notes; errors are one
+// line "<tool>: error: <message>" with the exit codes of lorakit/error.h.
+#pragma once
+
+#include <functional>
+#include <memory>
+#include <string>
+#include <string_view>
+
+#include <CLI/CLI.hpp>
+
+#include "lorakit/progress.h"
+
+namespace lorakit::cli {
+
+class Tool {
+public:
+    Tool(std::string name, std::string description);
+    ~Tool();
+
+    CLI::App& app() { return app_; }
+    const std::string& name() const { return name_; }
+
+    // Standard options; each tool adds those it supports.
+    void add_output_option(std::string& output, std::string_view help = "write the result to FILE");
+    void add_force_option(bool& force);
+    void add_json_option(bool& json, std::string_view help = "print a machine-readable JSON report on stdout");
+    void add_verbosity_options();
+
+    // Parses argv, runs `body` and returns the process exit code. Every lorakit::Error,
+    // CLI11 parse error and stray exception is reported here, once, as one line.
+    int run(int argc, char** argv, const std::function<int()>& body);
+
+    bool quiet() const { return quiet_; }
+    bool verbose() const { return verbose_; }
+    // A note on stderr ("<tool>: note: ..."), unless --quiet.
+    void note(std::string_view message) const;
+    void warn(std::string_view message) const;
+    // A progress bar on stderr when stderr is a terminal and not --quiet; otherwise silent.
+    Progress& progress();
+
+private:
+    std::string name_;
+    CLI::App app_;
+    bool quiet_ = false;
+    bool verbose_ = false;
+    std::unique_ptr<Progress> progress_;
+};
+
+}  // namespace lorakit::cli
