@@ -1,11 +1,20 @@
 #include "lorakit/formats/builtin.h"
 
+#include "conventions.h"
 #include "lorakit/formats/safetensors.h"
+#include "stub_containers.h"
 
 namespace lorakit::formats {
 
 void register_builtin_formats(Registry& registry) {
     registry.add(std::make_unique<SafetensorsDriver>());
+    register_stub_containers(registry);
+    // Detection takes the highest score; on a tie the earlier driver wins.
+    registry.add(make_peft_driver());
+    registry.add(make_mlx_driver());
+    registry.add(make_cloneofsimo_driver());
+    registry.add(make_kohya_driver());
+    registry.add(make_diffusers_driver());
 }
 
 const Registry& builtin_registry() {

@@ -31,11 +31,13 @@ std::set<std::int64_t> cross_attention_widths(const Adapter& adapter) {
 
 std::string family_from_keys(const Adapter& adapter) {
     bool unet = false, te1 = false, te2 = false, te3 = false, double_blocks = false, joint_blocks = false;
+    bool clip = false;
     bool llm_layers = false, gpt2 = false, gpt_neo = false, cloneofsimo = false;
     std::int64_t hidden = 0;
     auto scan = [&](const std::string& name, std::int64_t in_features) {
         if (starts_with(name, "unet")) unet = true;
         if (starts_with(name, "text_encoder.") || starts_with(name, "text_encoder:")) te1 = true;
+        if (starts_with(name, "text_encoder") && contains(name, ".text_model.")) clip = true;
         if (starts_with(name, "text_encoder_2.")) te2 = true;
         if (starts_with(name, "text_encoder_3.")) te3 = true;
         if (contains(name, ":")) cloneofsimo = true;
@@ -45,7 +47,11 @@ std::string family_from_keys(const Adapter& adapter) {
             hidden = std::max(hidden, in_features);
         }
         if (contains(name, "joint_blocks.")) joint_blocks = true;
-        if (contains(name, "layers.") && (contains(name, "self_attn.") || contains(name, "mlp."))) llm_layers = true;
+        // transformers LLM paths; text encoders inside diffusion pipelines are not LLMs here.
+        if ((starts_with(name, "model.layers.") || starts_with(name, "model.language_model.layers.") ||
+             starts_with(name, "gpt_neox.layers.") || starts_with(name, "model.decoder.layers.")) &&
+            (contains(name, "attn") || contains(name, "mlp.")))
+            llm_layers = true;
         if (contains(name, "attn.c_attn") || contains(name, "mlp.c_fc")) gpt2 = true;
         if (contains(name, "attn.attention.q_proj")) gpt_neo = true;
     };
@@ -54,12 +60,12 @@ std::string family_from_keys(const Adapter& adapter) {
 
     if (joint_blocks || te3) return "SD3";
     if (double_blocks) return "Flux";
-    if (unet || te1 || te2) {
+    if (unet || (te1 && (clip || cloneofsimo)) || (te2 && clip)) {
         const auto widths = cross_attention_widths(adapter);
         if (te2 || widths.count(2048)) return "SDXL";
         if (widths.count(1024)) return "SD2";
         if (widths.count(768)) return "SD1.5";
-        if (cloneofsimo || te1) return "SD1.5";
+        if (cloneofsimo || clip) return "SD1.5";
         return "Stable Diffusion";
     }
     if (gpt2) return "GPT-2";

@@ -57,27 +57,29 @@ std::unique_ptr<TensorFile> Registry::open_tensor_file(const fs::path& path) con
     return open_tensor_file(std::move(file));
 }
 
+const ContainerDriver& Registry::identify_container(const MappedFile& file) const {
+    const auto bytes = file.bytes();
+    const auto head = bytes.first(std::min<std::size_t>(bytes.size(), 64));
+    const ContainerDriver* best = nullptr;
+    int best_score = 0;
+    for (const auto& driver : containers_) {
+        const int score = driver->identify(head, file.path());
+        if (score > best_score) {
+            best_score = score;
+            best = driver.get();
+        }
+    }
+    if (!best) {
+        std::vector<std::string_view> names;
+        for (const auto& driver : containers_) names.push_back(driver->name());
+        if (bytes.empty()) fail(ErrorCode::bad_input, "file is empty");
+        fail(ErrorCode::bad_input, "not a recognised tensor file (tried {})", fmt::join(names, ", "));
+    }
+    return *best;
+}
+
 std::unique_ptr<TensorFile> Registry::open_tensor_file(std::shared_ptr<const MappedFile> file) const {
-    return with_context(quote(file->name()), [&] {
-        const auto bytes = file->bytes();
-        const auto head = bytes.first(std::min<std::size_t>(bytes.size(), 64));
-        const ContainerDriver* best = nullptr;
-        int best_score = 0;
-        for (const auto& driver : containers_) {
-            const int score = driver->identify(head, file->path());
-            if (score > best_score) {
-                best_score = score;
-                best = driver.get();
-            }
-        }
-        if (!best) {
-            std::vector<std::string_view> names;
-            for (const auto& driver : containers_) names.push_back(driver->name());
-            if (bytes.empty()) fail(ErrorCode::bad_input, "file is empty");
-            fail(ErrorCode::bad_input, "not a recognised tensor file (tried {})", fmt::join(names, ", "));
-        }
-        return best->open(file);
-    });
+    return with_context(quote(file->name()), [&] { return identify_container(*file).open(file); });
 }
 
 std::optional<SidecarConfig> Registry::find_sidecar(const fs::path& weights) const {
@@ -112,17 +114,18 @@ Adapter Registry::load_adapter(const fs::path& path) const {
             if (path != "-" && !fs::exists(path, ec)) fail(ErrorCode::io, "no such file or directory");
             config = find_sidecar(path);
         }
+        // Identify the container first (a file that is no tensor file at all says so), then
+        // let the config speak (a non-LoRA adapter type says so rather than its container),
+        // then parse the container.
+        auto file = MappedFile::open(weights);
+        const ContainerDriver& container =
+            with_context(quote(file->name()), [&]() -> const ContainerDriver& { return identify_container(*file); });
         if (config)
             with_context(quote(config->path.string()), [&] {
                 for (const auto& driver : conventions_) driver->precheck(*config);
             });
-        auto tensors = open_tensor_file(weights);
-        if (weights != path) {
-            // Messages from inside the directory name the file itself too.
-            return with_context(quote(weights.filename().string()),
-                                [&] { return read_adapter(path.string(), *tensors, config); });
-        }
-        return read_adapter(path.string(), *tensors, config);
+        auto tensors = with_context(quote(file->name()), [&] { return container.open(file); });
+        return with_context(quote(file->name()), [&] { return read_adapter(path.string(), *tensors, config); });
     });
 }
 

@@ -2,7 +2,9 @@
 
 #include <unistd.h>
 
+#include <cerrno>
 #include <cstdio>
+#include <cstring>
 #include <exception>
 
 #include <fmt/format.h>
@@ -43,6 +45,46 @@ void Tool::note(std::string_view message) const {
 void Tool::warn(std::string_view message) const {
     if (quiet_) return;
     fmt::print(stderr, "{}: warning: {}\n", name_, message);
+}
+
+int Tool::finish(const ToolResult& result) const {
+    if (!result.out.empty()) std::fwrite(result.out.data(), 1, result.out.size(), stdout);
+    std::fflush(stdout);
+    for (const auto& d : result.diagnostics) {
+        switch (d.severity) {
+        case Diagnostic::Severity::error: fmt::print(stderr, "{}: error: {}\n", name_, d.message); break;
+        case Diagnostic::Severity::warning: warn(d.message); break;
+        case Diagnostic::Severity::note: note(d.message); break;
+        }
+    }
+    return result.exit_code;
+}
+
+std::vector<std::string> Tool::expand_argument_files(const std::vector<std::string>& arguments) {
+    std::vector<std::string> out;
+    for (const auto& argument : arguments) {
+        if (argument.size() < 2 || argument[0] != '@') {
+            out.push_back(argument);
+            continue;
+        }
+        const std::string list = argument.substr(1);
+        std::FILE* file = list == "-" ? stdin : std::fopen(list.c_str(), "r");
+        if (!file) fail(ErrorCode::io, "cannot open argument file {}: {}", quote(list), std::strerror(errno));
+        std::string line;
+        int c;
+        auto flush = [&] {
+            while (!line.empty() && (line.back() == '\r' || line.back() == ' ' || line.back() == '\t')) line.pop_back();
+            if (!line.empty() && line[0] != '#') out.push_back(line);
+            line.clear();
+        };
+        while ((c = std::fgetc(file)) != EOF) {
+            if (c == '\n') flush();
+            else line += static_cast<char>(c);
+        }
+        flush();
+        if (file != stdin) std::fclose(file);
+    }
+    return out;
 }
 
 Progress& Tool::progress() {

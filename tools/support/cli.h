@@ -14,6 +14,7 @@
 #include <CLI/CLI.hpp>
 
 #include "lorakit/progress.h"
+#include "lorakit/tool_result.h"
 
 namespace lorakit::cli {
 
@@ -40,6 +41,12 @@ public:
     // A note on stderr ("<tool>: note: ..."), unless --quiet.
     void note(std::string_view message) const;
     void warn(std::string_view message) const;
+    // Writes a library operation's result: its text to stdout, its diagnostics to stderr
+    // (notes and warnings unless --quiet), and returns its exit code.
+    int finish(const ToolResult& result) const;
+    // Expands "@FILE" arguments into the lines of FILE (one argument per line; blank lines
+    // and lines starting with '#' are skipped). "@-" reads standard input.
+    static std::vector<std::string> expand_argument_files(const std::vector<std::string>& arguments);
     // A progress bar on stderr when stderr is a terminal and not --quiet; otherwise silent.
     Progress& progress();
 

@@ -95,7 +95,11 @@ struct Adapter {
     std::map<std::string, std::string> metadata;  // the container's raw string metadata
     std::string config_json;                      // the sidecar config's text, "" if none
     std::string config_path;
+    // Inconsistencies (a config that disagrees with the tensors, keys no loader would use,
+    // ...): the adapter is readable, but `lora-inspect --check` fails on them.
     std::vector<std::string> warnings;
+    // Facts worth knowing that are not problems (how a scale was derived, ...).
+    std::vector<std::string> notes;
 };
 
 // Checks a module's factor shapes and alpha; throws ErrorCode::bad_input naming the module

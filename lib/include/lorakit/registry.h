@@ -117,6 +117,8 @@ public:
     const std::vector<std::unique_ptr<ConventionDriver>>& conventions() const { return conventions_; }
     const ConventionDriver* convention(std::string_view name) const;
 
+    // The container driver that claims `file` (highest identify() score); bad_input when none.
+    const ContainerDriver& identify_container(const MappedFile& file) const;
     // Opens a tensor container, choosing the driver by identify(). "-" reads standard input.
     std::unique_ptr<TensorFile> open_tensor_file(const std::filesystem::path& path) const;
     std::unique_ptr<TensorFile> open_tensor_file(std::shared_ptr<const MappedFile> file) const;

@@ -1,0 +1,61 @@
+# The two commands of README.md:
+#   make demo   install what is missing, build (Release), run a real job over samples/
+#   make test   install what is missing, build, run every test through ctest
+#
+# Dependencies come from Debian packages only; `deps` installs the missing ones with apt-get
+# (through sudo when not root). The interop tests additionally use the real `safetensors`
+# and `numpy` Python packages from PyPI in a virtualenv under the build directory; when they
+# cannot be installed (an offline machine) those tests say so and skip.
+
+BUILD_DIR ?= build
+JOBS      ?= $(shell nproc 2>/dev/null || echo 2)
+CMAKE_ARGS ?=
+SUDO      := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+PACKAGES  := cmake make g++ libeigen3-dev liblapacke-dev libopenblas-dev libcli11-dev libfmt-dev \
+             catch2 nlohmann-json3-dev python3 python3-venv
+VENV      := $(BUILD_DIR)/venv
+PYPI_PACKAGES := safetensors numpy
+
+.PHONY: demo test deps build interop-env clean
+
+deps:
+	@missing=""; \
+	for p in $(PACKAGES); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing missing packages:$$missing"; \
+	  $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+
+build: deps
+	cmake -S . -B $(BUILD_DIR) -DCMAKE_BUILD_TYPE=Release $(CMAKE_ARGS)
+	cmake --build $(BUILD_DIR) -j $(JOBS)
+
+# Best effort: the interop tests skip visibly when this fails (CI requires it to work).
+interop-env: deps
+	@if [ ! -x $(VENV)/bin/python ] || ! $(VENV)/bin/python -c "import safetensors, numpy" 2>/dev/null; then \
+	  echo "setting up $(VENV) with $(PYPI_PACKAGES) for the interop tests"; \
+	  ( /usr/bin/python3 -m venv $(VENV) 2>/dev/null || python3 -m venv $(VENV) ) && \
+	  $(VENV)/bin/python -m pip install -q --disable-pip-version-check --timeout 30 $(PYPI_PACKAGES) \
+	  || echo "warning: could not install $(PYPI_PACKAGES); the interop tests will be skipped"; \
+	fi
+
+test: build interop-env
+	cd $(BUILD_DIR) && LORAKIT_PYTHON=$(abspath $(VENV))/bin/python ctest --output-on-failure -j $(JOBS)
+
+demo: build
+	@echo
+	@echo "== lora-inspect over the sample adapters (one per key convention) =="
+	$(BUILD_DIR)/bin/lora-inspect samples/peft-llama samples/kohya-sdxl.safetensors samples/diffusers-sd15.safetensors \
+	  samples/mlx-qwen samples/cloneofsimo-sd15.safetensors
+	@echo
+	@echo "== per-module table of the kohya sample =="
+	$(BUILD_DIR)/bin/lora-inspect --modules samples/kohya-sdxl.safetensors
+	@echo
+	@echo "== the same report as JSON, module count and first module only (jq-free) =="
+	$(BUILD_DIR)/bin/lora-inspect --json samples/peft-llama | head -n 40
+
+clean:
+	rm -rf $(BUILD_DIR)
