@@ -215,7 +215,7 @@ void line(std::string& out, std::string_view label, std::string_view value) {
 
 std::string render_text(const InspectReport& r, bool modules_table) {
     std::string out = fmt::format("{}\n", r.path);
-    line(out, "convention", r.convention_detail.empty() ? r.convention : fmt::format("{} ({})", r.convention, r.convention_detail));
+    line(out, "convention", r.convention_detail.empty() ? r.convention : fmt::format("{}: {}", r.convention, r.convention_detail));
     std::string base = r.base_model.family;
     if (!r.base_model.name.empty()) base += fmt::format("  {}", r.base_model.name);
     if (!r.base_model.evidence.empty()) base += fmt::format("  [from {}]", r.base_model.evidence);

@@ -1,11 +1,49 @@
-// Placeholder: being implemented.
+// Factored SVD of sums of LoRA products (see linalg.h for the method).
+//
+// Layout trick: a row-major out x R matrix B is, read column-major, the R x out matrix Bᵀ.
+// So the LQ factorisation of that R x out array (sgelqf) gives Bᵀ = L·Q, i.e. B = Qᵀ·Lᵀ with
+// R_b = Lᵀ, without transposing anything; and a row-major R x in matrix A is column-major
+// Aᵀ (in x R), whose QR (sgeqrf) gives R_a directly. Only the stacked copies (needed anyway
+// to apply the coefficients) touch the factors' memory.
 #include "lorakit/linalg.h"
+
+#include <lapacke.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#include <fmt/format.h>
 
 #include "lorakit/error.h"
 
+extern "C" {
+// OpenBLAS's thread control (declared here: the right cblas.h depends on the BLAS variant).
+void openblas_set_num_threads(int threads);
+int openblas_get_num_threads(void);
+// CBLAS sgemm (from libopenblas).
+void cblas_sgemm(int layout, int trans_a, int trans_b, int m, int n, int k, float alpha, const float* a, int lda,
+                 const float* b, int ldb, float beta, float* c, int ldc);
+}
+
 namespace lorakit::linalg {
 
-struct Workspace::Impl {};
+namespace {
+constexpr int cblas_col_major = 102;
+constexpr int cblas_no_trans = 111;
+constexpr int cblas_trans = 112;
+}  // namespace
+
+struct Workspace::Impl {
+    std::vector<float> b;       // R x out, column-major (= stacked B, row-major)
+    std::vector<float> a;       // in x R, column-major (= stacked A, row-major)
+    std::vector<float> tau_b, tau_a, work;
+    std::vector<double> core;   // k_b x k_a, column-major
+    std::vector<double> u, vt, s, dwork;
+    std::vector<lapack_int> iwork;
+    std::vector<float> small;   // float copies of the core's singular vectors
+};
+
 Workspace::Workspace() : impl_(new Impl) {}
 Workspace::~Workspace() { delete impl_; }
 Workspace::Workspace(Workspace&& other) noexcept : impl_(other.impl_) { other.impl_ = nullptr; }
@@ -13,16 +51,214 @@ Workspace& Workspace::operator=(Workspace&& other) noexcept {
     std::swap(impl_, other.impl_);
     return *this;
 }
-std::vector<double> factored_singular_values(std::span<const LowRankTerm>, Workspace&) {
-    fail(ErrorCode::internal, "not implemented");
+
+namespace {
+
+template <typename T>
+T* sized(std::vector<T>& v, std::size_t n) {
+    if (v.size() < n) v.resize(n);
+    return v.data();
 }
-FactoredSvd factored_svd(std::span<const LowRankTerm>, std::int64_t, Workspace&) {
-    fail(ErrorCode::internal, "not implemented");
+
+lapack_int to_lapack(std::int64_t n, const char* what) {
+    if (n > 2147483647)
+        fail(ErrorCode::unsupported, "{} of {} exceeds what LAPACK's 32-bit indices can address", what, n);
+    return static_cast<lapack_int>(n);
 }
-std::vector<double> dense_singular_values(const float*, std::int64_t, std::int64_t) {
-    fail(ErrorCode::internal, "not implemented");
+
+void check_lapack(lapack_int info, const char* routine) {
+    if (info < 0) fail(ErrorCode::internal, "{}: argument {} had an illegal value", routine, -info);
+    if (info > 0) fail(ErrorCode::internal, "{} did not converge (info {})", routine, info);
 }
-void set_blas_threads(int) noexcept {}
-int blas_threads() noexcept { return 1; }
+
+struct Stacked {
+    std::int64_t out = 0, in = 0, total_rank = 0;
+};
+
+// Fills the workspace with [c_1 B_1 ... c_k B_k] and [A_1; ...; A_k], checking shapes.
+Stacked stack_terms(std::span<const LowRankTerm> terms, Workspace::Impl& w) {
+    if (terms.empty()) fail(ErrorCode::internal, "factored SVD of no terms");
+    Stacked s;
+    s.out = terms[0].out;
+    s.in = terms[0].in;
+    for (const auto& t : terms) {
+        if (t.out != s.out || t.in != s.in)
+            fail(ErrorCode::bad_input, "cannot add a {}x{} low-rank term to a {}x{} one", t.out, t.in, s.out, s.in);
+        if (t.rank <= 0 || t.out <= 0 || t.in <= 0)
+            fail(ErrorCode::internal, "low-rank term of shape {}x{}x{}", t.out, t.rank, t.in);
+        s.total_rank += t.rank;
+    }
+    const auto R = static_cast<std::size_t>(s.total_rank);
+    const auto out = static_cast<std::size_t>(s.out);
+    const auto in = static_cast<std::size_t>(s.in);
+    float* b = sized(w.b, R * out);
+    float* a = sized(w.a, R * in);
+    std::size_t column = 0;
+    for (const auto& t : terms) {
+        const auto r = static_cast<std::size_t>(t.rank);
+        const auto c = static_cast<float>(t.coefficient);
+        // Row o of B_i lands in column o of the R x out array, rows column..column+r.
+        for (std::size_t o = 0; o < out; ++o) {
+            const float* src = t.b + o * r;
+            float* dst = b + o * R + column;
+            for (std::size_t k = 0; k < r; ++k) dst[k] = c * src[k];
+        }
+        // A_i's rows are the next r columns of the in x R array: one contiguous block.
+        std::memcpy(a + column * in, t.a, r * in * sizeof(float));
+        column += r;
+    }
+    return s;
+}
+
+struct Triangles {
+    lapack_int kb = 0, ka = 0, R = 0;
+};
+
+// Factorises the stacked arrays in place: L of Bᵀ (R x kb, lower) and R_a (ka x R, upper).
+Triangles factorise(const Stacked& s, Workspace::Impl& w) {
+    Triangles t;
+    t.R = to_lapack(s.total_rank, "total rank");
+    const lapack_int out = to_lapack(s.out, "output size");
+    const lapack_int in = to_lapack(s.in, "input size");
+    t.kb = std::min(out, t.R);
+    t.ka = std::min(in, t.R);
+    float query = 0;
+    check_lapack(LAPACKE_sgelqf_work(LAPACK_COL_MAJOR, t.R, out, w.b.data(), t.R, sized(w.tau_b, t.kb), &query, -1),
+                 "sgelqf");
+    lapack_int lwork = static_cast<lapack_int>(query);
+    check_lapack(LAPACKE_sgeqrf_work(LAPACK_COL_MAJOR, in, t.R, w.a.data(), in, sized(w.tau_a, t.ka), &query, -1),
+                 "sgeqrf");
+    lwork = std::max(lwork, static_cast<lapack_int>(query));
+    float* work = sized(w.work, static_cast<std::size_t>(std::max<lapack_int>(lwork, 1)));
+    check_lapack(LAPACKE_sgelqf_work(LAPACK_COL_MAJOR, t.R, out, w.b.data(), t.R, w.tau_b.data(), work, lwork), "sgelqf");
+    check_lapack(LAPACKE_sgeqrf_work(LAPACK_COL_MAJOR, in, t.R, w.a.data(), in, w.tau_a.data(), work, lwork), "sgeqrf");
+    return t;
+}
+
+// core = R_b · R_aᵀ in double, with R_b = Lᵀ (kb x R, L lower in the R x out array) and R_a
+// upper (ka x R) in the in x R array. core(i, j) = Σ_k L(k, i) · R_a(j, k), k >= max(i, j).
+void form_core(const Triangles& t, std::int64_t in, Workspace::Impl& w) {
+    double* core = sized(w.core, static_cast<std::size_t>(t.kb) * static_cast<std::size_t>(t.ka));
+    const float* L = w.b.data();
+    const float* Ra = w.a.data();
+    const auto ld_b = static_cast<std::size_t>(t.R);
+    const auto ld_a = static_cast<std::size_t>(in);
+    for (lapack_int j = 0; j < t.ka; ++j) {
+        for (lapack_int i = 0; i < t.kb; ++i) {
+            double sum = 0;
+            for (lapack_int k = std::max(i, j); k < t.R; ++k)
+                sum += static_cast<double>(L[k + i * ld_b]) * static_cast<double>(Ra[j + k * ld_a]);
+            core[i + static_cast<std::size_t>(j) * t.kb] = sum;
+        }
+    }
+    for (std::size_t i = 0; i < static_cast<std::size_t>(t.kb) * t.ka; ++i)
+        if (!std::isfinite(core[i])) fail(ErrorCode::bad_input, "the factors hold NaN or infinite values");
+}
+
+// SVD of the kb x ka core (in w.core); values into w.s; with vectors, U (kb x m) and Vᵀ (m x ka).
+lapack_int core_svd(const Triangles& t, bool vectors, Workspace::Impl& w) {
+    const lapack_int m = std::min(t.kb, t.ka);
+    double* s = sized(w.s, static_cast<std::size_t>(m));
+    const char job = vectors ? 'S' : 'N';
+    double* u = vectors ? sized(w.u, static_cast<std::size_t>(t.kb) * m) : nullptr;
+    double* vt = vectors ? sized(w.vt, static_cast<std::size_t>(m) * t.ka) : nullptr;
+    // gesdd destroys its input; keep a copy for the gesvd fallback.
+    std::vector<double> backup(w.core.begin(), w.core.begin() + static_cast<std::ptrdiff_t>(t.kb) * t.ka);
+    double query = 0;
+    lapack_int* iwork = sized(w.iwork, static_cast<std::size_t>(8 * std::max<lapack_int>(m, 1)));
+    lapack_int info = LAPACKE_dgesdd_work(LAPACK_COL_MAJOR, job, t.kb, t.ka, w.core.data(), t.kb, s, u, t.kb, vt, m,
+                                          &query, -1, iwork);
+    check_lapack(info, "dgesdd");
+    const auto lwork = static_cast<lapack_int>(query);
+    info = LAPACKE_dgesdd_work(LAPACK_COL_MAJOR, job, t.kb, t.ka, w.core.data(), t.kb, s, u, t.kb, vt, m,
+                               sized(w.dwork, static_cast<std::size_t>(std::max<lapack_int>(lwork, 1))), lwork, iwork);
+    if (info > 0) {
+        // Divide and conquer occasionally fails to converge; the QR-iteration driver is the fallback.
+        std::copy(backup.begin(), backup.end(), w.core.begin());
+        std::vector<double> superb(static_cast<std::size_t>(std::max<lapack_int>(m, 2)));
+        info = LAPACKE_dgesvd(LAPACK_COL_MAJOR, job, job, t.kb, t.ka, w.core.data(), t.kb, s, u, t.kb, vt, m,
+                              superb.data());
+        check_lapack(info, "dgesvd");
+    } else {
+        check_lapack(info, "dgesdd");
+    }
+    return m;
+}
+
+}  // namespace
+
+std::vector<double> factored_singular_values(std::span<const LowRankTerm> terms, Workspace& workspace) {
+    auto& w = workspace.impl();
+    const Stacked s = stack_terms(terms, w);
+    const Triangles t = factorise(s, w);
+    form_core(t, s.in, w);
+    const lapack_int m = core_svd(t, false, w);
+    return std::vector<double>(w.s.begin(), w.s.begin() + m);
+}
+
+FactoredSvd factored_svd(std::span<const LowRankTerm> terms, std::int64_t keep, Workspace& workspace) {
+    auto& w = workspace.impl();
+    const Stacked s = stack_terms(terms, w);
+    const Triangles t = factorise(s, w);
+    form_core(t, s.in, w);
+    const lapack_int m = core_svd(t, true, w);
+    FactoredSvd result;
+    result.out = s.out;
+    result.in = s.in;
+    result.singular_values.assign(w.s.begin(), w.s.begin() + m);
+    const lapack_int k = keep <= 0 ? m : static_cast<lapack_int>(std::min<std::int64_t>(keep, m));
+    result.kept = k;
+    const lapack_int out = static_cast<lapack_int>(s.out), in = static_cast<lapack_int>(s.in);
+
+    // Q of the LQ factorisation (kb x out, rows orthonormal) and Q_a (in x ka), in place.
+    float* work = w.work.data();
+    const auto lwork = static_cast<lapack_int>(w.work.size());
+    float query = 0;
+    check_lapack(LAPACKE_sorglq_work(LAPACK_COL_MAJOR, t.kb, out, t.kb, w.b.data(), t.R, w.tau_b.data(), &query, -1),
+                 "sorglq");
+    lapack_int need = static_cast<lapack_int>(query);
+    check_lapack(LAPACKE_sorgqr_work(LAPACK_COL_MAJOR, in, t.ka, t.ka, w.a.data(), in, w.tau_a.data(), &query, -1),
+                 "sorgqr");
+    need = std::max(need, static_cast<lapack_int>(query));
+    if (need > lwork) work = sized(w.work, static_cast<std::size_t>(need));
+    check_lapack(LAPACKE_sorglq_work(LAPACK_COL_MAJOR, t.kb, out, t.kb, w.b.data(), t.R, w.tau_b.data(), work,
+                                     std::max(need, lwork)),
+                 "sorglq");
+    check_lapack(LAPACKE_sorgqr_work(LAPACK_COL_MAJOR, in, t.ka, t.ka, w.a.data(), in, w.tau_a.data(), work,
+                                     std::max(need, lwork)),
+                 "sorgqr");
+
+    // U (out x k, row-major = column-major k x out) = U_cᵀ(k x kb) · Q(kb x out).
+    float* uc = sized(w.small, static_cast<std::size_t>(t.kb) * k + static_cast<std::size_t>(t.ka) * k);
+    for (lapack_int j = 0; j < k; ++j)
+        for (lapack_int i = 0; i < t.kb; ++i)
+            uc[i + static_cast<std::size_t>(j) * t.kb] = static_cast<float>(w.u[i + static_cast<std::size_t>(j) * t.kb]);
+    // V_c (ka x k) = (Vᵀ)ᵀ rows 0..k.
+    float* vc = uc + static_cast<std::size_t>(t.kb) * k;
+    for (lapack_int j = 0; j < k; ++j)
+        for (lapack_int i = 0; i < t.ka; ++i)
+            vc[i + static_cast<std::size_t>(j) * t.ka] = static_cast<float>(w.vt[j + static_cast<std::size_t>(i) * m]);
+    result.u.resize(static_cast<std::size_t>(out) * k);
+    result.v.resize(static_cast<std::size_t>(in) * k);
+    cblas_sgemm(cblas_col_major, cblas_trans, cblas_no_trans, k, out, t.kb, 1.0f, uc, t.kb, w.b.data(), t.R, 0.0f,
+                result.u.data(), k);
+    // V (in x k, row-major = column-major k x in) = V_cᵀ(k x ka) · Q_aᵀ(ka x in).
+    cblas_sgemm(cblas_col_major, cblas_trans, cblas_trans, k, in, t.ka, 1.0f, vc, t.ka, w.a.data(), in, 0.0f,
+                result.v.data(), k);
+    return result;
+}
+
+std::vector<double> dense_singular_values(const float* matrix, std::int64_t rows, std::int64_t cols) {
+    // Row-major rows x cols is column-major cols x rows: the same singular values.
+    const lapack_int m = to_lapack(cols, "columns"), n = to_lapack(rows, "rows");
+    std::vector<double> a(static_cast<std::size_t>(rows) * static_cast<std::size_t>(cols));
+    for (std::size_t i = 0; i < a.size(); ++i) a[i] = matrix[i];
+    std::vector<double> s(static_cast<std::size_t>(std::min(m, n)));
+    check_lapack(LAPACKE_dgesdd(LAPACK_COL_MAJOR, 'N', m, n, a.data(), m, s.data(), nullptr, 1, nullptr, 1), "dgesdd");
+    return s;
+}
+
+void set_blas_threads(int threads) noexcept { openblas_set_num_threads(std::max(1, threads)); }
+int blas_threads() noexcept { return openblas_get_num_threads(); }
 
 }  // namespace lorakit::linalg

@@ -59,6 +59,7 @@ std::unique_ptr<TensorFile> Registry::open_tensor_file(const fs::path& path) con
 
 const ContainerDriver& Registry::identify_container(const MappedFile& file) const {
     const auto bytes = file.bytes();
+    if (bytes.empty()) fail(ErrorCode::bad_input, "file is empty");
     const auto head = bytes.first(std::min<std::size_t>(bytes.size(), 64));
     const ContainerDriver* best = nullptr;
     int best_score = 0;
@@ -72,7 +73,6 @@ const ContainerDriver& Registry::identify_container(const MappedFile& file) cons
     if (!best) {
         std::vector<std::string_view> names;
         for (const auto& driver : containers_) names.push_back(driver->name());
-        if (bytes.empty()) fail(ErrorCode::bad_input, "file is empty");
         fail(ErrorCode::bad_input, "not a recognised tensor file (tried {})", fmt::join(names, ", "));
     }
     return *best;

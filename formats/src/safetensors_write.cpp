@@ -1,0 +1,126 @@
+// The safetensors writer: the reference writer's layout (huggingface/safetensors `prepare`),
+// so that files are byte-identical run to run and kohya's data-section hash is reproducible.
+#include <algorithm>
+#include <cstring>
+#include <set>
+
+#include <fmt/format.h>
+#include <nlohmann/json.hpp>
+
+#include "lorakit/error.h"
+#include "lorakit/formats/safetensors.h"
+#include "lorakit/sha256.h"
+
+namespace lorakit::formats {
+
+namespace {
+
+// Position in the reference enum's descending order (widest types first).
+int layout_rank(DType type) {
+    switch (type) {
+    case DType::U64: return 0;
+    case DType::I64: return 1;
+    case DType::F64: return 2;
+    case DType::F32: return 3;
+    case DType::U32: return 4;
+    case DType::I32: return 5;
+    case DType::BF16: return 6;
+    case DType::F16: return 7;
+    case DType::U16: return 8;
+    case DType::I16: return 9;
+    case DType::F8_E4M3: return 10;
+    case DType::F8_E5M2: return 11;
+    case DType::I8: return 12;
+    case DType::U8: return 13;
+    case DType::BOOL: return 14;
+    }
+    return 15;
+}
+
+std::string json_string(const std::string& text) {
+    // Compact escaping as serde_json does it: quotes, backslash and control characters;
+    // other UTF-8 passes through.
+    return nlohmann::json(text).dump(-1, ' ', false, nlohmann::json::error_handler_t::strict);
+}
+
+}  // namespace
+
+void sort_for_safetensors(std::vector<TensorToWrite>& tensors) {
+    std::stable_sort(tensors.begin(), tensors.end(), [](const TensorToWrite& a, const TensorToWrite& b) {
+        const int ra = layout_rank(a.view.dtype()), rb = layout_rank(b.view.dtype());
+        if (ra != rb) return ra < rb;
+        return a.name < b.name;  // std::string compares as unsigned bytes, like Rust's String
+    });
+}
+
+std::vector<std::byte> serialize_safetensors_header(std::vector<TensorToWrite>& tensors,
+                                                    const std::map<std::string, std::string>& metadata) {
+    sort_for_safetensors(tensors);
+    std::set<std::string_view> names;
+    for (const auto& t : tensors)
+        if (!names.insert(t.name).second) fail(ErrorCode::internal, "duplicate tensor name {} in output", quote(t.name));
+    std::string header = "{";
+    bool first = true;
+    if (!metadata.empty()) {
+        header += "\"__metadata__\":{";
+        bool first_key = true;
+        for (const auto& [key, value] : metadata) {
+            if (!first_key) header += ',';
+            header += json_string(key) + ":" + json_string(value);
+            first_key = false;
+        }
+        header += '}';
+        first = false;
+    }
+    std::uint64_t offset = 0;
+    for (const auto& t : tensors) {
+        if (!first) header += ',';
+        first = false;
+        const std::uint64_t size = t.view.bytes().size();
+        header += fmt::format("{}:{{\"dtype\":\"{}\",\"shape\":[{}],\"data_offsets\":[{},{}]}}", json_string(t.name),
+                              dtype_name(t.view.dtype()), fmt::join(t.view.shape(), ","), offset, offset + size);
+        offset += size;
+    }
+    header += '}';
+    header.append((8 - header.size() % 8) % 8, ' ');
+    if (header.size() > safetensors_max_header)
+        fail(ErrorCode::bad_input, "the safetensors header would be {} bytes, over the {}-byte limit", header.size(),
+             safetensors_max_header);
+    std::vector<std::byte> out(8 + header.size());
+    const std::uint64_t n = header.size();
+    for (int i = 0; i < 8; ++i) out[i] = static_cast<std::byte>((n >> (8 * i)) & 0xff);
+    std::memcpy(out.data() + 8, header.data(), header.size());
+    return out;
+}
+
+std::vector<std::byte> serialize_safetensors(std::vector<TensorToWrite> tensors,
+                                             const std::map<std::string, std::string>& metadata) {
+    std::vector<std::byte> out = serialize_safetensors_header(tensors, metadata);
+    for (const auto& t : tensors) out.insert(out.end(), t.view.bytes().begin(), t.view.bytes().end());
+    return out;
+}
+
+void write_safetensors(AtomicFile& out, std::vector<TensorToWrite> tensors,
+                       const std::map<std::string, std::string>& metadata) {
+    out.write(serialize_safetensors_header(tensors, metadata));
+    for (const auto& t : tensors) out.write(t.view.bytes());
+}
+
+void write_safetensors(const std::filesystem::path& target, std::vector<TensorToWrite> tensors,
+                       const std::map<std::string, std::string>& metadata, bool overwrite) {
+    with_context(quote(target.string()), [&] {
+        AtomicFile out(target, overwrite);
+        write_safetensors(out, std::move(tensors), metadata);
+        out.commit();
+    });
+}
+
+std::string safetensors_data_sha256(std::span<const std::byte> file_bytes) {
+    if (file_bytes.size() < 8) fail(ErrorCode::bad_input, "file is too short for a safetensors header");
+    std::uint64_t n = 0;
+    for (int i = 7; i >= 0; --i) n = (n << 8) | static_cast<std::uint8_t>(file_bytes[i]);
+    if (n > file_bytes.size() - 8) fail(ErrorCode::bad_input, "header length {} exceeds the file size", n);
+    return sha256_hex(file_bytes.subspan(8 + static_cast<std::size_t>(n)));
+}
+
+}  // namespace lorakit::formats
