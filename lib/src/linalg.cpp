@@ -21,9 +21,13 @@ extern "C" {
 // OpenBLAS's thread control (declared here: the right cblas.h depends on the BLAS variant).
 void openblas_set_num_threads(int threads);
 int openblas_get_num_threads(void);
-// CBLAS sgemm (from libopenblas).
+// CBLAS routines (from libopenblas).
 void cblas_sgemm(int layout, int trans_a, int trans_b, int m, int n, int k, float alpha, const float* a, int lda,
                  const float* b, int ldb, float beta, float* c, int ldc);
+void cblas_dsyrk(int layout, int uplo, int trans, int n, int k, double alpha, const double* a, int lda, double beta,
+                 double* c, int ldc);
+void cblas_dgemm(int layout, int trans_a, int trans_b, int m, int n, int k, double alpha, const double* a, int lda,
+                 const double* b, int ldb, double beta, double* c, int ldc);
 }
 
 namespace lorakit::linalg {
@@ -32,6 +36,7 @@ namespace {
 constexpr int cblas_col_major = 102;
 constexpr int cblas_no_trans = 111;
 constexpr int cblas_trans = 112;
+constexpr int cblas_upper = 121;
 }  // namespace
 
 struct Workspace::Impl {
@@ -42,6 +47,9 @@ struct Workspace::Impl {
     std::vector<double> u, vt, s, dwork;
     std::vector<lapack_int> iwork;
     std::vector<float> small;   // float copies of the core's singular vectors
+    std::vector<double> wide;   // a stacked factor widened to double (Gram route)
+    std::vector<double> gram_b, gram_a, rb, ra;
+    std::vector<lapack_int> piv;
 };
 
 Workspace::Workspace() : impl_(new Impl) {}
@@ -185,9 +193,68 @@ lapack_int core_svd(const Triangles& t, bool vectors, Workspace::Impl& w) {
     return m;
 }
 
+// R such that RᵀR = XᵀX for the n x R column-major matrix X (ld = n) or, with `transposed`,
+// for X = Yᵀ where Y is R x n column-major (ld = R): the R factor of X's thin QR, obtained by
+// pivoted Cholesky of the Gram matrix in double. Returns its rank; `r` receives rank x R,
+// column-major (ld = rank), columns in the original order.
+lapack_int gram_r_factor(const float* x, lapack_int n, lapack_int R, bool transposed, Workspace::Impl& w,
+                         std::vector<double>& gram, std::vector<double>& r) {
+    const std::size_t count = static_cast<std::size_t>(n) * static_cast<std::size_t>(R);
+    double* wide = sized(w.wide, count);
+    for (std::size_t i = 0; i < count; ++i) wide[i] = x[i];
+    double* g = sized(gram, static_cast<std::size_t>(R) * R);
+    if (transposed) cblas_dsyrk(cblas_col_major, cblas_upper, cblas_no_trans, R, n, 1.0, wide, R, 0.0, g, R);
+    else cblas_dsyrk(cblas_col_major, cblas_upper, cblas_trans, R, n, 1.0, wide, n, 0.0, g, R);
+    for (std::size_t i = 0; i < static_cast<std::size_t>(R) * R; ++i)
+        if (!std::isfinite(g[i])) fail(ErrorCode::bad_input, "the factors hold NaN or infinite values");
+    lapack_int* piv = sized(w.piv, static_cast<std::size_t>(R));
+    lapack_int rank = 0;
+    double* work = sized(w.dwork, static_cast<std::size_t>(2 * R));
+    // tol < 0: LAPACK's default, R * eps * max pivot; smaller pivots count as rank deficiency.
+    const lapack_int info = LAPACKE_dpstrf_work(LAPACK_COL_MAJOR, 'U', R, g, R, piv, &rank, -1.0, work);
+    if (info < 0) check_lapack(info, "dpstrf");
+    if (info == 0) rank = R;
+    // Pᵀ G P = UᵀU, so G = (U Pᵀ)ᵀ (U Pᵀ): R factor = U with its columns put back in place.
+    double* out = sized(r, static_cast<std::size_t>(rank) * R);
+    std::fill(out, out + static_cast<std::size_t>(rank) * R, 0.0);
+    for (lapack_int j = 0; j < R; ++j) {
+        const std::size_t column = static_cast<std::size_t>(piv[j] - 1);
+        for (lapack_int i = 0; i <= std::min(j, rank - 1); ++i)
+            out[i + column * rank] = g[i + static_cast<std::size_t>(j) * R];
+    }
+    return rank;
+}
+
 }  // namespace
 
 std::vector<double> factored_singular_values(std::span<const LowRankTerm> terms, Workspace& workspace) {
+    // Values only: the R factors come from Gram matrices in double (dsyrk + pivoted Cholesky).
+    // For f32 factors this is at least as accurate as Householder QR in f32 (the squared
+    // condition number costs ~1e-16 relative, below the inputs' own rounding) and it runs at
+    // BLAS-3 speed, several times faster than sgeqrf on tall-skinny factors.
+    auto& w = workspace.impl();
+    const Stacked s = stack_terms(terms, w);
+    const lapack_int R = to_lapack(s.total_rank, "total rank");
+    const lapack_int out = to_lapack(s.out, "output size"), in = to_lapack(s.in, "input size");
+    const lapack_int rank_b = gram_r_factor(w.b.data(), out, R, true, w, w.gram_b, w.rb);
+    const lapack_int rank_a = gram_r_factor(w.a.data(), in, R, false, w, w.gram_a, w.ra);
+    const auto expected = static_cast<std::size_t>(std::min({s.out, s.in, s.total_rank}));
+    std::vector<double> values(expected, 0.0);
+    if (rank_b == 0 || rank_a == 0) return values;
+    // core = R_b R_aᵀ (rank_b x rank_a).
+    double* core = sized(w.core, static_cast<std::size_t>(rank_b) * rank_a);
+    cblas_dgemm(cblas_col_major, cblas_no_trans, cblas_trans, rank_b, rank_a, R, 1.0, w.rb.data(), rank_b, w.ra.data(),
+                rank_a, 0.0, core, rank_b);
+    Triangles t;
+    t.kb = rank_b;
+    t.ka = rank_a;
+    t.R = R;
+    const lapack_int m = core_svd(t, false, w);
+    for (lapack_int i = 0; i < m && static_cast<std::size_t>(i) < expected; ++i) values[i] = w.s[i];
+    return values;
+}
+
+std::vector<double> factored_singular_values_householder(std::span<const LowRankTerm> terms, Workspace& workspace) {
     auto& w = workspace.impl();
     const Stacked s = stack_terms(terms, w);
     const Triangles t = factorise(s, w);

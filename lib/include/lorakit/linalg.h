@@ -45,7 +45,14 @@ private:
 // The singular values of Σ c_i B_i A_i, descending, min(out, in, R) of them (exact zeros
 // included when the stacked factors are rank-deficient). Throws ErrorCode::bad_input when
 // the terms disagree in out or in, or ErrorCode::internal when LAPACK fails.
+//
+// The R factors are obtained as Cholesky factors of the Gram matrices BᵀB and AAᵀ formed in
+// double precision (dsyrk, then pivoted Cholesky dpstrf for rank-deficient stacks): the same
+// R as a thin QR, at BLAS-3 speed. For f32 inputs its error (~1e-16 relative to σ_max², from
+// the squared condition number) stays below the inputs' own rounding.
 std::vector<double> factored_singular_values(std::span<const LowRankTerm> terms, Workspace& workspace);
+// The same through Householder QRs in f32 (sgelqf/sgeqrf): the cross-check in tests.
+std::vector<double> factored_singular_values_householder(std::span<const LowRankTerm> terms, Workspace& workspace);
 
 // The thin SVD of Σ c_i B_i A_i truncated to the top `keep` triplets (keep <= 0: all
 // min(out, in, R)). U is out x k and V is in x k, both row-major f32 with orthonormal

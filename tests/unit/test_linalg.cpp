@@ -1,0 +1,162 @@
+// The factored SVD against dense LAPACK on the formed product, for random small cases.
+#include <catch2/catch.hpp>
+
+#include <cmath>
+#include <random>
+
+#include "lorakit/error.h"
+#include "lorakit/linalg.h"
+
+using namespace lorakit;
+using namespace lorakit::linalg;
+
+namespace {
+
+struct Factor {
+    std::vector<float> b, a;
+    std::int64_t out, rank, in;
+    double coefficient;
+    LowRankTerm term() const { return {b.data(), a.data(), out, rank, in, coefficient}; }
+};
+
+Factor random_factor(std::mt19937& g, std::int64_t out, std::int64_t rank, std::int64_t in, double c) {
+    std::normal_distribution<float> d;
+    Factor f{std::vector<float>(static_cast<std::size_t>(out * rank)), std::vector<float>(static_cast<std::size_t>(rank * in)),
+             out, rank, in, c};
+    for (auto& x : f.b) x = d(g);
+    for (auto& x : f.a) x = d(g);
+    return f;
+}
+
+// Σ c_i B_i A_i formed densely in double, returned as f32 row-major.
+std::vector<double> dense_sum(const std::vector<Factor>& fs) {
+    const auto out = fs[0].out, in = fs[0].in;
+    std::vector<double> m(static_cast<std::size_t>(out * in), 0.0);
+    for (const auto& f : fs)
+        for (std::int64_t i = 0; i < out; ++i)
+            for (std::int64_t k = 0; k < f.rank; ++k) {
+                const double bik = f.coefficient * f.b[static_cast<std::size_t>(i * f.rank + k)];
+                for (std::int64_t j = 0; j < in; ++j) m[static_cast<std::size_t>(i * in + j)] += bik * f.a[static_cast<std::size_t>(k * in + j)];
+            }
+    return m;
+}
+
+std::vector<double> dense_values(const std::vector<double>& m, std::int64_t rows, std::int64_t cols) {
+    std::vector<float> f(m.begin(), m.end());
+    return dense_singular_values(f.data(), rows, cols);
+}
+
+std::vector<LowRankTerm> terms_of(const std::vector<Factor>& fs) {
+    std::vector<LowRankTerm> t;
+    for (const auto& f : fs) t.push_back(f.term());
+    return t;
+}
+
+void check_values(const std::vector<double>& got, const std::vector<double>& reference, std::size_t expected_count) {
+    REQUIRE(got.size() == expected_count);
+    const double top = reference.empty() ? 0.0 : reference.front();
+    for (std::size_t i = 0; i < got.size(); ++i) {
+        const double want = i < reference.size() ? reference[i] : 0.0;
+        CHECK(std::abs(got[i] - want) <= 1e-5 * std::max(top, 1e-30) + 1e-30);
+        if (i) CHECK(got[i] <= got[i - 1] * (1 + 1e-12) + 1e-30);
+    }
+}
+
+}  // namespace
+
+TEST_CASE("factored singular values match dense LAPACK", "[linalg]") {
+    struct Shape3 {
+        std::int64_t out, rank, in;
+    };
+    const Shape3 shapes[] = {{16, 4, 24}, {24, 4, 16}, {5, 8, 40}, {40, 8, 5}, {1, 3, 10}, {10, 1, 1},
+                             {64, 1, 64}, {33, 16, 17}, {7, 7, 7}, {48, 6, 3 * 3 * 5}};
+    Workspace workspace;
+    for (unsigned seed : {1u, 2u, 3u}) {
+        std::mt19937 g(seed);
+        for (const auto& s : shapes) {
+            INFO("seed " << seed << " shape " << s.out << "x" << s.rank << "x" << s.in);
+            const std::vector<Factor> fs = {random_factor(g, s.out, s.rank, s.in, 0.37)};
+            const auto reference = dense_values(dense_sum(fs), s.out, s.in);
+            const auto expected = static_cast<std::size_t>(std::min({s.out, s.in, s.rank}));
+            const auto terms = terms_of(fs);
+            check_values(factored_singular_values(terms, workspace), reference, expected);
+            check_values(factored_singular_values_householder(terms, workspace), reference, expected);
+        }
+    }
+}
+
+TEST_CASE("sums of terms, negative and zero coefficients, duplicated (rank-deficient) stacks", "[linalg]") {
+    Workspace workspace;
+    for (unsigned seed : {4u, 5u, 6u}) {
+        std::mt19937 g(seed);
+        std::vector<Factor> fs = {random_factor(g, 30, 4, 20, 1.0), random_factor(g, 30, 6, 20, -0.5),
+                                  random_factor(g, 30, 2, 20, 0.0)};
+        fs.push_back(fs[0]);  // the same term twice: the stack has rank 10, not 16
+        fs.back().coefficient = 2.0;
+        const auto reference = dense_values(dense_sum(fs), 30, 20);
+        const auto got = factored_singular_values(terms_of(fs), workspace);
+        check_values(got, reference, 16);
+        CHECK(got[10] <= 1e-5 * got[0]);  // the numerical rank is 10
+        check_values(factored_singular_values_householder(terms_of(fs), workspace), reference, 16);
+    }
+}
+
+TEST_CASE("the full factored SVD reconstructs the product and truncates optimally", "[linalg]") {
+    Workspace workspace;
+    std::mt19937 g(7);
+    const std::vector<Factor> fs = {random_factor(g, 40, 5, 30, 0.8), random_factor(g, 40, 3, 30, -1.2)};
+    const auto dense = dense_sum(fs);
+    const FactoredSvd full = factored_svd(terms_of(fs), 0, workspace);
+    REQUIRE(full.kept == 8);
+    // U·diag(S)·Vᵀ reproduces the product.
+    double error = 0, norm = 0;
+    for (std::int64_t i = 0; i < 40; ++i)
+        for (std::int64_t j = 0; j < 30; ++j) {
+            double x = 0;
+            for (std::int64_t k = 0; k < full.kept; ++k)
+                x += double(full.u[i * full.kept + k]) * full.singular_values[k] * double(full.v[j * full.kept + k]);
+            const double want = dense[static_cast<std::size_t>(i * 30 + j)];
+            error += (x - want) * (x - want);
+            norm += want * want;
+        }
+    CHECK(std::sqrt(error / norm) < 1e-5);
+    // Orthonormal columns.
+    for (std::int64_t a = 0; a < full.kept; ++a)
+        for (std::int64_t b = 0; b < full.kept; ++b) {
+            double uu = 0, vv = 0;
+            for (std::int64_t i = 0; i < 40; ++i) uu += double(full.u[i * full.kept + a]) * full.u[i * full.kept + b];
+            for (std::int64_t j = 0; j < 30; ++j) vv += double(full.v[j * full.kept + a]) * full.v[j * full.kept + b];
+            CHECK(std::abs(uu - (a == b)) < 1e-5);
+            CHECK(std::abs(vv - (a == b)) < 1e-5);
+        }
+    // Rank-3 truncation: error equals sqrt(Σ_{j>3} σ_j²) (Eckart–Young).
+    const FactoredSvd top = factored_svd(terms_of(fs), 3, workspace);
+    REQUIRE(top.kept == 3);
+    double truncation = 0, optimal = 0;
+    for (std::size_t k = 3; k < top.singular_values.size(); ++k) optimal += top.singular_values[k] * top.singular_values[k];
+    for (std::int64_t i = 0; i < 40; ++i)
+        for (std::int64_t j = 0; j < 30; ++j) {
+            double x = 0;
+            for (std::int64_t k = 0; k < 3; ++k)
+                x += double(top.u[i * 3 + k]) * top.singular_values[k] * double(top.v[j * 3 + k]);
+            const double d = x - dense[static_cast<std::size_t>(i * 30 + j)];
+            truncation += d * d;
+        }
+    CHECK(std::sqrt(truncation) == Approx(std::sqrt(optimal)).epsilon(1e-5));
+}
+
+TEST_CASE("zero factors and mismatched terms", "[linalg]") {
+    Workspace workspace;
+    std::vector<float> zeros_b(8 * 2, 0.0f), zeros_a(2 * 5, 0.0f);
+    const LowRankTerm zero{zeros_b.data(), zeros_a.data(), 8, 2, 5, 1.0};
+    const auto values = factored_singular_values({&zero, 1}, workspace);
+    CHECK(values == std::vector<double>{0.0, 0.0});  // an untrained LoRA (B = 0)
+    std::mt19937 g(8);
+    const Factor f1 = random_factor(g, 8, 2, 5, 1.0), f2 = random_factor(g, 8, 2, 6, 1.0);
+    const std::vector<LowRankTerm> mixed = {f1.term(), f2.term()};
+    CHECK_THROWS_AS(factored_singular_values(mixed, workspace), Error);
+    std::vector<float> nan_b = f1.b;
+    nan_b[0] = std::numeric_limits<float>::quiet_NaN();
+    const LowRankTerm bad{nan_b.data(), f1.a.data(), 8, 2, 5, 1.0};
+    CHECK_THROWS_AS(factored_singular_values({&bad, 1}, workspace), Error);
+}
