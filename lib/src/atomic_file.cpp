@@ -7,6 +7,7 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <cstdlib>
 #include <cerrno>
 #include <cstring>
 #include <mutex>
@@ -36,7 +37,6 @@ fs::path directory_of(const fs::path& target) {
 constexpr int max_temps = 16;
 char temp_table[max_temps][PATH_MAX];
 std::atomic<bool> temp_used[max_temps];
-std::once_flag handlers_installed;
 
 extern "C" void remove_temps_and_reraise(int signal_number) {
     for (int i = 0; i < max_temps; ++i)
@@ -46,16 +46,14 @@ extern "C" void remove_temps_and_reraise(int signal_number) {
 }
 
 int register_temp(const std::string& path) {
-    std::call_once(handlers_installed, [] {
-        for (int sig : {SIGINT, SIGTERM, SIGHUP}) {
-            struct sigaction action {};
-            action.sa_handler = remove_temps_and_reraise;
-            sigemptyset(&action.sa_mask);
-            struct sigaction old {};
-            // Keep a handler the program already installed (or an ignored signal).
-            if (::sigaction(sig, nullptr, &old) == 0 && old.sa_handler == SIG_DFL) ::sigaction(sig, &action, nullptr);
-        }
-    });
+    for (int sig : {SIGINT, SIGTERM, SIGHUP}) {
+        struct sigaction action {};
+        action.sa_handler = remove_temps_and_reraise;
+        sigemptyset(&action.sa_mask);
+        struct sigaction old {};
+        // Keep a handler the program installed itself (or an ignored signal).
+        if (::sigaction(sig, nullptr, &old) == 0 && old.sa_handler == SIG_DFL) ::sigaction(sig, &action, nullptr);
+    }
     if (path.size() >= PATH_MAX) return -1;
     for (int i = 0; i < max_temps; ++i) {
         if (temp_used[i].load()) continue;
@@ -120,7 +118,10 @@ AtomicFile::AtomicFile(fs::path target, bool overwrite) : target_(std::move(targ
     }
     check_output_path(target_, overwrite_);
     const fs::path dir = directory_of(target_);
-    fd_ = ::open(dir.c_str(), O_TMPFILE | O_WRONLY | O_CLOEXEC, 0666);
+    // LORAKIT_ATOMIC_NAMED_TEMP=1 forces the fallback path (for tests of it).
+    const char* force_named = std::getenv("LORAKIT_ATOMIC_NAMED_TEMP");
+    if (!force_named || std::string_view(force_named) != "1")
+        fd_ = ::open(dir.c_str(), O_TMPFILE | O_WRONLY | O_CLOEXEC, 0666);
     if (fd_ >= 0) {
         anonymous_ = true;
         // O_TMPFILE ignores the umask for the mode given at link time on some kernels;

@@ -118,7 +118,8 @@ float f16_to_f32(std::uint16_t h) noexcept {
         const float magnitude = static_cast<float>(mantissa) * 0x1p-24f;
         return sign ? -magnitude : magnitude;
     }
-    if (exponent == 31) return std::bit_cast<float>(sign | 0x7f800000u | (mantissa << 13));
+    // NaN comes out quiet (as F16C's vcvtph2ps does), payload and sign kept.
+    if (exponent == 31) return std::bit_cast<float>(sign | 0x7f800000u | (mantissa << 13) | (mantissa ? 0x400000u : 0u));
     return std::bit_cast<float>(sign | ((exponent + 112u) << 23) | (mantissa << 13));
 }
 

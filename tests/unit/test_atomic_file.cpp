@@ -1,0 +1,165 @@
+// Atomic output: data appears under the target name only on commit; failures, interrupts
+// and kills leave nothing behind; existing files are replaced only when allowed.
+#include <catch2/catch.hpp>
+
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cstdlib>
+
+#include "lorakit/atomic_file.h"
+#include "lorakit/error.h"
+#include "support.h"
+
+using namespace lorakit;
+using test::ScratchDir;
+
+namespace {
+
+std::span<const std::byte> bytes_of(const std::string& s) { return std::as_bytes(std::span(s.data(), s.size())); }
+
+class NamedTempMode {
+public:
+    explicit NamedTempMode(bool on) {
+        if (on) ::setenv("LORAKIT_ATOMIC_NAMED_TEMP", "1", 1);
+        else ::unsetenv("LORAKIT_ATOMIC_NAMED_TEMP");
+    }
+    ~NamedTempMode() { ::unsetenv("LORAKIT_ATOMIC_NAMED_TEMP"); }
+};
+
+// Forks a child that starts writing `target` and reports when it is mid-write; the parent
+// then sends `signal_number`. Returns the child's exit status (128 + signal).
+int kill_mid_write(const std::filesystem::path& target, int signal_number) {
+    int ready[2];
+    REQUIRE(::pipe(ready) == 0);
+    const pid_t pid = ::fork();
+    REQUIRE(pid >= 0);
+    if (pid == 0) {
+        ::close(ready[0]);
+        // The test runner's own handlers do not belong in the child: it behaves like a tool.
+        ::signal(SIGTERM, SIG_DFL);
+        ::signal(SIGINT, SIG_DFL);
+        try {
+            AtomicFile out(target, false);
+            const std::string chunk(1 << 20, 'x');
+            out.write(bytes_of(chunk));
+            out.write(bytes_of(chunk));
+            out.write(bytes_of(chunk));
+            out.write(bytes_of(chunk));
+            out.write(bytes_of(chunk));
+            [[maybe_unused]] auto n = ::write(ready[1], "r", 1);
+            for (;;) {
+                out.write(bytes_of(chunk));
+                ::usleep(1000);
+            }
+        } catch (...) {
+        }
+        ::_exit(3);
+    }
+    ::close(ready[1]);
+    char c = 0;
+    REQUIRE(::read(ready[0], &c, 1) == 1);
+    ::close(ready[0]);
+    ::kill(pid, signal_number);
+    int status = 0;
+    ::waitpid(pid, &status, 0);
+    return WIFSIGNALED(status) ? 128 + WTERMSIG(status) : WEXITSTATUS(status);
+}
+
+}  // namespace
+
+TEST_CASE("the output appears only on commit, with no temporary left", "[atomic]") {
+    for (bool named : {false, true}) {
+        NamedTempMode mode(named);
+        ScratchDir dir;
+        {
+            AtomicFile out(dir / "out.bin", false);
+            out.write(bytes_of("hello "));
+            out.write(bytes_of("world"));
+            CHECK(out.size() == 11);
+            CHECK_FALSE(std::filesystem::exists(dir / "out.bin"));
+            out.commit();
+        }
+        CHECK(test::read_file(dir / "out.bin") == "hello world");
+        CHECK(dir.list() == std::vector<std::string>{"out.bin"});
+    }
+}
+
+TEST_CASE("an output abandoned before commit leaves nothing", "[atomic]") {
+    for (bool named : {false, true}) {
+        NamedTempMode mode(named);
+        ScratchDir dir;
+        {
+            AtomicFile out(dir / "out.bin", false);
+            out.write(bytes_of(std::string(5 << 20, 'y')));
+        }
+        CHECK(dir.list().empty());
+    }
+}
+
+TEST_CASE("an existing output is replaced only when allowed", "[atomic]") {
+    for (bool named : {false, true}) {
+        NamedTempMode mode(named);
+        ScratchDir dir;
+        test::write_file(dir / "out.bin", "old");
+        try {
+            AtomicFile out(dir / "out.bin", false);
+            FAIL("expected a refusal");
+        } catch (const Error& e) {
+            CHECK(e.code() == ErrorCode::usage);
+            CHECK_THAT(e.what(), Catch::Contains("exists (use --force to replace it)"));
+        }
+        CHECK(test::read_file(dir / "out.bin") == "old");
+        write_file_atomically(dir / "out.bin", bytes_of("new"), true);
+        CHECK(test::read_file(dir / "out.bin") == "new");
+        CHECK(dir.list() == std::vector<std::string>{"out.bin"});
+    }
+}
+
+TEST_CASE("a target that appears while writing is not clobbered", "[atomic]") {
+    for (bool named : {false, true}) {
+        NamedTempMode mode(named);
+        ScratchDir dir;
+        AtomicFile out(dir / "out.bin", false);
+        out.write(bytes_of("mine"));
+        test::write_file(dir / "out.bin", "someone else's");
+        CHECK_THROWS_AS(out.commit(), Error);
+        CHECK(test::read_file(dir / "out.bin") == "someone else's");
+    }
+}
+
+TEST_CASE("output paths that cannot work are refused up front", "[atomic]") {
+    ScratchDir dir;
+    try {
+        check_output_path(dir / "missing" / "out.bin", false);
+        FAIL("expected an error");
+    } catch (const Error& e) {
+        CHECK(e.code() == ErrorCode::io);
+        CHECK_THAT(e.what(), Catch::Contains("does not exist"));
+    }
+    std::filesystem::create_directory(dir / "sub");
+    try {
+        check_output_path(dir / "sub", true);
+        FAIL("expected an error");
+    } catch (const Error& e) {
+        CHECK(e.code() == ErrorCode::usage);
+        CHECK_THAT(e.what(), Catch::Contains("is an existing directory"));
+    }
+}
+
+TEST_CASE("a writer killed with SIGKILL mid-write leaves no file at all", "[atomic]") {
+    NamedTempMode mode(false);  // O_TMPFILE: the data never has a name until commit
+    ScratchDir dir;
+    CHECK(kill_mid_write(dir / "out.bin", SIGKILL) == 128 + SIGKILL);
+    CHECK(dir.list().empty());
+}
+
+TEST_CASE("a writer interrupted by SIGTERM or SIGINT removes its named temporary", "[atomic]") {
+    for (int sig : {SIGTERM, SIGINT}) {
+        NamedTempMode mode(true);
+        ScratchDir dir;
+        CHECK(kill_mid_write(dir / "out.bin", sig) == 128 + sig);
+        CHECK(dir.list().empty());
+    }
+}
