@@ -224,8 +224,16 @@ std::optional<double> json_number(const OrderedJson& value) {
 namespace {
 
 std::regex compile_pattern(const std::string& pattern, std::string_view where) {
+    if (pattern.size() > 4096) fail(ErrorCode::bad_input, "a regular expression in {} is longer than 4096 characters", where);
+    // Patterns come from the user's files. libstdc++'s default matcher backtracks (exponential
+    // time on "(a*)*b", deep recursion on long names); its polynomial mode does neither.
+#if defined(__GLIBCXX__)
+    constexpr auto flags = std::regex::ECMAScript | std::regex_constants::__polynomial;
+#else
+    constexpr auto flags = std::regex::ECMAScript;
+#endif
     try {
-        return std::regex(pattern, std::regex::ECMAScript);
+        return std::regex(pattern, flags);
     } catch (const std::regex_error&) {
         fail(ErrorCode::bad_input, "invalid regular expression {} in {}", quote(pattern), where);
     }

@@ -85,6 +85,19 @@ TEST_CASE("PEFT: a pattern must match a whole dotted suffix of the module name",
     CHECK(module_named(a, "model.layers.0.self_attn.xq_proj").alpha == 12.0);  // "q_proj" is no dotted suffix of it
 }
 
+TEST_CASE("PEFT: a pathological pattern cannot hang the reader", "[conventions][peft]") {
+    MemoryTensorFile f;
+    add_peft_pair(f, "model.layers.0.self_attn.aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa_proj", 2, 4, 4);
+    // Exponential for a backtracking matcher; instant for a polynomial one.
+    const Adapter a = read(f, config(R"({"peft_type": "LORA", "r": 2, "lora_alpha": 2,
+        "alpha_pattern": {"(a*)*b": 8}})"));
+    CHECK(a.modules.at(0).alpha == 2.0);
+    const Error e = error_of([&] {
+        read(f, config(std::string(R"({"peft_type": "LORA", "rank_pattern": {")") + std::string(5000, 'x') + R"(": 2}})"));
+    });
+    CHECK_THAT(e.what(), Catch::Contains("longer than 4096 characters"));
+}
+
 TEST_CASE("PEFT: rsLoRA scales by alpha/sqrt(r)", "[conventions][peft]") {
     MemoryTensorFile f;
     add_peft_pair(f, "model.layers.0.self_attn.v_proj", 16, 8, 8);
