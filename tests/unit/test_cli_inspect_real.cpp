@@ -33,7 +33,8 @@ TEST_CASE("real test data is present", "[cli][real]") {
 TEST_CASE("lora-inspect --json on every real adapter matches the expected table", "[cli][real]") {
     LORAKIT_REQUIRE_REAL_TESTDATA();
     const fs::path root = real_testdata_dir();
-    for (const auto& e : expectations()["files"]) {
+    const Json table = expectations();
+    for (const auto& e : table["files"]) {
         const std::string input = e["input"];
         INFO("input: " << input);
         const auto r = run_tool("lora-inspect", {"--json", (root / input).string()});

@@ -143,7 +143,8 @@ TEST_CASE("write then read gives back every tensor and the metadata", "[safetens
         const Tensor& t = file->tensor(names[k]);
         CHECK(t.dtype() == keep[k].dtype());
         CHECK(t.shape() == keep[k].shape());
-        CHECK(std::memcmp(t.bytes().data(), keep[k].bytes().data(), t.bytes().size()) == 0);
+        REQUIRE(t.bytes().size() == keep[k].bytes().size());
+        if (!t.bytes().empty()) CHECK(std::memcmp(t.bytes().data(), keep[k].bytes().data(), t.bytes().size()) == 0);
     }
 }
 
