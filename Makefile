@@ -54,7 +54,7 @@ demo: build
 	@echo "== per-module table of the kohya sample =="
 	$(BUILD_DIR)/bin/lora-inspect --modules samples/kohya-sdxl.safetensors
 	@echo
-	@echo "== the same report as JSON, module count and first module only (jq-free) =="
+	@echo "== the PEFT report as JSON (first 40 lines) =="
 	$(BUILD_DIR)/bin/lora-inspect --json samples/peft-llama | head -n 40
 
 clean:
