@@ -116,7 +116,7 @@ int main(int argc, char** argv) {
     // at rank 128: form B·A, then a full SVD (values only) of the dense matrix.
     {
         const std::int64_t n = 4096, r = 128;
-        lorakit::bench::SplitMix random(7);
+        lorakit::SplitMix64 random(7);
         std::vector<float> b(static_cast<std::size_t>(n * r)), a(static_cast<std::size_t>(r * n)), dense(static_cast<std::size_t>(n * n));
         for (auto& x : b) x = random.uniform();
         for (auto& x : a) x = random.uniform();

@@ -16,29 +16,16 @@
 #include <fmt/format.h>
 
 #include "lorakit/atomic_file.h"
+#include "lorakit/random.h"
 #include "lorakit/formats/safetensors.h"
 
 namespace lorakit::bench {
 
-class SplitMix {
-public:
-    explicit SplitMix(std::uint64_t seed) : state_(seed) {}
-    std::uint64_t next() {
-        std::uint64_t z = (state_ += 0x9e3779b97f4a7c15ULL);
-        z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
-        z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
-        return z ^ (z >> 31);
-    }
-    float uniform() { return static_cast<float>(static_cast<std::int64_t>(next() >> 40) - (1 << 23)) * 0x1p-23f; }
-
-private:
-    std::uint64_t state_;
-};
 
 struct SyntheticAdapter {
     std::vector<std::pair<std::string, Tensor>> tensors;
     std::map<std::string, std::string> metadata;
-    SplitMix random{42};
+    SplitMix64 random{42};
 
     Tensor random_tensor(DType type, Shape shape, float amplitude) {
         std::int64_t n = 1;

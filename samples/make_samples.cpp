@@ -15,6 +15,7 @@
 #include <fmt/format.h>
 
 #include "lorakit/atomic_file.h"
+#include "lorakit/random.h"
 #include "lorakit/formats/safetensors.h"
 
 namespace fs = std::filesystem;
@@ -22,28 +23,11 @@ using namespace lorakit;
 
 namespace {
 
-// splitmix64: a tiny generator whose output is the same on every platform and library
-// (std::normal_distribution is not).
-class Random {
-public:
-    explicit Random(std::uint64_t seed) : state_(seed) {}
-    std::uint64_t next() {
-        std::uint64_t z = (state_ += 0x9e3779b97f4a7c15ULL);
-        z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
-        z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
-        return z ^ (z >> 31);
-    }
-    // Uniform in [-1, 1), exactly representable in f32.
-    float uniform() { return static_cast<float>(static_cast<std::int64_t>(next() >> 40) - (1 << 23)) * 0x1p-23f; }
-
-private:
-    std::uint64_t state_;
-};
 
 struct Builder {
     std::vector<std::pair<std::string, Tensor>> tensors;
     std::map<std::string, std::string> metadata;
-    Random random{0};
+    SplitMix64 random{0};
 
     explicit Builder(std::uint64_t seed) : random(seed) {}
 

@@ -209,6 +209,15 @@ OrderedJson parse_config_json(const SidecarConfig& config) {
     });
 }
 
+OrderedJson owned_config(const AdapterInput& input, bool (*is_mine)(const OrderedJson&), bool& owned) {
+    owned = false;
+    if (!input.config) return OrderedJson::object();
+    OrderedJson parsed = parse_config_json(*input.config);
+    if (!is_mine(parsed)) return OrderedJson::object();
+    owned = true;
+    return parsed;
+}
+
 std::optional<double> json_number(const OrderedJson& value) {
     if (value.is_number()) return value.get<double>();
     if (value.is_string()) {

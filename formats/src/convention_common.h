@@ -97,6 +97,10 @@ struct KeyRole {
 // spelling with the adapter name (.lora_A.default.weight) that some trainers save.
 std::optional<KeyRole> classify_peft_key(std::string_view key);
 
+// The sidecar config of `input` when `is_mine` accepts it, else an empty object;
+// `owned` says which.
+OrderedJson owned_config(const AdapterInput& input, bool (*is_mine)(const OrderedJson&), bool& owned);
+
 // Reads a JSON number (or a numeric string) as double.
 std::optional<double> json_number(const OrderedJson& value);
 

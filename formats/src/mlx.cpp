@@ -127,15 +127,8 @@ public:
 
     Adapter read(const AdapterInput& input) const override {
         Adapter adapter;
-        OrderedJson config = OrderedJson::object();
         bool has_config = false;
-        if (input.config) {
-            OrderedJson parsed = parse_config_json(*input.config);
-            if (is_mlx_config(parsed)) {
-                config = std::move(parsed);
-                has_config = true;
-            }
-        }
+        const OrderedJson config = owned_config(input, is_mlx_config, has_config);
         with_context(input.config ? quote(input.config->path.string()) : std::string("config"),
                      [&] { read_into(adapter, input, config, has_config); });
         return adapter;

@@ -5,6 +5,7 @@
 #include <fmt/format.h>
 
 #include "lorakit/inspect.h"
+#include "lorakit/names.h"
 
 namespace lorakit {
 
@@ -152,16 +153,6 @@ nlohmann::ordered_json to_json(const RawReport& r) {
 
 namespace {
 
-std::string human_bytes(double bytes) {
-    static constexpr const char* units[] = {"B", "kB", "MB", "GB", "TB"};
-    int unit = 0;
-    while (bytes >= 1000.0 && unit < 4) {
-        bytes /= 1000.0;
-        ++unit;
-    }
-    return unit == 0 ? fmt::format("{:.0f} {}", bytes, units[unit]) : fmt::format("{:.1f} {}", bytes, units[unit]);
-}
-
 std::string grouped(std::int64_t n) {
     std::string digits = std::to_string(n < 0 ? -n : n);
     std::string out;
@@ -249,7 +240,7 @@ std::string render_text(const InspectReport& r, bool modules_table) {
     std::vector<std::string> dtype_parts;
     for (const auto& [d, n] : r.dtypes) dtype_parts.push_back(fmt::format("{} x{}", d, n));
     line(out, "tensors", fmt::format("{}; {} parameters, {}", fmt::join(dtype_parts, ", "), grouped(r.parameter_count),
-                                     human_bytes(double(r.tensor_bytes))));
+                                     format_bytes(double(r.tensor_bytes))));
 
     std::vector<double> fro, spectral, r90, r99;
     const ModuleReport* largest = nullptr;
@@ -325,7 +316,7 @@ std::string render_text(const RawReport& r) {
     for (const auto& t : r.tensors) width = std::max(width, t.name.size());
     for (const auto& t : r.tensors)
         out += fmt::format("  {:<{}}  {:<8} {:<20} {}\n", t.name, width, t.dtype, format_shape(t.shape),
-                           human_bytes(double(t.size)));
+                           format_bytes(double(t.size)));
     for (const auto& [k, v] : r.metadata) out += fmt::format("  metadata {} = {}\n", k, shorten(v, 80));
     return out;
 }

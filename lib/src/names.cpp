@@ -1,5 +1,7 @@
 #include "lorakit/names.h"
 
+#include <fmt/format.h>
+
 namespace lorakit {
 namespace {
 
@@ -64,6 +66,16 @@ bool is_number(std::string_view text) noexcept {
     for (char c : text)
         if (!is_digit(c)) return false;
     return true;
+}
+
+std::string format_bytes(double bytes) {
+    static constexpr const char* units[] = {"B", "kB", "MB", "GB", "TB"};
+    int unit = 0;
+    while (bytes >= 1000.0 && unit < 4) {
+        bytes /= 1000.0;
+        ++unit;
+    }
+    return unit == 0 ? fmt::format("{:.0f} {}", bytes, units[unit]) : fmt::format("{:.1f} {}", bytes, units[unit]);
 }
 
 }  // namespace lorakit

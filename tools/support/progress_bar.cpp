@@ -6,17 +6,9 @@
 
 #include <fmt/format.h>
 
-namespace lorakit::cli {
+#include "lorakit/names.h"
 
-std::string format_bytes(double bytes) {
-    static constexpr const char* units[] = {"B", "kB", "MB", "GB", "TB"};
-    int unit = 0;
-    while (bytes >= 1000.0 && unit < 4) {
-        bytes /= 1000.0;
-        ++unit;
-    }
-    return unit == 0 ? fmt::format("{:.0f} {}", bytes, units[unit]) : fmt::format("{:.1f} {}", bytes, units[unit]);
-}
+namespace lorakit::cli {
 
 TerminalProgress::TerminalProgress(int fd) : fd_(fd) {}
 

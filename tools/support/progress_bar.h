@@ -30,7 +30,4 @@ private:
     std::size_t last_width_ = 0;
 };
 
-// "1.2 GB", "850 MB", "12 kB".
-std::string format_bytes(double bytes);
-
 }  // namespace lorakit::cli

@@ -1,4 +1,4 @@
-// Small helpers for module and tensor names.
+// Small text helpers: module and tensor names, sizes for people.
 #pragma once
 
 #include <string>
@@ -17,5 +17,8 @@ bool starts_with(std::string_view text, std::string_view prefix) noexcept;
 bool ends_with(std::string_view text, std::string_view suffix) noexcept;
 // True when every character is a decimal digit (and there is at least one).
 bool is_number(std::string_view text) noexcept;
+
+// "1.2 GB", "850.0 MB", "12 B" (decimal units, as file managers and `ls -h --si` show them).
+std::string format_bytes(double bytes);
 
 }  // namespace lorakit
