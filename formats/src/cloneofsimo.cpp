@@ -7,6 +7,7 @@
 
 #include "convention_common.h"
 #include "conventions.h"
+#include "writers.h"
 #include "lorakit/error.h"
 #include "lorakit/names.h"
 
@@ -33,6 +34,10 @@ std::optional<CloneKey> classify_clone_key(std::string_view key) {
 
 class CloneofsimoDriver final : public ConventionDriver {
 public:
+    void write(const Adapter& adapter, const std::filesystem::path& target, const WriteOptions& options,
+               std::vector<std::string>& notes) const override {
+        write_cloneofsimo(adapter, target, options, notes);
+    }
     std::string_view name() const override { return "cloneofsimo"; }
     std::string_view description() const override { return "cloneofsimo/lora (unet:<i>:down / unet:<i>:up)"; }
 
@@ -81,6 +86,32 @@ public:
 };
 
 }  // namespace
+
+void write_cloneofsimo(const Adapter& a, const std::filesystem::path& target, const WriteOptions& options,
+                       std::vector<std::string>& notes) {
+    // Module identities are positions in the trainer's injection order: only a cloneofsimo
+    // file can supply them.
+    if (a.convention != "cloneofsimo")
+        fail(ErrorCode::unsupported, "cloneofsimo modules are numbered in the trainer's injection order, which a {} "
+                                     "adapter cannot supply",
+             a.convention);
+    refuse_lycoris(a, "cloneofsimo");
+    refuse_bias(a, "cloneofsimo");
+    OutputTensors out;
+    std::map<std::string, std::string> metadata = a.metadata;
+    std::size_t folded = 0;
+    for (const auto& m : a.modules) {
+        if (m.magnitude) fail(ErrorCode::unsupported, "module {} has a DoRA magnitude, which cloneofsimo files cannot hold", quote(m.name));
+        const double s = m.scale();
+        folded += s != 1.0;
+        out.add(m.source_name + ":down", m.down);
+        out.add(m.source_name + ":up", scaled(m.up, s));
+        metadata[m.source_name + ":rank"] = std::to_string(m.rank());
+    }
+    for (const auto& t : a.other_tensors) out.add(t.name, t.tensor);
+    if (folded) notes.push_back(fmt::format("cloneofsimo files carry no alpha: the scale of {} module(s) is folded into up", folded));
+    write_tensor_file(target, out, metadata, options.overwrite);
+}
 
 std::unique_ptr<ConventionDriver> make_cloneofsimo_driver() { return std::make_unique<CloneofsimoDriver>(); }
 

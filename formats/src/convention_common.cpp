@@ -90,6 +90,7 @@ LoraModule assemble_lora_module(const ModuleParts& parts, std::string name) {
         m.down = supported_tensor(*parts.down);
         m.up = supported_tensor(*parts.up);
         m.alpha = read_alpha(parts.alpha);
+        if (parts.alpha) m.alpha_dtype = parts.alpha->tensor.dtype();
         if (parts.embedding) m.kind = ModuleKind::embedding;
         else if (m.down.ndim() >= 3 || m.up.ndim() >= 3) m.kind = ModuleKind::conv;
         else m.kind = ModuleKind::linear;

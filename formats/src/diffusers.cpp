@@ -11,6 +11,7 @@
 
 #include "convention_common.h"
 #include "conventions.h"
+#include "writers.h"
 #include "lorakit/error.h"
 #include "lorakit/names.h"
 
@@ -155,6 +156,10 @@ std::map<std::string, ComponentConfig> parse_adapter_metadata(const std::map<std
 
 class DiffusersDriver final : public ConventionDriver {
 public:
+    void write(const Adapter& adapter, const std::filesystem::path& target, const WriteOptions& options,
+               std::vector<std::string>& notes) const override {
+        write_diffusers(adapter, target, options, notes);
+    }
     std::string_view name() const override { return "diffusers"; }
     std::string_view description() const override {
         return "diffusers (unet./text_encoder./transformer. + lora_A/lora_B, or the older processor layout)";

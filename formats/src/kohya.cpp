@@ -10,6 +10,7 @@
 
 #include "convention_common.h"
 #include "conventions.h"
+#include "writers.h"
 #include "lorakit/base_model.h"
 #include "lorakit/error.h"
 #include "lorakit/names.h"
@@ -132,6 +133,10 @@ std::optional<double> metadata_number(const std::map<std::string, std::string>& 
 
 class KohyaDriver final : public ConventionDriver {
 public:
+    void write(const Adapter& adapter, const std::filesystem::path& target, const WriteOptions& options,
+               std::vector<std::string>& notes) const override {
+        write_kohya(adapter, target, options, notes);
+    }
     std::string_view name() const override { return "kohya"; }
     std::string_view description() const override {
         return "kohya-ss/sd-scripts and LyCORIS (lora_unet_*.lora_down.weight / .lora_up.weight / .alpha)";

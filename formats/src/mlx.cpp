@@ -15,6 +15,7 @@
 
 #include "convention_common.h"
 #include "conventions.h"
+#include "writers.h"
 #include "lorakit/error.h"
 #include "lorakit/names.h"
 
@@ -91,6 +92,11 @@ ScaleChoice choose_scale(const OrderedJson& config, bool has_config) {
 
 class MlxDriver final : public ConventionDriver {
 public:
+    bool writes_directory() const override { return true; }
+    void write(const Adapter& adapter, const std::filesystem::path& target, const WriteOptions& options,
+               std::vector<std::string>& notes) const override {
+        write_mlx(adapter, target, options, notes);
+    }
     std::string_view name() const override { return "mlx"; }
     std::string_view description() const override { return "Apple mlx-lm (adapters.safetensors + adapter_config.json)"; }
 

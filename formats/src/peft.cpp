@@ -9,6 +9,7 @@
 
 #include "convention_common.h"
 #include "conventions.h"
+#include "writers.h"
 #include "lorakit/error.h"
 #include "lorakit/names.h"
 
@@ -67,6 +68,11 @@ bool in_modules_to_save(const OrderedJson& modules_to_save, std::string_view ten
 
 class PeftDriver final : public ConventionDriver {
 public:
+    bool writes_directory() const override { return true; }
+    void write(const Adapter& adapter, const std::filesystem::path& target, const WriteOptions& options,
+               std::vector<std::string>& notes) const override {
+        write_peft(adapter, target, options, notes);
+    }
     std::string_view name() const override { return "peft"; }
     std::string_view description() const override {
         return "Hugging Face PEFT (adapter_config.json + adapter_model.safetensors)";

@@ -1,5 +1,6 @@
 #include "lorakit/atomic_file.h"
 
+#include <dirent.h>
 #include <fcntl.h>
 #include <limits.h>
 #include <signal.h>
@@ -38,9 +39,24 @@ constexpr int max_temps = 16;
 char temp_table[max_temps][PATH_MAX];
 std::atomic<bool> temp_used[max_temps];
 
+// Removes a temporary file, or a temporary output directory and the files in it. opendir is
+// not formally async-signal-safe; the process is about to die and nothing else runs.
+void remove_temp(const char* path) {
+    if (::unlink(path) == 0) return;
+    if (DIR* dir = ::opendir(path)) {
+        while (const dirent* entry = ::readdir(dir)) {
+            if (entry->d_name[0] == '.' && (entry->d_name[1] == '\0' || (entry->d_name[1] == '.' && entry->d_name[2] == '\0')))
+                continue;
+            ::unlinkat(::dirfd(dir), entry->d_name, 0);
+        }
+        ::closedir(dir);
+        ::rmdir(path);
+    }
+}
+
 extern "C" void remove_temps_and_reraise(int signal_number) {
     for (int i = 0; i < max_temps; ++i)
-        if (temp_used[i].load()) ::unlink(temp_table[i]);
+        if (temp_used[i].load()) remove_temp(temp_table[i]);
     ::signal(signal_number, SIG_DFL);
     ::raise(signal_number);
 }
@@ -243,6 +259,58 @@ void AtomicFile::commit() {
     }
     ::close(fd_);
     fd_ = -1;
+    fsync_directory(dir);
+    committed_ = true;
+}
+
+AtomicDirectory::AtomicDirectory(fs::path target, bool overwrite) : target_(std::move(target)), overwrite_(overwrite) {
+    std::error_code ec;
+    const auto status = fs::symlink_status(target_, ec);
+    if (fs::exists(status)) {
+        if (!fs::is_directory(status))
+            fail(ErrorCode::usage, "output {} exists and is not a directory", quote(target_.string()));
+        if (!overwrite_)
+            fail(ErrorCode::usage, "output directory {} exists (use --force to replace it)", quote(target_.string()));
+    }
+    const fs::path dir = directory_of(target_);
+    if (!fs::is_directory(dir, ec))
+        fail(ErrorCode::io, "cannot write {}: directory {} does not exist", quote(target_.string()), quote(dir.string()));
+    for (int attempt = 0; attempt < 100; ++attempt) {
+        temp_ = hidden_temp_name(dir, target_);
+        if (::mkdir(temp_.c_str(), 0777) == 0) {
+            register_temp(temp_.string());
+            return;
+        }
+        if (errno != EEXIST) fail_io("create a temporary directory in", dir, errno);
+    }
+    fail_io("create a temporary directory in", dir, EEXIST);
+}
+
+AtomicDirectory::~AtomicDirectory() {
+    if (committed_) return;
+    std::error_code ec;
+    fs::remove_all(temp_, ec);
+    unregister_temp(temp_.string());
+}
+
+void AtomicDirectory::commit() {
+    const fs::path dir = directory_of(target_);
+    std::error_code ec;
+    if (fs::exists(fs::symlink_status(target_, ec))) {
+        if (!overwrite_)
+            fail(ErrorCode::usage, "output directory {} exists (use --force to replace it)", quote(target_.string()));
+        const fs::path old = hidden_temp_name(dir, target_);
+        if (::rename(target_.c_str(), old.c_str()) != 0) fail_io("replace", target_, errno);
+        if (::rename(temp_.c_str(), target_.c_str()) != 0) {
+            const int err = errno;
+            ::rename(old.c_str(), target_.c_str());
+            fail_io("replace", target_, err);
+        }
+        fs::remove_all(old, ec);
+    } else if (::rename(temp_.c_str(), target_.c_str()) != 0) {
+        fail_io("create", target_, errno);
+    }
+    unregister_temp(temp_.string());
     fsync_directory(dir);
     committed_ = true;
 }

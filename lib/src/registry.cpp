@@ -40,6 +40,9 @@ const Tensor& TensorFile::tensor(std::string_view tensor_name) const {
 std::optional<LocatedAdapter> ConventionDriver::locate(const fs::path&) const { return std::nullopt; }
 std::vector<std::string> ConventionDriver::sidecar_config_names() const { return {}; }
 void ConventionDriver::precheck(const SidecarConfig&) const {}
+void ConventionDriver::write(const Adapter&, const fs::path&, const WriteOptions&, std::vector<std::string>&) const {
+    fail(ErrorCode::unsupported, "lorakit cannot write the {} convention", name());
+}
 
 // ---- Registry -----------------------------------------------------------------------------
 
@@ -50,6 +53,17 @@ const ConventionDriver* Registry::convention(std::string_view name) const {
     for (const auto& driver : conventions_)
         if (driver->name() == name) return driver.get();
     return nullptr;
+}
+
+void Registry::write_adapter(const Adapter& adapter, std::string_view name, const fs::path& target,
+                             const WriteOptions& options, std::vector<std::string>& notes) const {
+    const ConventionDriver* driver = convention(name == "lycoris" ? std::string_view("kohya") : name);
+    if (!driver) {
+        std::vector<std::string_view> names;
+        for (const auto& d : conventions_) names.push_back(d->name());
+        fail(ErrorCode::usage, "unknown convention {} (known: {})", quote(name), fmt::join(names, ", "));
+    }
+    with_context(quote(target.string()), [&] { driver->write(adapter, target, options, notes); });
 }
 
 std::unique_ptr<TensorFile> Registry::open_tensor_file(const fs::path& path) const {

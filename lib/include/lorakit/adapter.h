@@ -47,6 +47,7 @@ struct LoraModule {
     Tensor down;  // A
     Tensor up;    // B
     std::optional<double> alpha;
+    DType alpha_dtype = DType::F32;  // the dtype the source stored alpha in (kohya: F16, I64, ...)
     ScaleRule scale_rule = ScaleRule::alpha_over_rank;
     double fixed_scale = 1.0;  // the scale when scale_rule == fixed
     std::optional<Tensor> magnitude;

@@ -51,6 +51,27 @@ private:
     bool committed_ = false;
 };
 
+// An output directory built under a hidden temporary name next to the target and renamed into
+// place on commit (PEFT and mlx-lm adapters are directories). Files go in with AtomicFile at
+// file(name). Without commit the temporary directory is removed; a replaced directory is
+// swapped out and deleted only after the new one is in place.
+class AtomicDirectory {
+public:
+    AtomicDirectory(std::filesystem::path target, bool overwrite);
+    ~AtomicDirectory();
+    AtomicDirectory(const AtomicDirectory&) = delete;
+    AtomicDirectory& operator=(const AtomicDirectory&) = delete;
+
+    std::filesystem::path file(const std::string& name) const { return temp_ / name; }
+    void commit();
+
+private:
+    std::filesystem::path target_;
+    std::filesystem::path temp_;
+    bool overwrite_;
+    bool committed_ = false;
+};
+
 // Writes `bytes` to `target` atomically in one call.
 void write_file_atomically(const std::filesystem::path& target, std::span<const std::byte> bytes, bool overwrite);
 

@@ -89,6 +89,10 @@ struct LocatedAdapter {
     std::optional<std::filesystem::path> config;
 };
 
+struct WriteOptions {
+    bool overwrite = false;
+};
+
 class ConventionDriver {
 public:
     virtual ~ConventionDriver() = default;
@@ -106,6 +110,14 @@ public:
 
     virtual Detection detect(const AdapterInput& input) const = 0;
     virtual Adapter read(const AdapterInput& input) const = 0;
+
+    // Writes `adapter` in this convention to `target`: a file, or a directory for conventions
+    // that store adapters as directories (writes_directory). What the writer had to adapt
+    // (scales folded into B, ...) is appended to `notes`. Anything the convention cannot hold
+    // is refused (ErrorCode::unsupported) naming what would be lost. Default: not writable.
+    virtual bool writes_directory() const { return false; }
+    virtual void write(const Adapter& adapter, const std::filesystem::path& target, const WriteOptions& options,
+                       std::vector<std::string>& notes) const;
 };
 
 class Registry {
@@ -122,6 +134,10 @@ public:
     // Opens a tensor container, choosing the driver by identify(). "-" reads standard input.
     std::unique_ptr<TensorFile> open_tensor_file(const std::filesystem::path& path) const;
     std::unique_ptr<TensorFile> open_tensor_file(std::shared_ptr<const MappedFile> file) const;
+
+    // Writes an adapter in the named convention (see ConventionDriver::write).
+    void write_adapter(const Adapter& adapter, std::string_view convention, const std::filesystem::path& target,
+                       const WriteOptions& options, std::vector<std::string>& notes) const;
 
     // Loads an adapter from a weights file or an adapter directory, detecting the convention.
     // Errors carry the path as context.

@@ -1,0 +1,53 @@
+// Writing diffusers LoRA files in the current layout (what load_lora_weights takes):
+// <component>.<path>.lora_A.weight / .lora_B.weight, metadata {"format": "pt"}. The format has no
+// alpha, so a scale other than 1 is folded into lora_B (and into a LoRA bias), with a note.
+#include <fmt/format.h>
+
+#include "lorakit/error.h"
+#include "writers.h"
+
+namespace lorakit::formats {
+
+void write_diffusers(const Adapter& a, const std::filesystem::path& target, const WriteOptions& options,
+                     std::vector<std::string>& notes) {
+    const bool same = a.convention == "diffusers";
+    // The older processor layout is rewritten in the current one, under canonical names.
+    const bool keep_keys = same && a.convention_detail.find("processor") == std::string::npos &&
+                           a.convention_detail.find("XLabs") == std::string::npos;
+    refuse_lycoris(a, "diffusers");
+    if (!same) refuse_other_tensors(a, "diffusers");
+    OutputTensors out;
+    std::size_t folded = 0;
+    for (const auto& m : a.modules) {
+        if (m.name.find(':') != std::string::npos)
+            fail(ErrorCode::unsupported, "module {} has no module path (cloneofsimo numbering)", quote(m.name));
+        if (!keep_keys && component_of(m.name).empty())
+            fail(ErrorCode::unsupported,
+                 "module {} belongs to no pipeline component (unet, text_encoder, transformer): diffusers files hold "
+                 "diffusion pipelines",
+                 quote(m.name));
+        const std::string stem = keep_keys && !m.source_name.empty() ? m.source_name : m.name;
+        const double s = m.scale();
+        if (s != 1.0) ++folded;
+        if (m.kind == ModuleKind::embedding) {
+            out.add(stem + ".lora_embedding_A", m.down);
+            out.add(stem + ".lora_embedding_B", scaled(m.up, s));
+        } else {
+            out.add(stem + ".lora_A.weight", m.down);
+            out.add(stem + ".lora_B.weight", scaled(m.up, s));
+        }
+        if (m.bias) out.add(stem + ".lora_B.bias", scaled(*m.bias, s));
+        if (m.magnitude) out.add(stem + ".lora_magnitude_vector", magnitude_as_rows(m, "diffusers"));
+    }
+    for (const auto& t : a.other_tensors) out.add(t.name, t.tensor);
+    std::map<std::string, std::string> metadata = same ? a.metadata : std::map<std::string, std::string>{};
+    // Scales are folded now; a stale LoraConfig would apply them a second time.
+    metadata.erase("lora_adapter_metadata");
+    metadata["format"] = "pt";
+    if (folded)
+        notes.push_back(fmt::format("diffusers files carry no alpha: the scale of {} module(s) is folded into lora_B",
+                                    folded));
+    write_tensor_file(target, out, metadata, options.overwrite);
+}
+
+}  // namespace lorakit::formats

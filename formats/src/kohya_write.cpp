@@ -1,0 +1,142 @@
+// Writing kohya / sd-scripts LoRA files (and LyCORIS files read in the same naming):
+// <name>.lora_down.weight, <name>.lora_up.weight, <name>.alpha, optional <name>.dora_scale, and
+// the ss_* metadata sd-scripts maintains, with sshs_model_hash recomputed over the data.
+#include <cmath>
+
+#include <fmt/format.h>
+
+#include "lorakit/error.h"
+#include "lorakit/sha256.h"
+#include "writers.h"
+
+namespace lorakit::formats {
+
+namespace {
+
+bool mentions(const Adapter& a, std::string_view what) {
+    for (const auto& m : a.modules)
+        if (m.name.find(what) != std::string::npos) return true;
+    return false;
+}
+
+// kohya's flattened name for a canonical module name (same naming tree: mapping SGM to
+// diffusers names or BFL to diffusers Flux names is the conversion layer's job).
+std::string kohya_name(const Adapter& a, const LoraModule& m) {
+    if (m.name.find(':') != std::string::npos)
+        fail(ErrorCode::unsupported, "module {} has no module path (cloneofsimo numbering), so it has no kohya name",
+             quote(m.name));
+    const std::string component = component_of(m.name);
+    const std::set<std::string> components = components_of(a);
+    const bool flux = a.base_model.family == "Flux" || mentions(a, "double_blocks") || mentions(a, "single_blocks") ||
+                      mentions(a, "single_transformer_blocks");
+    std::string prefix;
+    if (component == "unet" || component == "transformer") prefix = "lora_unet_";
+    else if (component == "text_encoder") prefix = flux || components.count("text_encoder_2") ? "lora_te1_" : "lora_te_";
+    else if (component == "text_encoder_2") prefix = flux ? "lora_te3_" : "lora_te2_";  // kohya Flux files keep T5 as te3
+    else if (component == "text_encoder_3") prefix = "lora_te3_";
+    else if (component == "prior") prefix = "lora_prior_unet_";
+    else if (component == "prior_text_encoder") prefix = "lora_prior_te_";
+    else if (component == "lycoris") prefix = "lycoris_";
+    else
+        fail(ErrorCode::unsupported,
+             "module {} belongs to no diffusion-model component (unet, text_encoder, transformer): kohya names "
+             "cover diffusion models only",
+             quote(m.name));
+    std::string path = m.name.substr(component.size() + 1);
+    for (char& c : path)
+        if (c == '.') c = '_';
+    return prefix + path;
+}
+
+double kohya_alpha(const LoraModule& m) {
+    if (m.scale_rule == ScaleRule::alpha_over_rank && m.alpha) return *m.alpha;
+    return m.scale() * static_cast<double>(m.rank());
+}
+
+// kohya and LyCORIS store DoRA magnitudes as [out, 1] (per output row) or [1, in] (per input
+// column), 4-D for convolutions.
+Tensor kohya_dora_scale(const LoraModule& m) {
+    const std::int64_t n = m.magnitude->element_count();
+    const bool conv = m.down.ndim() == 4;
+    Shape shape = m.magnitude_axis == MagnitudeAxis::output_rows ? Shape{n, 1} : Shape{1, n};
+    if (conv) shape.insert(shape.end(), {1, 1});
+    return m.magnitude->reshaped(shape);
+}
+
+std::string uniform_or_dynamic(const std::vector<double>& values) {
+    if (values.empty()) return "Dynamic";
+    for (double v : values)
+        if (v != values.front()) return "Dynamic";
+    return fmt::format("{}", values.front());
+}
+
+std::string base_model_version(const std::string& family) {
+    if (family == "SDXL") return "sdxl_base_v1-0";
+    if (family == "SD1.5") return "sd_v1";
+    if (family == "SD2") return "sd_v2";
+    if (family == "Flux") return "flux1";
+    return "";
+}
+
+}  // namespace
+
+void write_kohya(const Adapter& a, const std::filesystem::path& target, const WriteOptions& options,
+                 std::vector<std::string>& notes) {
+    const bool same = a.convention == "kohya" || a.convention == "lycoris";
+    refuse_bias(a, "kohya");
+    if (!same) {
+        refuse_other_tensors(a, "kohya");
+        refuse_lycoris(a, "kohya");
+    }
+    OutputTensors out;
+    std::vector<double> ranks, alphas;
+    for (const auto& m : a.modules) {
+        const std::string stem = same && !m.source_name.empty() ? m.source_name : kohya_name(a, m);
+        out.add(stem + ".lora_down.weight", m.down);
+        out.add(stem + ".lora_up.weight", m.up);
+        if (m.alpha || m.scale_rule != ScaleRule::alpha_over_rank) {
+            const double alpha = kohya_alpha(m);
+            out.add(stem + ".alpha", scalar_tensor(alpha, m.alpha_dtype));
+            alphas.push_back(alpha);
+        } else {
+            alphas.push_back(static_cast<double>(m.rank()));
+        }
+        if (m.magnitude) out.add(stem + ".dora_scale", same ? *m.magnitude : kohya_dora_scale(m));
+        ranks.push_back(static_cast<double>(m.rank()));
+    }
+    for (const auto& m : a.lycoris_modules) {
+        for (const auto& t : m.tensors) {
+            const bool locon = t.name == "lora_down" || t.name == "lora_up" || t.name == "lora_mid";
+            out.add(fmt::format("{}.{}{}", m.source_name, t.name, locon ? ".weight" : ""), t.tensor);
+        }
+        if (m.alpha) out.add(m.source_name + ".alpha", scalar_tensor(*m.alpha, DType::F32));
+        if (m.dora_scale) out.add(m.source_name + ".dora_scale", *m.dora_scale);
+    }
+    for (const auto& t : a.other_tensors) out.add(t.name, t.tensor);
+
+    std::map<std::string, std::string> metadata;
+    if (same) metadata = a.metadata;
+    if (!same) {
+        metadata["ss_network_module"] = "networks.lora";
+        if (auto version = base_model_version(a.base_model.family); !version.empty())
+            metadata["ss_base_model_version"] = version;
+    }
+    if (!a.modules.empty()) {
+        metadata["ss_network_dim"] = uniform_or_dynamic(ranks);
+        metadata["ss_network_alpha"] = uniform_or_dynamic(alphas);
+    }
+    // sd-scripts' hashes: the data-section hash is reproducible, the legacy one depends on the
+    // header (and the reference writer's random metadata order), so it is dropped.
+    metadata.erase("sshs_legacy_hash");
+    auto views = out.views();
+    sort_for_safetensors(views);
+    Sha256 hash;
+    for (const auto& t : views) hash.update(t.view.bytes());
+    std::string hex;
+    for (auto b : hash.finish()) hex += fmt::format("{:02x}", b);
+    metadata["sshs_model_hash"] = hex;
+    if (!same) notes.push_back("wrote kohya names (lora_unet_, lora_te*_) from the module paths");
+    write_tensor_file(target, out, metadata, options.overwrite);
+}
+
+}  // namespace lorakit::formats

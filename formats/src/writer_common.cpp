@@ -1,0 +1,86 @@
+#include <fmt/format.h>
+
+#include "lorakit/atomic_file.h"
+#include "lorakit/error.h"
+#include "writers.h"
+
+namespace lorakit::formats {
+
+void OutputTensors::add(std::string name, Tensor tensor) {
+    if (!names_.insert(name).second) fail(ErrorCode::bad_input, "two tensors would be written as {}", quote(name));
+    items_.emplace_back(std::move(name), std::move(tensor));
+}
+
+std::vector<TensorToWrite> OutputTensors::views() const {
+    std::vector<TensorToWrite> out;
+    out.reserve(items_.size());
+    for (const auto& [name, t] : items_) out.push_back({name, t.view()});
+    return out;
+}
+
+Tensor scaled(const Tensor& t, double factor) {
+    if (factor == 1.0) return t;
+    std::vector<float> values = t.to_f32();
+    for (auto& v : values) v = static_cast<float>(static_cast<double>(v) * factor);
+    return Tensor::from_f32(t.dtype(), t.shape(), values);
+}
+
+Tensor scalar_tensor(double value, DType preferred) {
+    auto exact_in = [&](DType type) {
+        const auto v = static_cast<float>(value);
+        if (static_cast<double>(v) != value) return false;
+        const Tensor t = Tensor::from_f32(type, {}, {&v, 1});
+        return t.scalar_value() == value;
+    };
+    const DType type = exact_in(preferred) ? preferred : DType::F32;
+    const auto v = static_cast<float>(value);
+    return Tensor::from_f32(type, {}, {&v, 1});
+}
+
+Tensor magnitude_as_rows(const LoraModule& m, std::string_view convention) {
+    if (m.magnitude_axis != MagnitudeAxis::output_rows)
+        fail(ErrorCode::unsupported,
+             "module {}: its DoRA magnitude normalises input columns, which {} cannot express (it would be lost)",
+             quote(m.name), convention);
+    return m.magnitude->reshaped({m.magnitude->element_count()});
+}
+
+std::string component_of(const std::string& name) {
+    for (const char* c : {"unet", "text_encoder", "text_encoder_2", "text_encoder_3", "transformer", "prior",
+                          "prior_text_encoder", "lycoris"}) {
+        const std::string prefix = std::string(c) + ".";
+        if (name.rfind(prefix, 0) == 0) return c;
+    }
+    return "";
+}
+
+std::set<std::string> components_of(const Adapter& adapter) {
+    std::set<std::string> out;
+    for (const auto& m : adapter.modules) out.insert(component_of(m.name));
+    return out;
+}
+
+void refuse_lycoris(const Adapter& adapter, std::string_view convention) {
+    if (!adapter.lycoris_modules.empty())
+        fail(ErrorCode::unsupported,
+             "{} LyCORIS module(s) ({}, ...) cannot be written as {}: convert them to LoRA first (lora-convert --rank)",
+             adapter.lycoris_modules.size(), adapter.lycoris_modules.front().algorithm, convention);
+}
+
+void refuse_bias(const Adapter& adapter, std::string_view convention) {
+    for (const auto& m : adapter.modules)
+        if (m.bias) fail(ErrorCode::unsupported, "module {} has a LoRA bias, which {} cannot hold", quote(m.name), convention);
+}
+
+void refuse_other_tensors(const Adapter& adapter, std::string_view convention) {
+    if (!adapter.other_tensors.empty())
+        fail(ErrorCode::unsupported, "{} tensor(s) that are not LoRA factors ({}, ...) cannot be carried into {}",
+             adapter.other_tensors.size(), quote(adapter.other_tensors.front().name), convention);
+}
+
+void write_tensor_file(const std::filesystem::path& path, const OutputTensors& tensors,
+                       const std::map<std::string, std::string>& metadata, bool overwrite) {
+    write_safetensors(path, tensors.views(), metadata, overwrite);
+}
+
+}  // namespace lorakit::formats

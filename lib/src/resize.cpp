@@ -1,0 +1,146 @@
+#include "lorakit/resize.h"
+
+#include <atomic>
+#include <cmath>
+#include <mutex>
+#include <thread>
+
+#include <fmt/format.h>
+
+#include "lorakit/error.h"
+#include "lorakit/linalg.h"
+
+namespace lorakit {
+
+namespace {
+
+std::vector<float> as_f32(const Tensor& t) { return t.to_f32(); }
+
+bool has_nonfinite(const std::vector<float>& v) {
+    for (float x : v)
+        if (!std::isfinite(x)) return true;
+    return false;
+}
+
+// The alpha that keeps `scale` at the new rank under the module's scale rule.
+std::optional<double> alpha_for(const LoraModule& m, std::int64_t k) {
+    if (!m.alpha) return std::nullopt;  // "no alpha" means scale 1 at any rank
+    switch (m.scale_rule) {
+    case ScaleRule::alpha_over_rank: return m.scale() * static_cast<double>(k);
+    case ScaleRule::alpha_over_sqrt_rank: return m.scale() * std::sqrt(static_cast<double>(k));
+    case ScaleRule::fixed: return m.alpha;
+    }
+    return m.alpha;
+}
+
+}  // namespace
+
+LoraModule refactor_module(const LoraModule& m, std::int64_t k, FactorSplit split, std::optional<DType> dtype,
+                           std::vector<double>* singular_values) {
+    return with_context(fmt::format("module {}", quote(m.name)), [&] {
+        const std::vector<float> a = as_f32(m.down), b = as_f32(m.up);
+        if (has_nonfinite(a) || has_nonfinite(b)) fail(ErrorCode::bad_input, "the factors hold NaN or infinite values");
+        const std::int64_t out = m.out_features(), in = m.flat_in_features(), r = m.rank();
+        thread_local linalg::Workspace workspace;
+        const linalg::LowRankTerm term{b.data(), a.data(), out, r, in, 1.0};
+        const linalg::FactoredSvd svd = linalg::factored_svd({&term, 1}, 0, workspace);
+        if (singular_values) *singular_values = svd.singular_values;
+        const std::int64_t kept = svd.kept;
+        std::vector<float> down(static_cast<std::size_t>(k * in), 0.0f), up(static_cast<std::size_t>(out * k), 0.0f);
+        for (std::int64_t j = 0; j < std::min(k, kept); ++j) {
+            const double s = svd.singular_values[static_cast<std::size_t>(j)];
+            const float up_scale = static_cast<float>(split == FactorSplit::up ? s : std::sqrt(s));
+            const float down_scale = static_cast<float>(split == FactorSplit::up ? 1.0 : std::sqrt(s));
+            for (std::int64_t o = 0; o < out; ++o)
+                up[static_cast<std::size_t>(o * k + j)] = svd.u[static_cast<std::size_t>(o * kept + j)] * up_scale;
+            for (std::int64_t i = 0; i < in; ++i)
+                down[static_cast<std::size_t>(j * in + i)] = svd.v[static_cast<std::size_t>(i * kept + j)] * down_scale;
+        }
+        LoraModule result = m;
+        Shape down_shape = m.down.shape();
+        down_shape[0] = k;
+        Shape up_shape = m.up.shape();
+        up_shape[1] = k;
+        result.down = Tensor::from_f32(dtype.value_or(m.down.dtype()), down_shape, down);
+        result.up = Tensor::from_f32(dtype.value_or(m.up.dtype()), up_shape, up);
+        result.alpha = alpha_for(m, k);
+        return result;
+    });
+}
+
+ResizeResult resize_adapter(const Adapter& input, const ResizeOptions& options, Progress& progress) {
+    ResizeResult result;
+    result.adapter = input;
+    result.modules.resize(input.modules.size());
+    const bool compat = options.rank.compat != RankCompat::lorakit;
+    const std::size_t count = input.modules.size();
+    progress.begin("resize", count, 0);
+    std::atomic<std::size_t> next{0};
+    std::mutex mutex;
+    std::exception_ptr failure;
+    std::size_t done = 0;
+    auto worker = [&] {
+        for (;;) {
+            const std::size_t i = next.fetch_add(1);
+            if (i >= count) return;
+            {
+                std::lock_guard lock(mutex);
+                if (failure) return;
+            }
+            try {
+                const LoraModule& m = input.modules[i];
+                ModuleResize& report = result.modules[i];
+                report.name = m.name;
+                report.old_rank = m.rank();
+                std::vector<double> spectrum;
+                // First the spectrum alone (cheap), then vectors only when the rank changes.
+                const std::vector<float> a = m.down.to_f32(), b = m.up.to_f32();
+                if (has_nonfinite(a) || has_nonfinite(b))
+                    fail(ErrorCode::bad_input, "module {}: the factors hold NaN or infinite values", quote(m.name));
+                thread_local linalg::Workspace workspace;
+                const linalg::LowRankTerm term{b.data(), a.data(), m.out_features(), m.rank(), m.flat_in_features(), 1.0};
+                spectrum = linalg::factored_singular_values({&term, 1}, workspace);
+                const std::int64_t full = std::min(m.out_features(), m.flat_in_features());
+                report.choice = choose_rank(spectrum, full, m.rank(), m.kind == ModuleKind::conv, options.rank);
+                if (!compat && report.choice.rank >= m.rank()) {
+                    report.unchanged = true;
+                    if (options.dtype) {
+                        result.adapter.modules[i].down = m.down.converted(*options.dtype);
+                        result.adapter.modules[i].up = m.up.converted(*options.dtype);
+                    }
+                } else {
+                    result.adapter.modules[i] = refactor_module(m, report.choice.rank, options.split, options.dtype);
+                }
+            } catch (...) {
+                std::lock_guard lock(mutex);
+                if (!failure) failure = std::current_exception();
+                return;
+            }
+            std::lock_guard lock(mutex);
+            progress.advance(++done, 0);
+        }
+    };
+    int threads = options.threads > 0 ? options.threads : static_cast<int>(std::thread::hardware_concurrency());
+    threads = std::max(1, std::min<int>(threads, static_cast<int>(std::max<std::size_t>(count, 1))));
+    const int previous = linalg::blas_threads();
+    if (threads > 1) linalg::set_blas_threads(1);
+    std::vector<std::thread> pool;
+    for (int t = 1; t < threads; ++t) pool.emplace_back(worker);
+    worker();
+    for (auto& t : pool) t.join();
+    if (threads > 1) linalg::set_blas_threads(previous);
+    progress.end();
+    if (failure) std::rethrow_exception(failure);
+
+    std::size_t dora = 0;
+    for (const auto& m : result.adapter.modules) dora += m.magnitude ? 1 : 0;
+    if (dora)
+        result.notes.push_back(fmt::format(
+            "{} DoRA module(s): magnitudes are kept; their normalisation now applies to the resized delta", dora));
+    if (!input.lycoris_modules.empty())
+        result.notes.push_back(fmt::format("{} LyCORIS module(s) are carried unchanged (lora-convert --rank turns them into LoRA)",
+                                           input.lycoris_modules.size()));
+    return result;
+}
+
+}  // namespace lorakit

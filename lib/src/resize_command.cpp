@@ -1,0 +1,116 @@
+// The lora-resize command: load, resize, write, report.
+#include <cmath>
+#include <filesystem>
+
+#include <fmt/format.h>
+#include <nlohmann/json.hpp>
+
+#include "lorakit/atomic_file.h"
+#include "lorakit/resize.h"
+
+namespace lorakit {
+
+namespace {
+
+using Json = nlohmann::ordered_json;
+
+Json finite_or_null(double v) { return std::isfinite(v) ? Json(v) : Json(nullptr); }
+
+bool is_directory_convention(const Registry& registry, const std::string& convention) {
+    const ConventionDriver* driver = registry.convention(convention == "lycoris" ? "kohya" : convention);
+    return driver && driver->writes_directory();
+}
+
+}  // namespace
+
+ToolResult run_resize(const Registry& registry, const ResizeRequest& request, Progress& progress) {
+    ToolResult result;
+    try {
+        const Adapter input = registry.load_adapter(request.input);
+        const std::string convention = request.to.empty() ? input.convention : request.to;
+        if (!request.output.empty()) {
+            // Refuse an existing output before any work is done.
+            if (is_directory_convention(registry, convention)) {
+                std::error_code ec;
+                if (std::filesystem::exists(request.output, ec) && !request.force)
+                    fail(ErrorCode::usage, "output {} exists (use --force to replace it)", quote(request.output));
+            } else {
+                check_output_path(request.output, request.force);
+            }
+        }
+        ResizeResult resized = resize_adapter(input, request.options, progress);
+        std::int64_t old_max = 0;
+        for (const auto& m : resized.modules) old_max = std::max(old_max, m.old_rank);
+        if (resized.adapter.metadata.count("ss_network_dim") || convention == "kohya") {
+            const std::string comment = resized.adapter.metadata.count("ss_training_comment")
+                                            ? resized.adapter.metadata["ss_training_comment"]
+                                            : std::string();
+            resized.adapter.metadata["ss_training_comment"] = fmt::format(
+                "resized by lorakit from rank {} ({}); {}", old_max, describe(request.options.rank), comment);
+        }
+        std::vector<std::string> notes = resized.notes;
+        if (!request.output.empty())
+            registry.write_adapter(resized.adapter, convention, request.output, WriteOptions{request.force}, notes);
+
+        double fro_sum = 0, fro_sq = 0, error_sum = 0;
+        std::size_t changed = 0;
+        for (const auto& m : resized.modules) {
+            fro_sum += m.choice.fro_retained;
+            fro_sq += m.choice.fro_retained * m.choice.fro_retained;
+            error_sum += m.choice.relative_error;
+            changed += m.unchanged ? 0 : 1;
+        }
+        const double n = static_cast<double>(std::max<std::size_t>(resized.modules.size(), 1));
+        const double mean_fro = fro_sum / n;
+        const double std_fro = std::sqrt(std::max(0.0, fro_sq / n - mean_fro * mean_fro));
+        const double mean_error = error_sum / n;
+
+        if (request.json) {
+            Json j;
+            j["input"] = request.input;
+            j["output"] = request.output.empty() ? Json(nullptr) : Json(request.output);
+            j["convention"] = convention;
+            j["rule"] = describe(request.options.rank);
+            j["module_count"] = resized.modules.size();
+            j["changed_count"] = changed;
+            j["mean_fro_retained"] = mean_fro;
+            j["std_fro_retained"] = std_fro;
+            j["mean_relative_error"] = mean_error;
+            Json modules = Json::array();
+            for (const auto& m : resized.modules)
+                modules.push_back({{"name", m.name},
+                                   {"old_rank", m.old_rank},
+                                   {"new_rank", m.unchanged ? m.old_rank : m.choice.rank},
+                                   {"unchanged", m.unchanged},
+                                   {"fro_retained", m.choice.fro_retained},
+                                   {"sum_retained", m.choice.sum_retained},
+                                   {"max_ratio", finite_or_null(m.choice.max_ratio)},
+                                   {"relative_error", m.choice.relative_error}});
+            j["modules"] = modules;
+            j["notes"] = notes;
+            result.out = j.dump(2) + "\n";
+        } else {
+            std::size_t width = 6;
+            for (const auto& m : resized.modules) width = std::max(width, m.name.size());
+            std::string& out = result.out;
+            out += fmt::format("{:<{}}  {:>8} {:>8} {:>10} {:>10} {:>10} {:>10}\n", "module", width, "old rank",
+                               "new rank", "fro kept", "rel error", "sum kept", "max ratio");
+            for (const auto& m : resized.modules)
+                out += fmt::format("{:<{}}  {:>8} {:>8} {:>9.2f}% {:>10.3g} {:>9.2f}% {:>10}\n", m.name, width,
+                                   m.old_rank, m.unchanged ? m.old_rank : m.choice.rank, 100 * m.choice.fro_retained,
+                                   m.choice.relative_error, 100 * m.choice.sum_retained,
+                                   std::isfinite(m.choice.max_ratio) ? fmt::format("{:.1f}", m.choice.max_ratio) : "-");
+            out += fmt::format("{} modules, {} resized ({}); Frobenius retained {:.2f}% on average (std {:.3f}), mean "
+                               "relative error {:.3g}\n",
+                               resized.modules.size(), changed, describe(request.options.rank), 100 * mean_fro, std_fro,
+                               mean_error);
+        }
+        for (const auto& note : notes) result.note(note);
+    } catch (const Error& e) {
+        result.out.clear();
+        result.error(e.what(), exit_code_for(e.code()));
+    }
+    return result;
+}
+
+}  // namespace lorakit

@@ -1,0 +1,31 @@
+// Option parsing shared by several tools: dtypes, conventions, rank rules.
+#pragma once
+
+#include <optional>
+#include <string>
+
+#include <CLI/CLI.hpp>
+
+#include "lorakit/dtype.h"
+#include "lorakit/rank_rules.h"
+
+namespace lorakit::cli {
+
+// "f32" / "f16" / "bf16" (or the safetensors names) -> DType; usage error otherwise.
+DType parse_output_dtype(const std::string& text);
+
+// --rank N | --dynamic RULE, --conv-rank, --min-rank, --max-rank, --compat; finish() validates
+// and returns the spec.
+struct RankOptions {
+    std::int64_t rank = 0;
+    std::string dynamic;
+    std::int64_t conv_rank = 0;
+    std::int64_t min_rank = 1;
+    std::int64_t max_rank = 0;
+    std::string compat = "lorakit";
+
+    void add_to(CLI::App& app, bool rank_required);
+    RankSpec finish() const;
+};
+
+}  // namespace lorakit::cli
