@@ -11,7 +11,7 @@ DType parse_output_dtype(const std::string& text) {
     fail(ErrorCode::usage, "unsupported output dtype {} (f32, f16 or bf16)", quote(text));
 }
 
-void RankOptions::add_to(CLI::App& app, bool rank_required) {
+void RankOptions::add_to(CLI::App& app, bool rank_required, bool with_compat) {
     auto* rank_option = app.add_option("--rank", rank, "the new rank (with --dynamic: the largest allowed)")
                             ->type_name("N")
                             ->check(CLI::PositiveNumber);
@@ -29,6 +29,7 @@ void RankOptions::add_to(CLI::App& app, bool rank_required) {
     app.add_option("--conv-rank", conv_rank, "rank for convolution modules (default: --rank)")->type_name("N")->check(CLI::PositiveNumber);
     app.add_option("--min-rank", min_rank, "smallest rank a dynamic rule may choose (default 1)")->type_name("N")->check(CLI::PositiveNumber);
     app.add_option("--max-rank", max_rank, "largest rank any rule may choose")->type_name("N")->check(CLI::PositiveNumber);
+    if (!with_compat) return;
     app.add_option("--compat", compat,
                    "rank rules: lorakit (default), kohya (sd-scripts resize_lora.py as released, with its off-by-one:\n"
                    "dynamic ranks come out 1-2 higher, at least 2), kohya-2194 (after sd-scripts PR #2194)")

@@ -24,7 +24,7 @@ struct RankOptions {
     std::int64_t max_rank = 0;
     std::string compat = "lorakit";
 
-    void add_to(CLI::App& app, bool rank_required);
+    void add_to(CLI::App& app, bool rank_required, bool with_compat = true);
     RankSpec finish() const;
 };
 

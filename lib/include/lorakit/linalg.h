@@ -67,6 +67,34 @@ struct FactoredSvd {
 };
 FactoredSvd factored_svd(std::span<const LowRankTerm> terms, std::int64_t keep, Workspace& workspace);
 
+// Truncated SVD of a dense row-major rows x cols f32 matrix, for deltas with no low-rank
+// structure (merges after TIES/DARE pruning, extraction from two checkpoints).
+//   exact:      LAPACK dgesdd on a double copy (reference; used for min(rows, cols) <= exact_below)
+//   randomized: Halko–Martinsson–Tropp subspace iteration (their Algorithms 4.4 + 5.1): Gaussian
+//               sketch of width k + oversample (seeded: identical results for identical input),
+//               power_iterations rounds re-orthonormalised with Householder QR, then an SVD of
+//               the small projected matrix in double.
+// The returned spectrum holds the k kept values (exact: all min(rows, cols)); frobenius_squared
+// is ‖M‖_F² computed exactly, so the retained energy of any truncation is exact too.
+struct DenseSvdOptions {
+    enum class Method { automatic, exact, randomized };
+    Method method = Method::automatic;
+    int power_iterations = 2;
+    std::int64_t oversample = -1;  // -1: k (measured ≤ 1.001x the optimal error, research/performance.md §1.2)
+    std::uint64_t seed = 0x10ca;
+    std::int64_t exact_below = 512;
+};
+struct DenseSvd {
+    std::int64_t rows = 0, cols = 0, kept = 0;
+    std::vector<float> u;                 // rows x kept, row-major
+    std::vector<double> singular_values;  // descending
+    std::vector<float> v;                 // cols x kept, row-major
+    double frobenius_squared = 0;
+    bool randomized = false;
+};
+DenseSvd truncated_svd(const float* matrix, std::int64_t rows, std::int64_t cols, std::int64_t k,
+                       const DenseSvdOptions& options = {});
+
 // Reference: singular values of a dense row-major rows x cols f32 matrix (LAPACK sgesdd,
 // computed in double internally). For tests and small matrices only.
 std::vector<double> dense_singular_values(const float* matrix, std::int64_t rows, std::int64_t cols);

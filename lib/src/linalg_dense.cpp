@@ -1,0 +1,149 @@
+// Truncated SVD of dense matrices: exact (LAPACK) and randomized (Halko, Martinsson, Tropp,
+// "Finding structure with randomness", SIAM Review 2011, Algorithms 4.4 and 5.1).
+#include <lapacke.h>
+
+#include <algorithm>
+#include <cmath>
+
+#include "lorakit/error.h"
+#include "lorakit/linalg.h"
+#include "lorakit/random.h"
+
+extern "C" {
+void cblas_sgemm(int layout, int trans_a, int trans_b, int m, int n, int k, float alpha, const float* a, int lda,
+                 const float* b, int ldb, float beta, float* c, int ldc);
+}
+
+namespace lorakit::linalg {
+
+namespace {
+
+constexpr int col_major = 102, no_trans = 111, trans = 112;
+
+int as_int(std::int64_t n) {
+    if (n > 2147483647) fail(ErrorCode::unsupported, "a dimension of {} exceeds LAPACK's 32-bit indices", n);
+    return static_cast<int>(n);
+}
+
+void check(lapack_int info, const char* routine) {
+    if (info < 0) fail(ErrorCode::internal, "{}: argument {} had an illegal value", routine, -info);
+    if (info > 0) fail(ErrorCode::internal, "{} did not converge (info {})", routine, info);
+}
+
+// Orthonormalises the columns of the column-major n x l matrix `y` in place (Householder QR).
+void orthonormalise(std::vector<float>& y, int n, int l) {
+    std::vector<float> tau(static_cast<std::size_t>(std::min(n, l)));
+    check(LAPACKE_sgeqrf(LAPACK_COL_MAJOR, n, l, y.data(), n, tau.data()), "sgeqrf");
+    check(LAPACKE_sorgqr(LAPACK_COL_MAJOR, n, std::min(n, l), std::min(n, l), y.data(), n, tau.data()), "sorgqr");
+}
+
+// Standard normal deviates from the deterministic generator (Box–Muller).
+void gaussian(std::vector<float>& out, std::uint64_t seed) {
+    SplitMix64 random(seed);
+    for (std::size_t i = 0; i < out.size(); i += 2) {
+        const double u1 = (static_cast<double>(random.next() >> 11) + 1.0) * 0x1p-53;
+        const double u2 = static_cast<double>(random.next() >> 11) * 0x1p-53;
+        const double radius = std::sqrt(-2.0 * std::log(u1));
+        out[i] = static_cast<float>(radius * std::cos(2 * M_PI * u2));
+        if (i + 1 < out.size()) out[i + 1] = static_cast<float>(radius * std::sin(2 * M_PI * u2));
+    }
+}
+
+DenseSvd exact_svd(const float* m, std::int64_t rows, std::int64_t cols, std::int64_t k) {
+    // Row-major rows x cols = column-major cols x rows = Mᵀ; SVD of Mᵀ = V Σ Uᵀ.
+    const int mt_rows = as_int(cols), mt_cols = as_int(rows);
+    const int n = std::min(mt_rows, mt_cols);
+    std::vector<double> a(static_cast<std::size_t>(rows * cols));
+    for (std::size_t i = 0; i < a.size(); ++i) a[i] = m[i];
+    std::vector<double> s(static_cast<std::size_t>(n)), left(static_cast<std::size_t>(mt_rows) * n),
+        right_t(static_cast<std::size_t>(n) * mt_cols);
+    check(LAPACKE_dgesdd(LAPACK_COL_MAJOR, 'S', mt_rows, mt_cols, a.data(), mt_rows, s.data(), left.data(), mt_rows,
+                         right_t.data(), n),
+          "dgesdd");
+    DenseSvd r;
+    r.rows = rows;
+    r.cols = cols;
+    r.kept = std::min<std::int64_t>(k, n);
+    r.singular_values = s;
+    // left (cols x n, column-major) holds V; right_t (n x rows, column-major) holds Uᵀ.
+    r.u.resize(static_cast<std::size_t>(rows * r.kept));
+    r.v.resize(static_cast<std::size_t>(cols * r.kept));
+    for (std::int64_t j = 0; j < r.kept; ++j) {
+        for (std::int64_t i = 0; i < rows; ++i)
+            r.u[static_cast<std::size_t>(i * r.kept + j)] = static_cast<float>(right_t[static_cast<std::size_t>(j + i * n)]);
+        for (std::int64_t i = 0; i < cols; ++i)
+            r.v[static_cast<std::size_t>(i * r.kept + j)] = static_cast<float>(left[static_cast<std::size_t>(i + j * mt_rows)]);
+    }
+    return r;
+}
+
+DenseSvd randomized_svd(const float* m, std::int64_t rows, std::int64_t cols, std::int64_t k,
+                        const DenseSvdOptions& options) {
+    // Work on the column-major view of the row-major matrix: A = Mᵀ (cols x rows), so that
+    // products need no copies. A's left vectors are M's right vectors and vice versa.
+    const int ar = as_int(cols), ac = as_int(rows);
+    const std::int64_t oversample = options.oversample < 0 ? k : options.oversample;
+    const int l = static_cast<int>(std::min<std::int64_t>(k + oversample, std::min(rows, cols)));
+    std::vector<float> omega(static_cast<std::size_t>(ac) * l), y(static_cast<std::size_t>(ar) * l),
+        z(static_cast<std::size_t>(ac) * l);
+    gaussian(omega, options.seed);
+    cblas_sgemm(col_major, no_trans, no_trans, ar, l, ac, 1.0f, m, ar, omega.data(), ac, 0.0f, y.data(), ar);
+    orthonormalise(y, ar, l);
+    for (int q = 0; q < options.power_iterations; ++q) {
+        cblas_sgemm(col_major, trans, no_trans, ac, l, ar, 1.0f, m, ar, y.data(), ar, 0.0f, z.data(), ac);
+        orthonormalise(z, ac, l);
+        cblas_sgemm(col_major, no_trans, no_trans, ar, l, ac, 1.0f, m, ar, z.data(), ac, 0.0f, y.data(), ar);
+        orthonormalise(y, ar, l);
+    }
+    // B = Qᵀ A (l x ac), small: its SVD in double gives the approximate triplets.
+    cblas_sgemm(col_major, trans, no_trans, l, ac, ar, 1.0f, y.data(), ar, m, ar, 0.0f, z.data(), l);
+    std::vector<double> b(static_cast<std::size_t>(l) * ac);
+    for (std::size_t i = 0; i < b.size(); ++i) b[i] = z[i];
+    std::vector<double> s(static_cast<std::size_t>(l)), ub(static_cast<std::size_t>(l) * l),
+        vt(static_cast<std::size_t>(l) * ac);
+    check(LAPACKE_dgesdd(LAPACK_COL_MAJOR, 'S', l, ac, b.data(), l, s.data(), ub.data(), l, vt.data(), l), "dgesdd");
+    DenseSvd r;
+    r.rows = rows;
+    r.cols = cols;
+    r.kept = std::min<std::int64_t>(k, l);
+    r.randomized = true;
+    r.singular_values.assign(s.begin(), s.begin() + r.kept);
+    // A ≈ (Q Ûb) Σ Vtᵀ: A's left vectors Q·Ûb are M's right vectors (cols x kept); Vt's rows are
+    // M's left vectors (rows x kept).
+    r.v.assign(static_cast<std::size_t>(cols * r.kept), 0.0f);
+    for (std::int64_t j = 0; j < r.kept; ++j)
+        for (std::int64_t i = 0; i < cols; ++i) {
+            double sum = 0;
+            for (int t = 0; t < l; ++t)
+                sum += static_cast<double>(y[static_cast<std::size_t>(i + static_cast<std::int64_t>(t) * ar)]) *
+                       ub[static_cast<std::size_t>(t + j * l)];
+            r.v[static_cast<std::size_t>(i * r.kept + j)] = static_cast<float>(sum);
+        }
+    r.u.resize(static_cast<std::size_t>(rows * r.kept));
+    for (std::int64_t j = 0; j < r.kept; ++j)
+        for (std::int64_t i = 0; i < rows; ++i)
+            r.u[static_cast<std::size_t>(i * r.kept + j)] = static_cast<float>(vt[static_cast<std::size_t>(j + i * l)]);
+    return r;
+}
+
+}  // namespace
+
+DenseSvd truncated_svd(const float* matrix, std::int64_t rows, std::int64_t cols, std::int64_t k,
+                       const DenseSvdOptions& options) {
+    if (rows <= 0 || cols <= 0 || k <= 0) fail(ErrorCode::internal, "truncated_svd of {}x{} at rank {}", rows, cols, k);
+    double energy = 0;
+    const auto count = static_cast<std::size_t>(rows * cols);
+    for (std::size_t i = 0; i < count; ++i) {
+        if (!std::isfinite(matrix[i])) fail(ErrorCode::bad_input, "the matrix holds NaN or infinite values");
+        energy += static_cast<double>(matrix[i]) * matrix[i];
+    }
+    using Method = DenseSvdOptions::Method;
+    const bool exact = options.method == Method::exact ||
+                       (options.method == Method::automatic && std::min(rows, cols) <= options.exact_below) ||
+                       k >= std::min(rows, cols) / 2;
+    DenseSvd r = exact ? exact_svd(matrix, rows, cols, k) : randomized_svd(matrix, rows, cols, k, options);
+    r.frobenius_squared = energy;
+    return r;
+}
+
+}  // namespace lorakit::linalg
