@@ -5,7 +5,7 @@
 #include <algorithm>
 #include <cstring>
 #include <limits>
-#include <set>
+#include <unordered_set>
 
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
@@ -41,6 +41,15 @@ std::size_t invalid_utf8_at(std::string_view text) {
     const std::size_t n = text.size();
     std::size_t i = 0;
     while (i < n) {
+        // Headers are almost all ASCII: skip it eight bytes at a time.
+        if (i + 8 <= n) {
+            std::uint64_t word;
+            std::memcpy(&word, s + i, 8);
+            if ((word & 0x8080808080808080ull) == 0) {
+                i += 8;
+                continue;
+            }
+        }
         const unsigned char c = s[i];
         if (c < 0x80) {
             ++i;
@@ -77,13 +86,15 @@ std::size_t invalid_utf8_at(std::string_view text) {
 struct RawEntry {
     std::string name;
     std::string dtype;
+    unsigned dtype_bits = 0;
     Shape shape;
     std::uint64_t begin = 0, end = 0;
     bool has_dtype = false, has_shape = false, has_offsets = false;
 };
 
-// Builds the entries straight from parser events, checking structure and duplicates as it
-// goes. On a violation it records the message and stops the parse.
+// Builds the entries straight from parser events, in header order, checking structure,
+// repeated fields and repeated metadata keys as it goes. On a violation it records the
+// message and stops the parse.
 class HeaderHandler : public nlohmann::json_sax<Json> {
 public:
     std::vector<RawEntry> entries;
@@ -112,22 +123,26 @@ public:
         }
         return scalar(Kind::other);
     }
-    bool number_float(number_float_t, const string_t&) override {
+    bool number_float(number_float_t, const string_t& text) override {
         if (skip_depth_) return true;
-        if (state_ == State::shape || state_ == State::offsets)
-            return stop(fmt::format("tensor {}: {} holds a number that is not a whole number", quote(current().name),
-                                    state_ == State::shape ? "shape" : "data_offsets"));
+        if (state_ == State::shape || state_ == State::offsets) {
+            // The parser hands integers past 2^64-1 over as floats; say which it was.
+            const bool integral = text.find_first_of(".eE") == string_t::npos;
+            return stop(fmt::format("tensor {}: {} holds {}, {}", quote(current().name),
+                                    state_ == State::shape ? "shape" : "data_offsets", text,
+                                    integral ? "which does not fit in 64 bits" : "which is not an integer"));
+        }
         return scalar(Kind::other);
     }
     bool string(string_t& value) override {
         if (skip_depth_) return true;
         if (state_ == State::metadata_value) {
-            metadata.emplace(pending_key_, value);
+            metadata.emplace(std::move(pending_key_), std::move(value));
             state_ = State::metadata;
             return true;
         }
         if (state_ == State::dtype) {
-            current().dtype = value;
+            current().dtype = std::move(value);
             current().has_dtype = true;
             state_ = State::tensor;
             return true;
@@ -146,11 +161,10 @@ public:
         case State::root_value:
             if (pending_key_ == "__metadata__") {
                 state_ = State::metadata;
-                metadata_keys_.clear();
                 return true;
             }
-            entries.push_back(RawEntry{pending_key_, {}, {}, 0, 0, false, false, false});
-            tensor_keys_.clear();
+            entries.push_back(RawEntry{});
+            current().name = std::move(pending_key_);
             state_ = State::tensor;
             return true;
         case State::tensor_skip_value: skip_depth_ = 1; return true;
@@ -166,10 +180,14 @@ public:
         case State::root: state_ = State::done; return true;
         case State::metadata: state_ = State::root; return true;
         case State::tensor: {
-            const RawEntry& e = current();
+            RawEntry& e = current();
             if (!e.has_dtype) return stop(fmt::format("tensor {} has no \"dtype\"", quote(e.name)));
             if (!e.has_shape) return stop(fmt::format("tensor {} has no \"shape\"", quote(e.name)));
             if (!e.has_offsets) return stop(fmt::format("tensor {} has no \"data_offsets\"", quote(e.name)));
+            // The reference rejects an unknown dtype while deserializing, before any layout check.
+            e.dtype_bits = dtype_bits(e.dtype);
+            if (e.dtype_bits == 0)
+                return stop(fmt::format("tensor {} has unknown dtype {}", quote(e.name), quote(e.dtype)));
             state_ = State::root;
             return true;
         }
@@ -221,26 +239,33 @@ public:
         if (skip_depth_) return true;
         switch (state_) {
         case State::root:
-            if (!root_keys_.insert(value).second)
-                return stop(value == "__metadata__" ? std::string("duplicate \"__metadata__\"")
-                                                    : fmt::format("duplicate tensor name {}", quote(value)));
-            pending_key_ = value;
+            // Repeated tensor names are found after the parse (find_duplicate_name), which is
+            // cheaper than a set of every name built while parsing.
+            if (value == "__metadata__") {
+                if (seen_metadata_) return stop("duplicate \"__metadata__\"");
+                seen_metadata_ = true;
+            }
+            pending_key_ = std::move(value);
             state_ = State::root_value;
             return true;
         case State::metadata:
-            if (!metadata_keys_.insert(value).second)
-                return stop(fmt::format("duplicate metadata key {}", quote(value)));
-            pending_key_ = value;
+            if (metadata.count(value)) return stop(fmt::format("duplicate metadata key {}", quote(value)));
+            pending_key_ = std::move(value);
             state_ = State::metadata_value;
             return true;
-        case State::tensor:
-            if (!tensor_keys_.insert(value).second)
-                return stop(fmt::format("tensor {}: duplicate field {}", quote(current().name), quote(value)));
+        case State::tensor: {
+            // Like serde's derived struct: a repeated known field is an error; unknown fields,
+            // repeated or not, are ignored.
+            RawEntry& e = current();
+            const bool repeated = (value == "dtype" && e.has_dtype) || (value == "shape" && e.has_shape) ||
+                                  (value == "data_offsets" && e.has_offsets);
+            if (repeated) return stop(fmt::format("tensor {}: duplicate field {}", quote(e.name), quote(value)));
             if (value == "dtype") state_ = State::dtype;
             else if (value == "shape") state_ = State::shape_value;
             else if (value == "data_offsets") state_ = State::offsets_value;
-            else state_ = State::tensor_skip_value;  // unknown fields are ignored, as by the reference
+            else state_ = State::tensor_skip_value;
             return true;
+        }
         default: return stop("malformed header");
         }
     }
@@ -310,6 +335,8 @@ private:
             return stop(fmt::format("tensor {}: \"data_offsets\" is not an array of integers", quote(current().name)));
         case State::top: return stop("header is not a JSON object");
         case State::root_value:
+            if (pending_key_ == "__metadata__")
+                return stop(fmt::format("\"__metadata__\" is {}, not an object of strings", what));
             return stop(fmt::format("tensor {} is {}, not an object", quote(pending_key_), what));
         default: return stop("malformed header");
         }
@@ -317,10 +344,19 @@ private:
 
     State state_ = State::top;
     std::string pending_key_;
-    std::set<std::string> root_keys_, metadata_keys_, tensor_keys_;
+    bool seen_metadata_ = false;
     int offsets_seen_ = 0;
     int skip_depth_ = 0;
 };
+
+// The first name, in header order, that an earlier entry already has.
+const std::string* find_duplicate_name(const std::vector<RawEntry>& entries) {
+    std::unordered_set<std::string_view> names;
+    names.reserve(entries.size());
+    for (const auto& e : entries)
+        if (!names.insert(e.name).second) return &e.name;
+    return nullptr;
+}
 
 class SafetensorsFile final : public TensorFile {
 public:
@@ -374,10 +410,16 @@ std::unique_ptr<TensorFile> read_safetensors(std::shared_ptr<const MappedFile> f
     if (const auto bad = invalid_utf8_at(header); bad != std::string_view::npos)
         fail(ErrorCode::bad_input, "header is not valid UTF-8 (byte {} of the header)", bad);
 
+    // nlohmann skips a leading byte order mark; serde_json, and so the reference, does not.
+    if (header.starts_with("\xEF\xBB\xBF"))
+        fail(ErrorCode::bad_input, "invalid JSON in header at byte 0: a UTF-8 byte order mark is not JSON");
+
     HeaderHandler handler;
     const bool parsed = Json::sax_parse(header.begin(), header.end(), &handler, nlohmann::detail::input_format_t::json, true);
     if (!parsed || !handler.error.empty())
         fail(ErrorCode::bad_input, "{}", handler.error.empty() ? std::string("invalid JSON in header") : handler.error);
+    if (const std::string* name = find_duplicate_name(handler.entries))
+        fail(ErrorCode::bad_input, "duplicate tensor name {}", quote(*name));
 
     // Validate in data order, exactly as the reference does.
     std::vector<std::size_t> order(handler.entries.size());
@@ -404,8 +446,7 @@ std::unique_ptr<TensorFile> read_safetensors(std::shared_ptr<const MappedFile> f
         if (e.end < e.begin)
             fail(ErrorCode::bad_input, "tensor {}: data_offsets [{}, {}] end before they begin", quote(e.name), e.begin,
                  e.end);
-        const unsigned bits = dtype_bits(e.dtype);
-        if (bits == 0) fail(ErrorCode::bad_input, "tensor {} has unknown dtype {}", quote(e.name), quote(e.dtype));
+        const unsigned bits = e.dtype_bits;
         std::uint64_t elements = 1;
         for (std::int64_t d : e.shape) {
             const auto dim = static_cast<std::uint64_t>(d);
@@ -442,11 +483,11 @@ std::unique_ptr<TensorFile> read_safetensors(std::shared_ptr<const MappedFile> f
     for (auto& e : handler.entries) {
         TensorEntry entry;
         entry.name = std::move(e.name);
-        entry.dtype_name = e.dtype;
+        entry.dtype_name = std::move(e.dtype);
         entry.shape = e.shape;
         entry.offset = e.begin;
         entry.size = e.end - e.begin;
-        if (auto type = find_dtype(e.dtype))
+        if (auto type = find_dtype(entry.dtype_name))
             entry.tensor = Tensor::alias(*type, std::move(e.shape),
                                          data.subspan(static_cast<std::size_t>(entry.offset), static_cast<std::size_t>(entry.size)),
                                          owner);

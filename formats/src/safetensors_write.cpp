@@ -37,10 +37,16 @@ int layout_rank(DType type) {
     return 15;
 }
 
-std::string json_string(const std::string& text) {
-    // Compact escaping as serde_json does it: quotes, backslash and control characters;
-    // other UTF-8 passes through.
-    return nlohmann::json(text).dump(-1, ' ', false, nlohmann::json::error_handler_t::strict);
+// `what` names the string for the message ("tensor name", "metadata key").
+std::string json_string(const std::string& text, std::string_view what) {
+    // Escaped as serde_json does it (quote, backslash, control characters; \b \f \n \r \t
+    // short, the rest \u00xx), other UTF-8 passes through; that is what nlohmann's dump does.
+    try {
+        return nlohmann::json(text).dump(-1, ' ', false, nlohmann::json::error_handler_t::strict);
+    } catch (const nlohmann::json::exception&) {
+        fail(ErrorCode::bad_input, "{} {} is not valid UTF-8 and cannot be written to a safetensors header", what,
+             quote(text));
+    }
 }
 
 }  // namespace
@@ -66,7 +72,7 @@ std::vector<std::byte> serialize_safetensors_header(std::vector<TensorToWrite>& 
         bool first_key = true;
         for (const auto& [key, value] : metadata) {
             if (!first_key) header += ',';
-            header += json_string(key) + ":" + json_string(value);
+            header += json_string(key, "metadata key") + ":" + json_string(value, "metadata value");
             first_key = false;
         }
         header += '}';
@@ -77,7 +83,7 @@ std::vector<std::byte> serialize_safetensors_header(std::vector<TensorToWrite>& 
         if (!first) header += ',';
         first = false;
         const std::uint64_t size = t.view.bytes().size();
-        header += fmt::format("{}:{{\"dtype\":\"{}\",\"shape\":[{}],\"data_offsets\":[{},{}]}}", json_string(t.name),
+        header += fmt::format("{}:{{\"dtype\":\"{}\",\"shape\":[{}],\"data_offsets\":[{},{}]}}", json_string(t.name, "tensor name"),
                               dtype_name(t.view.dtype()), fmt::join(t.view.shape(), ","), offset, offset + size);
         offset += size;
     }

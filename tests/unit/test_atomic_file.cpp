@@ -3,6 +3,7 @@
 #include <catch2/catch.hpp>
 
 #include <signal.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -145,6 +146,64 @@ TEST_CASE("output paths that cannot work are refused up front", "[atomic]") {
     } catch (const Error& e) {
         CHECK(e.code() == ErrorCode::usage);
         CHECK_THAT(e.what(), Catch::Contains("is an existing directory"));
+    }
+}
+
+TEST_CASE("an AtomicFile in a missing directory fails with an I/O error and creates nothing", "[atomic]") {
+    for (bool named : {false, true}) {
+        NamedTempMode mode(named);
+        ScratchDir dir;
+        try {
+            AtomicFile out(dir / "missing" / "out.bin", false);
+            FAIL("expected an error");
+        } catch (const Error& e) {
+            CHECK(e.code() == ErrorCode::io);
+            CHECK_THAT(e.what(), Catch::Contains("missing") && Catch::Contains("does not exist"));
+        }
+        CHECK(dir.list().empty());
+    }
+}
+
+TEST_CASE("a replaced file keeps its old contents until commit", "[atomic]") {
+    for (bool named : {false, true}) {
+        NamedTempMode mode(named);
+        ScratchDir dir;
+        test::write_file(dir / "out.bin", "old");
+        {
+            AtomicFile out(dir / "out.bin", true);
+            out.write(bytes_of("new"));
+            CHECK(test::read_file(dir / "out.bin") == "old");
+        }  // abandoned: the old file stays
+        CHECK(test::read_file(dir / "out.bin") == "old");
+        CHECK(dir.list() == std::vector<std::string>{"out.bin"});
+    }
+}
+
+TEST_CASE("large writes that bypass the buffer arrive intact", "[atomic]") {
+    ScratchDir dir;
+    std::string big(9 << 20, '\0');
+    for (std::size_t i = 0; i < big.size(); ++i) big[i] = static_cast<char>((i * 2654435761u) >> 24);
+    {
+        AtomicFile out(dir / "big.bin", false);
+        out.write(bytes_of(big.substr(0, 100)));     // buffered
+        out.write(bytes_of(big.substr(100)));        // larger than the buffer
+        out.commit();
+    }
+    CHECK(test::read_file(dir / "big.bin") == big);
+}
+
+TEST_CASE("the output gets the permissions of a normally created file", "[atomic]") {
+    for (bool named : {false, true}) {
+        for (mode_t mask : {mode_t(022), mode_t(077)}) {
+            NamedTempMode mode(named);
+            ScratchDir dir;
+            const mode_t old = ::umask(mask);
+            write_file_atomically(dir / "out.bin", bytes_of("x"), false);
+            ::umask(old);
+            struct stat st {};
+            REQUIRE(::stat((dir / "out.bin").c_str(), &st) == 0);
+            CHECK((st.st_mode & 0777) == (0666 & ~mask));
+        }
     }
 }
 

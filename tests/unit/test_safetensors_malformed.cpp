@@ -67,7 +67,7 @@ TEST_CASE("safetensors rejects each broken layout with its own message", "[safet
         {"shape not an array", file_of(R"({"a":{"dtype":"F32","shape":2,"data_offsets":[0,8]}})", 8), "\"shape\" is not an array"},
         {"shape of strings", file_of(R"({"a":{"dtype":"F32","shape":["2"],"data_offsets":[0,8]}})", 8), "\"shape\" is not an array"},
         {"nested shape", file_of(R"({"a":{"dtype":"F32","shape":[[2]],"data_offsets":[0,8]}})", 8), "\"shape\" is not an array"},
-        {"fractional dimension", file_of(R"({"a":{"dtype":"F32","shape":[2.5],"data_offsets":[0,8]}})", 8), "not a whole number"},
+        {"fractional dimension", file_of(R"({"a":{"dtype":"F32","shape":[2.5],"data_offsets":[0,8]}})", 8), "shape holds 2.5, which is not an integer"},
         {"negative dimension", file_of(R"({"a":{"dtype":"F32","shape":[-2],"data_offsets":[0,8]}})", 8), "negative dimension"},
         {"dimension over 2^63", file_of(R"({"a":{"dtype":"F32","shape":[18446744073709551615],"data_offsets":[0,8]}})", 8), "is too large"},
         {"one data offset", file_of(R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[8]}})", 8), "must hold 2 numbers, found 1"},
@@ -91,7 +91,28 @@ TEST_CASE("safetensors rejects each broken layout with its own message", "[safet
         {"metadata value not a string", file_of(R"({"__metadata__":{"k":1}})", 0), "metadata value of 'k' is not a string"},
         {"metadata value an object", file_of(R"({"__metadata__":{"k":{}}})", 0), "metadata value of 'k' is an object"},
         {"metadata not an object", file_of(R"({"__metadata__":"x"})", 0), "\"__metadata__\" is not an object of strings"},
-        {"metadata an array", file_of(R"({"__metadata__":["x"]})", 0), "is an array, not an object"},
+        {"metadata an array", file_of(R"({"__metadata__":["x"]})", 0), "\"__metadata__\" is an array, not an object of strings"},
+        {"metadata true", file_of(R"({"__metadata__":true})", 0), "\"__metadata__\" is not an object of strings"},
+        {"header length exactly the limit, beyond the file", file_of("{}", 0, 100'000'000), "header length 100000000 exceeds the file size 10"},
+        {"empty header", file_of("", 0), "invalid JSON in header"},
+        {"header of whitespace only", file_of("        ", 0), "invalid JSON in header"},
+        {"UTF-8 cut off at the end of the header", file_of("{}\xc3", 0), "not valid UTF-8 (byte 2"},
+        {"a byte order mark", file_of("\xef\xbb\xbf{}", 0), "byte order mark"},
+        {"JSON null", file_of("null", 0), "header is not a JSON object"},
+        {"a second object after the first", file_of("{}{}", 0), "invalid JSON in header"},
+        {"comments are not JSON", file_of("{/* c */}", 0), "invalid JSON in header"},
+        {"entry null", file_of(R"({"a":null})", 0), "tensor 'a' is not an object"},
+        {"dtype an object", file_of(R"({"a":{"dtype":{},"shape":[2],"data_offsets":[0,8]}})", 8), "\"dtype\" is not a string"},
+        {"shape null", file_of(R"({"a":{"dtype":"F32","shape":null,"data_offsets":[0,8]}})", 8), "\"shape\" is not an array"},
+        {"data_offsets an object", file_of(R"({"a":{"dtype":"F32","shape":[2],"data_offsets":{}}})", 8), "\"data_offsets\" is not an array"},
+        {"data_offsets of strings", file_of(R"({"a":{"dtype":"F32","shape":[2],"data_offsets":["0","8"]}})", 8), "\"data_offsets\" is not an array"},
+        {"offset past 2^64-1", file_of(R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0,18446744073709551616]}})", 8), "data_offsets holds 18446744073709551616, which does not fit in 64 bits"},
+        {"offset written as a float", file_of(R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8e0]}})", 8), "data_offsets holds 8e0, which is not an integer"},
+        {"offsets past 2^53 are read exactly", file_of(R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0,9007199254740993]}})", 8), "hold 9007199254740993 bytes, but shape [2] of F32 needs 8"},
+        {"numbers too large for a double", file_of(R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0,1e999]}})", 8), "invalid JSON in header"},
+        {"unknown dtype is reported before layout problems", file_of(R"({"a":{"dtype":"f32","shape":[1],"data_offsets":[4,8]}})", 8), "unknown dtype 'f32'"},
+        {"size of a zero-size tensor", file_of(R"({"a":{"dtype":"F32","shape":[0],"data_offsets":[0,4]}})", 4), "hold 4 bytes, but shape [0] of F32 needs 0"},
+        {"scalar holding two elements", file_of(R"({"a":{"dtype":"F16","shape":[],"data_offsets":[0,4]}})", 4), "hold 4 bytes, but shape [] of F16 needs 2"},
     };
     for (const auto& c : cases) {
         INFO("rule: " << c.rule);
@@ -118,6 +139,21 @@ TEST_CASE("safetensors accepts what real writers produce", "[safetensors][malfor
             file_of(R"({"a":{"dtype":"U8","shape":[3],"extra":{"x":[1,{"y":null}]},"data_offsets":[0,3],"more":true}})", 3));
         CHECK(t->entries().at(0).size == 3);
     }
+    SECTION("unknown fields may repeat, as serde ignores them too") {
+        const auto t = parse(file_of(R"({"a":{"x":1,"dtype":"U8","x":[2],"shape":[1],"data_offsets":[0,1]}})", 1));
+        CHECK(t->entries().size() == 1);
+    }
+    SECTION("deeply nested unknown fields are skipped without recursion") {
+        const std::string deep = std::string(200'000, '[') + std::string(200'000, ']');
+        const auto t = parse(file_of(R"({"a":{"x":)" + deep + R"(,"dtype":"U8","shape":[1],"data_offsets":[0,1]}})", 1));
+        CHECK(t->entries().size() == 1);
+    }
+    SECTION("\"__metadata__\" after the tensors, and JSON escapes in names and values") {
+        const auto t = parse(file_of(
+            R"({"a\u00e9\n\"":{"dtype":"U8","shape":[1],"data_offsets":[0,1]},"__metadata__":{"k\t":"v\u20ac"}})", 1));
+        CHECK(t->entries().at(0).name == "a\xc3\xa9\n\"");
+        CHECK(t->metadata().at("k\t") == "v\xe2\x82\xac");
+    }
     SECTION("zero-size tensors and scalars") {
         const auto t = parse(file_of(
             R"({"e":{"dtype":"F32","shape":[0,5],"data_offsets":[0,0]},"s":{"dtype":"BF16","shape":[],"data_offsets":[0,2]}})", 2));
@@ -140,9 +176,22 @@ TEST_CASE("safetensors accepts what real writers produce", "[safetensors][malfor
             CHECK_THAT(e.what(), Catch::Contains("unsupported dtype F4"));
         }
     }
+    SECTION("every dtype lorakit does not compute with is still sized by its bit width") {
+        // 4 elements: F4 2 bytes, F6 3 bytes, 8-bit types 4 bytes, C64 32 bytes.
+        const auto t = parse(file_of(
+            R"({"a":{"dtype":"F4","shape":[2,2],"data_offsets":[0,2]},)"
+            R"("b":{"dtype":"F6_E2M3","shape":[4],"data_offsets":[2,5]},"c":{"dtype":"F6_E3M2","shape":[4],"data_offsets":[5,8]},)"
+            R"("d":{"dtype":"F8_E8M0","shape":[4],"data_offsets":[8,12]},"e":{"dtype":"F8_E4M3FNUZ","shape":[4],"data_offsets":[12,16]},)"
+            R"("f":{"dtype":"F8_E5M2FNUZ","shape":[4],"data_offsets":[16,20]},"g":{"dtype":"C64","shape":[4],"data_offsets":[20,52]}})",
+            52));
+        REQUIRE(t->entries().size() == 7);
+        for (const auto& e : t->entries()) CHECK_FALSE(e.supported());
+        CHECK(t->find("g")->size == 32);
+    }
     SECTION("unaligned data start: values still read correctly") {
-        // Header length 3 + 8 = 11: data starts at an odd offset.
-        auto bytes = file_of(R"({"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}})", 4);
+        const std::string header = R"({"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}})";
+        REQUIRE((8 + header.size()) % 4 != 0);  // the float sits at an unaligned address
+        auto bytes = file_of(header, 4);
         const float value = 1.5f;
         std::memcpy(bytes.data() + bytes.size() - 4, &value, 4);
         const auto t = parse(bytes);
