@@ -1,9 +1,11 @@
 // The safetensors container: real third-party files, round trips through the writer, the
-// reference writer's exact bytes, the data-section hash; SHA-256 itself.
+// reference writer's exact bytes, the data-section hash, identify(). SHA-256 itself is tested
+// in test_sha256.cpp, broken files in test_safetensors_malformed.cpp.
 #include <catch2/catch.hpp>
 
 #include <cstring>
 #include <map>
+#include <set>
 
 #include "lorakit/error.h"
 #include "lorakit/formats/builtin.h"
@@ -24,65 +26,107 @@ std::unique_ptr<TensorFile> parse(const std::vector<std::byte>& bytes) {
     return formats::read_safetensors(MappedFile::from_bytes("memory", bytes));
 }
 
-std::string hex_of(std::string_view text) {
-    return sha256_hex(std::as_bytes(std::span(text.data(), text.size())));
-}
-
 }  // namespace
 
-TEST_CASE("SHA-256 matches the FIPS 180-4 examples", "[sha256]") {
-    CHECK(hex_of("") == "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855");
-    CHECK(hex_of("abc") == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
-    CHECK(hex_of("abcdbcdecdefdefgefghfghighijhijkijkljklmklmnlmnomnopnopq") ==
-          "248d6a61d20638b8e5c026930c3e6039a33ce45964ff2167f6ecedd419db06c1");
-    Sha256 million;
-    const std::string chunk(1000, 'a');
-    for (int i = 0; i < 1000; ++i) million.update(std::as_bytes(std::span(chunk.data(), chunk.size())));
-    std::string hex;
-    for (auto b : million.finish()) hex += fmt::format("{:02x}", b);
-    CHECK(hex == "cdc76e5c9914fb9281a1c7e284d73e67f1809a48a497200e046d39ccc7112cd0");
-}
-
-TEST_CASE("every real safetensors file parses, with the header's tensor counts", "[safetensors][real]") {
+TEST_CASE("every real safetensors file parses, as its header describes it", "[safetensors][real]") {
     LORAKIT_REQUIRE_REAL_TESTDATA();
     const fs::path root = test::real_testdata_dir();
-    // Tensor counts and one tensor each, read from the headers with a separate script.
+    // Read from the headers with a separate Python script (json + struct) while writing this:
+    // tensor and metadata counts, the first and last tensor in header order, the last one's
+    // dtype and shape. MLX files hold "__metadata__": null; the SAM file has none at all.
     struct Expected {
-        const char* file;
         std::size_t tensors;
-        const char* tensor;
+        std::size_t metadata;
+        const char* first;
+        const char* last;
         const char* dtype;
         Shape shape;
     };
-    const Expected cases[] = {
-        {"cloneofsimo-lora/analog_svd_rank4.safetensors", 384, "text_encoder:0:down", "F16", {4, 768}},
-        {"cloneofsimo-lora/lora_disney.safetensors", 386, "<s1>", "F32", {768}},
-        {"diffusers-sd15-catundchat/pytorch_lora_weights.safetensors", 256,
-         "down_blocks.0.attentions.0.transformer_blocks.0.attn2.processor.to_k_lora.down.weight", "F32", {4, 768}},
-        {"peft-gpt2-fmi-chatbot/model.safetensors", 24, "base_model.model.transformer.h.0.attn.c_attn.lora_B.weight", "F32", {2304, 8}},
-        {"peft-gptneo125m-movies/adapter_model.safetensors", 48,
-         "base_model.model.transformer.h.0.attn.attention.q_proj.lora_A.weight", "F32", {8, 768}},
-        {"peft-gptoss20b-hackindia/adapter_model.safetensors", 96,
-         "base_model.model.model.layers.0.self_attn.v_proj.lora_B.weight", "F32", {512, 4}},
-        {"peft-qwen25-3b-law-llm/adapter_model.safetensors", 144,
-         "base_model.model.model.layers.0.self_attn.v_proj.lora_B.weight", "F32", {256, 4}},
-        {"mlx-cli-wyek1n/adapters/adapters.safetensors", 16, "model.layers.20.self_attn.v_proj.lora_b", "F32", {8, 128}},
-        {"mlx-examples/adapters/adapters.safetensors", 16, "model.layers.36.self_attn.q_proj.lora_a", "F32", {2304, 8}},
-        {"mlx-lm/test_dpo_adapters/adapters.safetensors", 8, "model.layers.22.self_attn.q_proj.lora_a", "F32", {896, 8}},
-        {"ollama/discollama/adapters.safetensors", 8, "model.layers.30.self_attn.v_proj.lora_b", "F32", {8, 1024}},
-        {"sam-lora-custom/lora_rank2.safetensors", 48, "w_b_023", "F32", {768, 2}},
-        {"safetensors-samples/overall.safetensors", 9, "d", "F64", {6}},
+    const std::map<std::string, Expected> expected = {
+        {"cloneofsimo-lora/analog_svd_rank4.safetensors", {384, 194, "text_encoder:0:down", "unet:9:up", "F16", {320, 4}}},
+        {"cloneofsimo-lora/lora_disney.safetensors", {386, 196, "<s1>", "unet:9:up", "F32", {320, 1}}},
+        {"diffusers-sd15-catundchat/pytorch_lora_weights.safetensors",
+         {256, 1, "down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor.to_k_lora.down.weight",
+          "up_blocks.3.attentions.2.transformer_blocks.0.attn2.processor.to_v_lora.up.weight", "F32", {320, 4}}},
+        {"mlx-cli-wyek1n/adapters/adapters.safetensors",
+         {16, 0, "model.layers.20.self_attn.q_proj.lora_a", "model.layers.23.self_attn.v_proj.lora_b", "F32", {8, 128}}},
+        {"mlx-examples/adapters/adapters.safetensors",
+         {16, 0, "model.layers.36.self_attn.q_proj.lora_a", "model.layers.39.self_attn.v_proj.lora_b", "F32", {8, 2304}}},
+        {"mlx-lm/test_dpo_adapters/adapters.safetensors",
+         {8, 0, "model.layers.22.self_attn.q_proj.lora_a", "model.layers.23.self_attn.v_proj.lora_b", "F32", {8, 128}}},
+        {"ollama/discollama/adapters.safetensors",
+         {8, 0, "model.layers.30.self_attn.q_proj.lora_a", "model.layers.31.self_attn.v_proj.lora_b", "F32", {8, 1024}}},
+        {"peft-gpt2-fmi-chatbot/model.safetensors",
+         {24, 1, "base_model.model.transformer.h.0.attn.c_attn.lora_A.weight",
+          "base_model.model.transformer.h.9.attn.c_attn.lora_B.weight", "F32", {2304, 8}}},
+        {"peft-gptneo125m-movies/adapter_model.safetensors",
+         {48, 1, "base_model.model.transformer.h.0.attn.attention.q_proj.lora_A.weight",
+          "base_model.model.transformer.h.9.attn.attention.v_proj.lora_B.weight", "F32", {768, 8}}},
+        {"peft-gptoss20b-hackindia/adapter_model.safetensors",
+         {96, 1, "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight",
+          "base_model.model.model.layers.9.self_attn.v_proj.lora_B.weight", "F32", {512, 4}}},
+        {"peft-qwen25-3b-law-llm/adapter_model.safetensors",
+         {144, 1, "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight",
+          "base_model.model.model.layers.9.self_attn.v_proj.lora_B.weight", "F32", {256, 4}}},
+        {"safetensors-samples/B.safetensors", {1, 1, "B", "B", "U8", {6}}},
+        {"safetensors-samples/H.safetensors", {1, 1, "H", "H", "U16", {6}}},
+        {"safetensors-samples/I.safetensors", {1, 1, "I", "I", "U32", {6}}},
+        {"safetensors-samples/b.safetensors", {1, 1, "b", "b", "I8", {6}}},
+        {"safetensors-samples/d.safetensors", {1, 1, "d", "d", "F64", {6}}},
+        {"safetensors-samples/e.safetensors", {1, 1, "e", "e", "F16", {6}}},
+        {"safetensors-samples/f.safetensors", {1, 1, "f", "f", "F32", {6}}},
+        {"safetensors-samples/h.safetensors", {1, 1, "h", "h", "I16", {6}}},
+        {"safetensors-samples/i.safetensors", {1, 1, "i", "i", "I32", {6}}},
+        {"safetensors-samples/overall.safetensors", {9, 1, "B", "i", "I32", {6}}},
+        {"sam-lora-custom/lora_rank2.safetensors", {48, 0, "w_a_000", "w_b_023", "F32", {768, 2}}},
     };
-    for (const auto& c : cases) {
-        INFO(c.file);
-        const auto file = formats::builtin_registry().open_tensor_file(root / c.file);
+    // Every .safetensors file present is read, including any added after this test was written.
+    std::set<std::string> found;
+    for (const auto& item : fs::recursive_directory_iterator(root)) {
+        if (!item.is_regular_file() || item.path().extension() != ".safetensors") continue;
+        const std::string relative = item.path().lexically_relative(root).generic_string();
+        INFO(relative);
+        found.insert(relative);
+        std::unique_ptr<TensorFile> file;
+        REQUIRE_NOTHROW(file = formats::builtin_registry().open_tensor_file(item.path()));
         CHECK(file->format_name() == "safetensors");
-        CHECK(file->entries().size() == c.tensors);
-        const TensorEntry* entry = file->find(c.tensor);
-        REQUIRE(entry);
-        CHECK(entry->dtype_name == c.dtype);
-        CHECK(entry->shape == c.shape);
+        const auto it = expected.find(relative);
+        if (it == expected.end()) continue;
+        const Expected& e = it->second;
+        REQUIRE(file->entries().size() == e.tensors);
+        CHECK(file->metadata().size() == e.metadata);
+        CHECK(file->entries().front().name == e.first);
+        CHECK(file->entries().back().name == e.last);
+        CHECK(file->entries().back().dtype_name == e.dtype);
+        CHECK(file->entries().back().shape == e.shape);
+        for (const auto& entry : file->entries()) CHECK(entry.supported());
     }
+    for (const auto& [relative, e] : expected) {
+        INFO(relative);
+        CHECK(found.count(relative) == 1);
+    }
+}
+
+TEST_CASE("tensors alias the file's bytes instead of copying them", "[safetensors][real]") {
+    LORAKIT_REQUIRE_REAL_TESTDATA();
+    const fs::path path = test::real_testdata_dir() / "safetensors-samples/overall.safetensors";
+    const auto mapped = MappedFile::open(path);
+    const auto file = formats::read_safetensors(mapped);
+    // N = 526 (not a multiple of 8: an old writer), so the data section starts at byte 534.
+    const std::byte* data = mapped->bytes().data() + 8 + 526;
+    for (const auto& entry : file->entries()) {
+        INFO(entry.name);
+        CHECK(entry.tensor.bytes().data() == data + entry.offset);
+    }
+    CHECK(file->find("d")->offset == 48);  // an F64 at file offset 582: unaligned, and read fine
+}
+
+TEST_CASE("the data-section hash of a real file matches Python's hashlib", "[safetensors][real]") {
+    LORAKIT_REQUIRE_REAL_TESTDATA();
+    const auto mapped = MappedFile::open(test::real_testdata_dir() / "peft-gpt2-fmi-chatbot/model.safetensors");
+    CHECK(formats::safetensors_data_sha256(mapped->bytes()) ==
+          "ef4d93c620fb14e25108daa3dd104cc126b8a877858fef09e97b6a112134331d");
+    CHECK(sha256_hex(mapped->bytes()) == "8370d211dd4773f7973352050f49dd238f27693005307a9b3088ec49db97b6b1");
 }
 
 TEST_CASE("the reference samples decode to their values", "[safetensors][real]") {
@@ -197,4 +241,49 @@ TEST_CASE("write_safetensors refuses to replace a file unless asked", "[safetens
     formats::write_safetensors(dir / "a.safetensors", {{"u", t.view()}}, {}, true);
     CHECK(formats::builtin_registry().open_tensor_file(dir / "a.safetensors")->find("u"));
     CHECK(dir.list() == std::vector<std::string>{"a.safetensors"});
+}
+
+TEST_CASE("names that JSON cannot hold are refused by the writer with an Error", "[safetensors]") {
+    const auto t = Tensor::zeros(DType::F32, {1});
+    try {
+        formats::serialize_safetensors({{"bad\xff", t.view()}}, {});
+        FAIL("expected a refusal");
+    } catch (const Error& e) {
+        CHECK(e.code() == ErrorCode::bad_input);
+        CHECK_THAT(e.what(), Catch::Contains("tensor name 'bad") && Catch::Contains("is not valid UTF-8"));
+    }
+    CHECK_THROWS_AS(formats::serialize_safetensors({}, {{"k", "\xc3"}}), Error);
+}
+
+TEST_CASE("identify claims plausible headers, and broken .safetensors files weakly", "[safetensors]") {
+    const formats::SafetensorsDriver driver;
+    const auto t = Tensor::zeros(DType::F32, {1});
+    const auto good = formats::serialize_safetensors({{"t", t.view()}}, {});
+    const auto head = [](const std::vector<std::byte>& bytes) {
+        return std::span(bytes).first(std::min<std::size_t>(bytes.size(), 64));
+    };
+    CHECK(driver.identify(head(good), "weights.bin") == 100);
+    std::vector<std::byte> spaced(8, std::byte{0});
+    spaced[0] = std::byte{5};
+    for (char c : std::string(" \n\t{}")) spaced.push_back(static_cast<std::byte>(c));
+    CHECK(driver.identify(head(spaced), "x") == 100);
+    std::vector<std::byte> huge = good;
+    huge[5] = std::byte{1};  // N around 2^40: beyond the reference's limit
+    CHECK(driver.identify(head(huge), "x") == 0);
+    CHECK(driver.identify(head(huge), "x.safetensors") == 10);
+    const std::string text = "hello, world, not a tensor file";
+    const auto plain = std::as_bytes(std::span(text.data(), text.size()));
+    CHECK(driver.identify(plain, "x.txt") == 0);
+    CHECK(driver.identify({}, "x.safetensors") == 10);
+
+    // Through the registry, a broken .safetensors file gets the parser's precise message.
+    test::ScratchDir dir;
+    test::write_file(dir / "short.safetensors", std::string("\x10\0\0\0\0\0\0\0{\"a\"", 12));
+    try {
+        formats::builtin_registry().open_tensor_file(dir / "short.safetensors");
+        FAIL("expected an error");
+    } catch (const Error& e) {
+        CHECK(e.code() == ErrorCode::bad_input);
+        CHECK_THAT(e.what(), Catch::Contains("short.safetensors") && Catch::Contains("header length 16 exceeds the file size 12"));
+    }
 }

@@ -17,8 +17,6 @@ public:
     std::array<std::uint8_t, 32> finish();
 
 private:
-    void block(const std::uint8_t* data);
-
     std::array<std::uint32_t, 8> state_;
     std::array<std::uint8_t, 64> buffer_{};
     std::size_t buffered_ = 0;
