@@ -1,5 +1,6 @@
 #include "lorakit/dtype.h"
 
+#include <algorithm>
 #include <array>
 #include <bit>
 #include <cmath>
@@ -55,16 +56,42 @@ void store(std::byte* p, T value) noexcept {
     std::memcpy(p, &value, sizeof(T));
 }
 
+// Round half to even without std::nearbyint, whose result follows the current rounding mode.
+// floor and the subtraction are exact for every double converted from a float.
+double round_half_even(double value) noexcept {
+    double whole = std::floor(value);
+    const double fraction = value - whole;
+    if (fraction > 0.5 || (fraction == 0.5 && std::fmod(whole, 2.0) != 0.0)) whole += 1.0;
+    return whole;
+}
+
 template <typename Int>
 Int saturate_round(float value) noexcept {
     if (std::isnan(value)) return 0;
-    const double rounded = std::nearbyint(static_cast<double>(value));
+    const double rounded = round_half_even(static_cast<double>(value));
     constexpr double lo = static_cast<double>(std::numeric_limits<Int>::min());
     constexpr double hi = static_cast<double>(std::numeric_limits<Int>::max());
     if (rounded <= lo) return std::numeric_limits<Int>::min();
     // For 64-bit types `hi` rounds up to 2^63 or 2^64, which is itself out of range.
     if (rounded >= hi) return std::numeric_limits<Int>::max();
     return static_cast<Int>(rounded);
+}
+
+// |x| / 2^step rounded to nearest even, from the bits of a non-negative f32 `magnitude`.
+// The narrow formats use it for their subnormal range, where the result is a count of
+// subnormal steps. Integer-only so that the floating-point environment (rounding mode,
+// DAZ) cannot change it; the SIMD kernels ignore that environment too.
+std::uint32_t steps_round_even(std::uint32_t magnitude, int step) noexcept {
+    const std::uint32_t field = magnitude >> 23;
+    const std::uint32_t significand = (magnitude & 0x7fffffu) | (field ? 0x800000u : 0u);
+    // |x| = significand * 2^(max(field, 1) - 150); callers keep |x| < 2^(step + 23),
+    // so that shift >= 1.
+    const int shift = 150 + step - static_cast<int>(field ? field : 1u);
+    if (shift > 24) return 0;  // below half a step
+    const std::uint32_t quotient = significand >> shift;
+    const std::uint32_t remainder = significand & ((1u << shift) - 1u);
+    const std::uint32_t half = 1u << (shift - 1);
+    return quotient + ((remainder > half || (remainder == half && (quotient & 1u))) ? 1u : 0u);
 }
 
 template <typename Int>
@@ -130,10 +157,9 @@ std::uint16_t f32_to_f16(float value) noexcept {
     if (x > 0x7f800000u) return static_cast<std::uint16_t>(sign | 0x7e00u | ((x >> 13) & 0x3ffu));  // NaN
     if (x >= 0x477ff000u) return static_cast<std::uint16_t>(sign | 0x7c00u);  // >= 65520 rounds to inf
     if (x < 0x38800000u) {
-        // Below the smallest normal (2^-14): the subnormal step is 2^-24. Scaling by 2^24 is
-        // exact, and nearbyint rounds half to even in the default rounding mode.
-        const float scaled = std::bit_cast<float>(x) * 0x1p24f;
-        return static_cast<std::uint16_t>(sign | static_cast<std::uint16_t>(std::nearbyint(scaled)));
+        // Below the smallest normal (2^-14) the step is 2^-24; rounding up to 1024 steps
+        // gives the smallest normal's pattern.
+        return static_cast<std::uint16_t>(sign | steps_round_even(x, -24));
     }
     const std::uint32_t odd = (x >> 13) & 1u;
     x += 0xc8000fffu + odd;  // re-bias the exponent by -112 and add the rounding increment
@@ -169,10 +195,7 @@ std::uint8_t f32_to_f8e4m3(float value) noexcept {
     // No infinity in this format: NaN, infinities and everything above 464 (the midpoint
     // between the largest finite value 448 and the NaN code, which ties to 448) become NaN.
     if (x > 0x43e80000u) return static_cast<std::uint8_t>(sign | 0x7fu);
-    if (x < 0x3c800000u) {  // below 2^-6: subnormal step 2^-9
-        const float scaled = std::bit_cast<float>(x) * 0x1p9f;
-        return static_cast<std::uint8_t>(sign | static_cast<std::uint8_t>(std::nearbyint(scaled)));
-    }
+    if (x < 0x3c800000u) return static_cast<std::uint8_t>(sign | steps_round_even(x, -9));  // below 2^-6
     const std::uint32_t odd = (x >> 20) & 1u;
     x += (static_cast<std::uint32_t>(7 - 127) << 23) + 0x7ffffu + odd;
     return static_cast<std::uint8_t>(sign | (x >> 20));
@@ -189,10 +212,7 @@ std::uint8_t f32_to_f8e5m2(float value) noexcept {
     x &= 0x7fffffffu;
     if (x > 0x7f800000u) return static_cast<std::uint8_t>(sign | 0x7eu);  // NaN
     if (x >= 0x47700000u) return static_cast<std::uint8_t>(sign | 0x7cu);  // >= 61440 rounds to inf
-    if (x < 0x38800000u) {  // below 2^-14: subnormal step 2^-16
-        const float scaled = std::bit_cast<float>(x) * 0x1p16f;
-        return static_cast<std::uint8_t>(sign | static_cast<std::uint8_t>(std::nearbyint(scaled)));
-    }
+    if (x < 0x38800000u) return static_cast<std::uint8_t>(sign | steps_round_even(x, -16));  // below 2^-14
     const std::uint32_t odd = (x >> 21) & 1u;
     x += (static_cast<std::uint32_t>(15 - 127) << 23) + 0xfffffu + odd;
     return static_cast<std::uint8_t>(sign | (x >> 21));
@@ -293,14 +313,19 @@ void convert_to_f64(DType from, const std::byte* src, double* dst, std::size_t c
     case DType::F64:
         for (std::size_t i = 0; i < count; ++i) dst[i] = load<double>(src + 8 * i);
         return;
-    default:
-        // Every other type is exactly representable in f32.
-        for (std::size_t i = 0; i < count; ++i) {
-            float value;
-            convert_to_f32(from, src + i * dtype_size(from), &value, 1);
-            dst[i] = value;
+    default: {
+        // Every other type is exactly representable in f32; go through it a block at a time
+        // so that the bulk kernels do the work.
+        constexpr std::size_t block = 256;
+        float buffer[block];
+        const std::size_t size = dtype_size(from);
+        for (std::size_t done = 0; done < count; done += block) {
+            const std::size_t n = std::min(block, count - done);
+            convert_to_f32(from, src + done * size, buffer, n);
+            for (std::size_t i = 0; i < n; ++i) dst[done + i] = buffer[i];
         }
         return;
+    }
     }
 }
 

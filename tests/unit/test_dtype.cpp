@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <bit>
 #include <cmath>
+#include <cfenv>
 #include <cstring>
 #include <limits>
 #include <random>
@@ -306,6 +307,42 @@ TEST_CASE("integers round to nearest even, saturate, and map NaN to 0", "[dtype]
     double as_double = 0;
     convert_to_f64(DType::I64, reinterpret_cast<const std::byte*>(&big), &as_double, 1);
     CHECK(as_double == 9007199254740992.0);  // rounds to nearest even in f64
+}
+
+TEST_CASE("narrow conversions ignore the floating-point rounding mode", "[dtype]") {
+    // Regression: subnormal and integer rounding once went through std::nearbyint, whose
+    // result follows fesetround(); a host program that changes the mode must not change
+    // what lorakit writes.
+    const std::vector<float> inputs{0x1.8p-24f, 0x1.4p-24f, 0x1.cp-24f, 0x1.8p-10f, 0x1.4p-17f, -0x1.8p-15f,
+                                    2.5f, 3.5f, -2.5f, 0.5f, 1.5f, -0.5f, 254.5f};
+    const std::vector<DType> types{DType::F16, DType::BF16, DType::F8_E4M3, DType::F8_E5M2,
+                                   DType::I32, DType::I8, DType::U8, DType::I64};
+    auto encode_all = [&] {
+        std::vector<std::byte> bytes;
+        for (DType type : types) {
+            std::vector<std::byte> out(dtype_size(type) * inputs.size());
+            convert_from_f32(type, inputs.data(), out.data(), inputs.size());
+            bytes.insert(bytes.end(), out.begin(), out.end());
+        }
+        return bytes;
+    };
+    const auto nearest = encode_all();
+    for (int mode : {FE_UPWARD, FE_DOWNWARD, FE_TOWARDZERO}) {
+        INFO("rounding mode " << mode);
+        REQUIRE(std::fesetround(mode) == 0);
+        const auto other = encode_all();
+        std::fesetround(FE_TONEAREST);
+        CHECK(other == nearest);
+    }
+    // And the nearest-even answers themselves, for the integer path.
+    std::int32_t ints[3];
+    const float halves[3] = {2.5f, 3.5f, -2.5f};
+    std::fesetround(FE_UPWARD);
+    convert_from_f32(DType::I32, halves, reinterpret_cast<std::byte*>(ints), 3);
+    std::fesetround(FE_TONEAREST);
+    CHECK(ints[0] == 2);
+    CHECK(ints[1] == 4);
+    CHECK(ints[2] == -2);
 }
 
 TEST_CASE("f32 and f64 convert as IEEE casts", "[dtype]") {
