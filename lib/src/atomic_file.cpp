@@ -10,7 +10,9 @@
 #include <atomic>
 #include <cstdlib>
 #include <cerrno>
+#include <cstdio>
 #include <cstring>
+#include <optional>
 #include <mutex>
 #include <random>
 
@@ -125,6 +127,34 @@ void check_output_path(const fs::path& target, bool overwrite) {
              quote(dir.string()));
 }
 
+namespace {
+
+bool proc_fd_usable() noexcept {
+    static const bool usable = ::access("/proc/self/fd", X_OK) == 0;
+    return usable;
+}
+
+// The umask, read from /proc/self/status: umask() can only be read by setting it, which
+// would change file modes under any other thread creating a file at that moment. Without
+// /proc (then O_TMPFILE is not used either) nothing is returned.
+std::optional<mode_t> process_umask() noexcept {
+    std::FILE* status = std::fopen("/proc/self/status", "re");
+    if (!status) return std::nullopt;
+    char line[256];
+    std::optional<mode_t> mask;
+    while (std::fgets(line, sizeof line, status)) {
+        unsigned value = 0;
+        if (std::sscanf(line, "Umask: %o", &value) == 1) {
+            mask = static_cast<mode_t>(value);
+            break;
+        }
+    }
+    std::fclose(status);
+    return mask;
+}
+
+}  // namespace
+
 AtomicFile::AtomicFile(fs::path target, bool overwrite) : target_(std::move(target)), overwrite_(overwrite) {
     if (target_ == "-") {
         to_stdout_ = true;
@@ -136,15 +166,13 @@ AtomicFile::AtomicFile(fs::path target, bool overwrite) : target_(std::move(targ
     const fs::path dir = directory_of(target_);
     // LORAKIT_ATOMIC_NAMED_TEMP=1 forces the fallback path (for tests of it).
     const char* force_named = std::getenv("LORAKIT_ATOMIC_NAMED_TEMP");
-    if (!force_named || std::string_view(force_named) != "1")
+    // An anonymous file is published by linking /proc/self/fd/N, so it needs /proc.
+    if ((!force_named || std::string_view(force_named) != "1") && proc_fd_usable())
         fd_ = ::open(dir.c_str(), O_TMPFILE | O_WRONLY | O_CLOEXEC, 0666);
     if (fd_ >= 0) {
         anonymous_ = true;
-        // O_TMPFILE ignores the umask for the mode given at link time on some kernels;
-        // apply the usual default explicitly.
-        const mode_t mask = ::umask(0);
-        ::umask(mask);
-        ::fchmod(fd_, 0666 & ~mask);
+        // Some kernels skip the umask for O_TMPFILE (with default ACLs); apply it explicitly.
+        if (const auto mask = process_umask()) ::fchmod(fd_, 0666 & ~*mask);
     } else {
         for (int attempt = 0; attempt < 100 && fd_ < 0; ++attempt) {
             temp_path_ = hidden_temp_name(dir, target_);

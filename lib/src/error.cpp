@@ -50,8 +50,11 @@ std::string quote(std::string_view text) {
     out.reserve(text.size() + 2);
     out += '\'';
     for (char c : text) {
-        // Keep messages on one line whatever the file name holds.
+        // Keep messages on one line, and keep a hostile name from sending terminal escape
+        // sequences: whitespace controls become a space, every other control byte \xNN.
+        const auto byte = static_cast<unsigned char>(c);
         if (c == '\n' || c == '\r' || c == '\t') out += ' ';
+        else if (byte < 0x20 || byte == 0x7f) out += fmt::format("\\x{:02x}", byte);
         else out += c;
     }
     out += '\'';

@@ -42,6 +42,9 @@ TEST_CASE("every error code maps to its documented exit code", "[core][error]") 
 
 TEST_CASE("quote keeps messages on one line", "[core][error]") {
     CHECK(quote("a\nb\tc") == "'a b c'");
+    // Regression: other control bytes (ESC starts terminal escape sequences) are shown, not sent.
+    CHECK(quote("x\x1b[2Jy\x7f") == "'x\\x1b[2Jy\\x7f'");
+    CHECK(quote("caf\xc3\xa9") == "'caf\xc3\xa9'");
 }
 
 TEST_CASE("natural order compares digit runs by value", "[core][names]") {
