@@ -79,8 +79,10 @@ inline void make_llama7b_peft(const std::filesystem::path& dir, std::int64_t ran
 }
 
 // A kohya SDXL LoRA with every module sd-scripts targets (network_dim = rank, alpha = rank / 2).
-inline void make_sdxl_kohya(const std::filesystem::path& path, std::int64_t rank = 32, DType type = DType::F16) {
+inline void make_sdxl_kohya(const std::filesystem::path& path, std::int64_t rank = 32, DType type = DType::F16,
+                            std::uint64_t seed = 42) {
     SyntheticAdapter a;
+    a.random = SplitMix64(seed);
     auto module = [&](const std::string& name, std::int64_t in, std::int64_t out) {
         a.pair(name + ".lora_down.weight", name + ".lora_up.weight", type, rank, in, out);
         const float alpha = static_cast<float>(rank) / 2;

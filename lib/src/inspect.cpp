@@ -37,26 +37,14 @@ std::int64_t count_nonfinite(const float* values, std::size_t count) {
     return bad;
 }
 
-// f32 values of a tensor: the mapped bytes themselves when they already are aligned f32,
-// otherwise a conversion into `buffer` (reused across modules).
-const float* f32_data(const Tensor& t, std::vector<float>& buffer) {
-    const auto bytes = t.bytes();
-    if (t.dtype() == DType::F32 && reinterpret_cast<std::uintptr_t>(bytes.data()) % alignof(float) == 0)
-        return reinterpret_cast<const float*>(bytes.data());
-    const auto count = static_cast<std::size_t>(t.element_count());
-    if (buffer.size() < count) buffer.resize(count);
-    convert_to_f32(t.dtype(), bytes.data(), buffer.data(), count);
-    return buffer.data();
-}
-
 struct ModuleScratch {
     linalg::Workspace workspace;
     std::vector<float> a, b;
 };
 
 void analyse_module(const LoraModule& m, ModuleReport& out, ModuleScratch& scratch, bool spectra) {
-    const float* a = f32_data(m.down, scratch.a);
-    const float* b = f32_data(m.up, scratch.b);
+    const float* a = m.down.view().f32_data(scratch.a);
+    const float* b = m.up.view().f32_data(scratch.b);
     const auto a_count = static_cast<std::size_t>(m.down.element_count());
     const auto b_count = static_cast<std::size_t>(m.up.element_count());
     out.nonfinite = count_nonfinite(a, a_count) + count_nonfinite(b, b_count);

@@ -29,6 +29,7 @@ void cblas_dsyrk(int layout, int uplo, int trans, int n, int k, double alpha, co
 void cblas_dgemm(int layout, int trans_a, int trans_b, int m, int n, int k, double alpha, const double* a, int lda,
                  const double* b, int ldb, double beta, double* c, int ldc);
 }
+#include <functional>
 
 namespace lorakit::linalg {
 
@@ -50,6 +51,8 @@ struct Workspace::Impl {
     std::vector<double> wide;   // a stacked factor widened to double (Gram route)
     std::vector<double> gram_b, gram_a, rb, ra;
     std::vector<lapack_int> piv;
+    // The eigen route of factored_svd: kept across calls so that their pages are touched once.
+    std::vector<double> bd, ad, gb, ga, z, gz, kgram, x, y, ud, vd, lambda, mu;
 };
 
 Workspace::Workspace() : impl_(new Impl) {}
@@ -263,7 +266,7 @@ std::vector<double> factored_singular_values_householder(std::span<const LowRank
     return std::vector<double>(w.s.begin(), w.s.begin() + m);
 }
 
-FactoredSvd factored_svd(std::span<const LowRankTerm> terms, std::int64_t keep, Workspace& workspace) {
+FactoredSvd factored_svd_householder(std::span<const LowRankTerm> terms, std::int64_t keep, Workspace& workspace) {
     auto& w = workspace.impl();
     const Stacked s = stack_terms(terms, w);
     const Triangles t = factorise(s, w);
@@ -313,6 +316,119 @@ FactoredSvd factored_svd(std::span<const LowRankTerm> terms, std::int64_t keep, 
     cblas_sgemm(cblas_col_major, cblas_trans, cblas_trans, k, in, t.ka, 1.0f, vc, t.ka, w.a.data(), in, 0.0f,
                 result.v.data(), k);
     return result;
+}
+
+namespace {
+
+// Eigenvectors (columns of `vectors`, n x n column-major) and eigenvalues, descending, of the
+// symmetric matrix in `vectors` (upper triangle used).
+void symmetric_eigen(std::vector<double>& vectors, lapack_int n, std::vector<double>& values) {
+    values.resize(static_cast<std::size_t>(n));
+    check_lapack(LAPACKE_dsyevd(LAPACK_COL_MAJOR, 'V', 'U', n, vectors.data(), n, values.data()), "dsyevd");
+    // dsyevd sorts ascending; reverse columns and values.
+    std::reverse(values.begin(), values.end());
+    for (lapack_int j = 0; j < n / 2; ++j)
+        std::swap_ranges(vectors.begin() + static_cast<std::ptrdiff_t>(j) * n, vectors.begin() + static_cast<std::ptrdiff_t>(j + 1) * n,
+                         vectors.begin() + static_cast<std::ptrdiff_t>(n - 1 - j) * n);
+}
+
+}  // namespace
+
+FactoredSvd factored_svd(std::span<const LowRankTerm> terms, const std::function<std::int64_t(const std::vector<double>&)>& keep,
+                         Workspace& workspace) {
+    // B = Q_b Λ^½ Wᵀ from the eigendecomposition BᵀB = W Λ Wᵀ; then M = Q_b K with
+    // K = Λ^½ Wᵀ A, whose Gram K Kᵀ = Λ^½ Wᵀ (A Aᵀ) W Λ^½ = U_K Σ² U_Kᵀ gives the spectrum.
+    // U = B · W Λ^-½ U_K and V = Aᵀ · W Λ^½ U_K Σ^-1. Everything but two thin products is
+    // R x R; all of it runs in double, so the f32 inputs' rounding dominates the error.
+    auto& w = workspace.impl();
+    const Stacked s = stack_terms(terms, w);
+    const lapack_int R = to_lapack(s.total_rank, "total rank");
+    const lapack_int out = to_lapack(s.out, "output size"), in = to_lapack(s.in, "input size");
+    const auto rr = static_cast<std::size_t>(R) * R;
+    double* bd = sized(w.bd, static_cast<std::size_t>(out) * R);
+    double* ad = sized(w.ad, static_cast<std::size_t>(in) * R);
+    for (std::size_t i = 0, n = static_cast<std::size_t>(out) * R; i < n; ++i) bd[i] = w.b[i];
+    for (std::size_t i = 0, n = static_cast<std::size_t>(in) * R; i < n; ++i) ad[i] = w.a[i];
+    double* gb = sized(w.gb, rr);
+    double* ga = sized(w.ga, rr);
+    // bd is R x out column-major (= stacked B row-major): G_b = bd·bdᵀ. ad is in x R: G_a = adᵀ·ad.
+    cblas_dsyrk(cblas_col_major, cblas_upper, cblas_no_trans, R, out, 1.0, bd, R, 0.0, gb, R);
+    cblas_dsyrk(cblas_col_major, cblas_upper, cblas_trans, R, in, 1.0, ad, in, 0.0, ga, R);
+    for (std::size_t i = 0; i < rr; ++i)
+        if (!std::isfinite(gb[i]) || !std::isfinite(ga[i])) fail(ErrorCode::bad_input, "the factors hold NaN or infinite values");
+    for (lapack_int j = 0; j < R; ++j)
+        for (lapack_int i = j + 1; i < R; ++i) ga[i + static_cast<std::size_t>(j) * R] = ga[j + static_cast<std::size_t>(i) * R];
+    std::vector<double>& lambda = w.lambda;
+    symmetric_eigen(w.gb, R, lambda);  // gb now holds W
+    gb = w.gb.data();
+    const double floor = std::max(lambda.front(), 0.0) * 1e-13;
+    lapack_int t = 0;
+    while (t < R && lambda[t] > floor && lambda[t] > 0) ++t;
+
+    FactoredSvd result;
+    result.out = s.out;
+    result.in = s.in;
+    const auto expected = static_cast<std::size_t>(std::min({s.out, s.in, s.total_rank}));
+    result.singular_values.assign(expected, 0.0);
+    if (t > 0) {
+        // Z = W_t Λ_t^½ (R x t); K Kᵀ = Zᵀ G_a Z.
+        double* z = sized(w.z, static_cast<std::size_t>(R) * t);
+        double* gz = sized(w.gz, static_cast<std::size_t>(R) * t);
+        for (lapack_int j = 0; j < t; ++j)
+            for (lapack_int i = 0; i < R; ++i) z[i + static_cast<std::size_t>(j) * R] = gb[i + static_cast<std::size_t>(j) * R] * std::sqrt(lambda[j]);
+        cblas_dgemm(cblas_col_major, cblas_no_trans, cblas_no_trans, R, t, R, 1.0, ga, R, z, R, 0.0, gz, R);
+        w.kgram.resize(static_cast<std::size_t>(t) * t);
+        cblas_dgemm(cblas_col_major, cblas_trans, cblas_no_trans, t, t, R, 1.0, z, R, gz, R, 0.0, w.kgram.data(), t);
+        symmetric_eigen(w.kgram, t, w.mu);  // kgram now holds U_K
+        for (lapack_int j = 0; j < t && static_cast<std::size_t>(j) < expected; ++j)
+            result.singular_values[j] = std::sqrt(std::max(w.mu[j], 0.0));
+    }
+    const std::int64_t wanted = keep(result.singular_values);
+    const lapack_int k = static_cast<lapack_int>(std::clamp<std::int64_t>(wanted, 0, static_cast<std::int64_t>(expected)));
+    result.kept = k;
+    result.u.assign(static_cast<std::size_t>(out) * k, 0.0f);
+    result.v.assign(static_cast<std::size_t>(in) * k, 0.0f);
+    const double sigma_floor = result.singular_values.empty() ? 0.0 : result.singular_values.front() * 1e-7;
+    const lapack_int usable = std::min<lapack_int>(k, t);
+    if (usable > 0) {
+        // X = W_t Λ^-½ U_K[:, :k] and Y = W_t Λ^½ U_K[:, :k] Σ^-1 (R x k, column-major).
+        double* x = sized(w.x, static_cast<std::size_t>(R) * k);
+        double* y = sized(w.y, static_cast<std::size_t>(R) * k);
+        std::fill(x, x + static_cast<std::size_t>(R) * k, 0.0);
+        std::fill(y, y + static_cast<std::size_t>(R) * k, 0.0);
+        const double* uk = w.kgram.data();
+        for (lapack_int j = 0; j < usable; ++j) {
+            const double sigma = result.singular_values[j];
+            if (sigma <= sigma_floor) continue;  // numerically zero: leave the direction empty
+            for (lapack_int c = 0; c < t; ++c) {
+                const double coefficient = uk[c + static_cast<std::size_t>(j) * t];
+                const double root = std::sqrt(lambda[c]);
+                const double to_x = coefficient / root, to_y = coefficient * root / sigma;
+                const double* wc = gb + static_cast<std::size_t>(c) * R;
+                for (lapack_int i = 0; i < R; ++i) {
+                    x[i + static_cast<std::size_t>(j) * R] += wc[i] * to_x;
+                    y[i + static_cast<std::size_t>(j) * R] += wc[i] * to_y;
+                }
+            }
+        }
+        // U (out x k, row-major = column-major k x out) = Xᵀ · bd; V (in x k) = Yᵀ · adᵀ.
+        double* u = sized(w.ud, static_cast<std::size_t>(out) * k);
+        double* v = sized(w.vd, static_cast<std::size_t>(in) * k);
+        cblas_dgemm(cblas_col_major, cblas_trans, cblas_no_trans, k, out, R, 1.0, x, R, bd, R, 0.0, u, k);
+        cblas_dgemm(cblas_col_major, cblas_trans, cblas_trans, k, in, R, 1.0, y, R, ad, in, 0.0, v, k);
+        for (std::size_t i = 0; i < result.u.size(); ++i) result.u[i] = static_cast<float>(u[i]);
+        for (std::size_t i = 0; i < result.v.size(); ++i) result.v[i] = static_cast<float>(v[i]);
+    }
+    return result;
+}
+
+FactoredSvd factored_svd(std::span<const LowRankTerm> terms, std::int64_t keep, Workspace& workspace) {
+    return factored_svd(
+        terms, [keep](const std::vector<double>& values) {
+            const auto all = static_cast<std::int64_t>(values.size());
+            return keep <= 0 ? all : std::min(keep, all);
+        },
+        workspace);
 }
 
 std::vector<double> dense_singular_values(const float* matrix, std::int64_t rows, std::int64_t cols) {

@@ -14,14 +14,6 @@ namespace lorakit {
 
 namespace {
 
-std::vector<float> as_f32(const Tensor& t) { return t.to_f32(); }
-
-bool has_nonfinite(const std::vector<float>& v) {
-    for (float x : v)
-        if (!std::isfinite(x)) return true;
-    return false;
-}
-
 // The alpha that keeps `scale` at the new rank under the module's scale rule.
 std::optional<double> alpha_for(const LoraModule& m, std::int64_t k) {
     if (!m.alpha) return std::nullopt;  // "no alpha" means scale 1 at any rank
@@ -35,36 +27,63 @@ std::optional<double> alpha_for(const LoraModule& m, std::int64_t k) {
 
 }  // namespace
 
+namespace {
+
+// New factors of rank k from the kept triplets of an SVD of B·A (zero directions past `kept`).
+LoraModule module_from_svd(const LoraModule& m, const linalg::FactoredSvd& svd, std::int64_t k, FactorSplit split,
+                           std::optional<DType> dtype) {
+    const std::int64_t out = m.out_features(), in = m.flat_in_features(), kept = svd.kept;
+    std::vector<float> down(static_cast<std::size_t>(k * in), 0.0f), up(static_cast<std::size_t>(out * k), 0.0f);
+    for (std::int64_t j = 0; j < std::min(k, kept); ++j) {
+        const double s = svd.singular_values[static_cast<std::size_t>(j)];
+        const auto up_scale = static_cast<float>(split == FactorSplit::up ? s : std::sqrt(s));
+        const auto down_scale = static_cast<float>(split == FactorSplit::up ? 1.0 : std::sqrt(s));
+        for (std::int64_t o = 0; o < out; ++o)
+            up[static_cast<std::size_t>(o * k + j)] = svd.u[static_cast<std::size_t>(o * kept + j)] * up_scale;
+        for (std::int64_t i = 0; i < in; ++i)
+            down[static_cast<std::size_t>(j * in + i)] = svd.v[static_cast<std::size_t>(i * kept + j)] * down_scale;
+    }
+    LoraModule result = m;
+    Shape down_shape = m.down.shape();
+    down_shape[0] = k;
+    Shape up_shape = m.up.shape();
+    up_shape[1] = k;
+    result.down = Tensor::from_f32(dtype.value_or(m.down.dtype()), down_shape, down);
+    result.up = Tensor::from_f32(dtype.value_or(m.up.dtype()), up_shape, up);
+    result.alpha = alpha_for(m, k);
+    return result;
+}
+
+// The factors as f32, reading mapped f32 data in place; NaN/Inf refused.
+struct FactorsF32 {
+    const float* a = nullptr;
+    const float* b = nullptr;
+};
+
+FactorsF32 checked_factors(const LoraModule& m, std::vector<float>& scratch_a, std::vector<float>& scratch_b) {
+    FactorsF32 f{m.down.view().f32_data(scratch_a), m.up.view().f32_data(scratch_b)};
+    const auto bad = [](const float* p, std::int64_t n) {
+        for (std::int64_t i = 0; i < n; ++i)
+            if (!std::isfinite(p[i])) return true;
+        return false;
+    };
+    if (bad(f.a, m.down.element_count()) || bad(f.b, m.up.element_count()))
+        fail(ErrorCode::bad_input, "the factors hold NaN or infinite values");
+    return f;
+}
+
+}  // namespace
+
 LoraModule refactor_module(const LoraModule& m, std::int64_t k, FactorSplit split, std::optional<DType> dtype,
                            std::vector<double>* singular_values) {
     return with_context(fmt::format("module {}", quote(m.name)), [&] {
-        const std::vector<float> a = as_f32(m.down), b = as_f32(m.up);
-        if (has_nonfinite(a) || has_nonfinite(b)) fail(ErrorCode::bad_input, "the factors hold NaN or infinite values");
-        const std::int64_t out = m.out_features(), in = m.flat_in_features(), r = m.rank();
+        std::vector<float> scratch_a, scratch_b;
+        const FactorsF32 f = checked_factors(m, scratch_a, scratch_b);
         thread_local linalg::Workspace workspace;
-        const linalg::LowRankTerm term{b.data(), a.data(), out, r, in, 1.0};
-        const linalg::FactoredSvd svd = linalg::factored_svd({&term, 1}, 0, workspace);
+        const linalg::LowRankTerm term{f.b, f.a, m.out_features(), m.rank(), m.flat_in_features(), 1.0};
+        const linalg::FactoredSvd svd = linalg::factored_svd({&term, 1}, k, workspace);
         if (singular_values) *singular_values = svd.singular_values;
-        const std::int64_t kept = svd.kept;
-        std::vector<float> down(static_cast<std::size_t>(k * in), 0.0f), up(static_cast<std::size_t>(out * k), 0.0f);
-        for (std::int64_t j = 0; j < std::min(k, kept); ++j) {
-            const double s = svd.singular_values[static_cast<std::size_t>(j)];
-            const float up_scale = static_cast<float>(split == FactorSplit::up ? s : std::sqrt(s));
-            const float down_scale = static_cast<float>(split == FactorSplit::up ? 1.0 : std::sqrt(s));
-            for (std::int64_t o = 0; o < out; ++o)
-                up[static_cast<std::size_t>(o * k + j)] = svd.u[static_cast<std::size_t>(o * kept + j)] * up_scale;
-            for (std::int64_t i = 0; i < in; ++i)
-                down[static_cast<std::size_t>(j * in + i)] = svd.v[static_cast<std::size_t>(i * kept + j)] * down_scale;
-        }
-        LoraModule result = m;
-        Shape down_shape = m.down.shape();
-        down_shape[0] = k;
-        Shape up_shape = m.up.shape();
-        up_shape[1] = k;
-        result.down = Tensor::from_f32(dtype.value_or(m.down.dtype()), down_shape, down);
-        result.up = Tensor::from_f32(dtype.value_or(m.up.dtype()), up_shape, up);
-        result.alpha = alpha_for(m, k);
-        return result;
+        return module_from_svd(m, svd, k, split, dtype);
     });
 }
 
@@ -92,25 +111,31 @@ ResizeResult resize_adapter(const Adapter& input, const ResizeOptions& options, 
                 ModuleResize& report = result.modules[i];
                 report.name = m.name;
                 report.old_rank = m.rank();
-                std::vector<double> spectrum;
-                // First the spectrum alone (cheap), then vectors only when the rank changes.
-                const std::vector<float> a = m.down.to_f32(), b = m.up.to_f32();
-                if (has_nonfinite(a) || has_nonfinite(b))
-                    fail(ErrorCode::bad_input, "module {}: the factors hold NaN or infinite values", quote(m.name));
-                thread_local linalg::Workspace workspace;
-                const linalg::LowRankTerm term{b.data(), a.data(), m.out_features(), m.rank(), m.flat_in_features(), 1.0};
-                spectrum = linalg::factored_singular_values({&term, 1}, workspace);
-                const std::int64_t full = std::min(m.out_features(), m.flat_in_features());
-                report.choice = choose_rank(spectrum, full, m.rank(), m.kind == ModuleKind::conv, options.rank);
-                if (!compat && report.choice.rank >= m.rank()) {
-                    report.unchanged = true;
-                    if (options.dtype) {
-                        result.adapter.modules[i].down = m.down.converted(*options.dtype);
-                        result.adapter.modules[i].up = m.up.converted(*options.dtype);
+                with_context(fmt::format("module {}", quote(m.name)), [&] {
+                    thread_local std::vector<float> scratch_a, scratch_b;
+                    const FactorsF32 f = checked_factors(m, scratch_a, scratch_b);
+                    thread_local linalg::Workspace workspace;
+                    const linalg::LowRankTerm term{f.b, f.a, m.out_features(), m.rank(),
+                                                   m.flat_in_features(), 1.0};
+                    const std::int64_t full = std::min(m.out_features(), m.flat_in_features());
+                    // One decomposition: the rule sees the spectrum, vectors are formed only for what it keeps.
+                    const linalg::FactoredSvd svd = linalg::factored_svd(
+                        {&term, 1},
+                        [&](const std::vector<double>& spectrum) -> std::int64_t {
+                            report.choice = choose_rank(spectrum, full, m.rank(), m.kind == ModuleKind::conv, options.rank);
+                            report.unchanged = !compat && report.choice.rank >= m.rank();
+                            return report.unchanged ? 0 : report.choice.rank;
+                        },
+                        workspace);
+                    if (report.unchanged) {
+                        if (options.dtype) {
+                            result.adapter.modules[i].down = m.down.converted(*options.dtype);
+                            result.adapter.modules[i].up = m.up.converted(*options.dtype);
+                        }
+                    } else {
+                        result.adapter.modules[i] = module_from_svd(m, svd, report.choice.rank, options.split, options.dtype);
                     }
-                } else {
-                    result.adapter.modules[i] = refactor_module(m, report.choice.rank, options.split, options.dtype);
-                }
+                });
             } catch (...) {
                 std::lock_guard lock(mutex);
                 if (!failure) failure = std::current_exception();

@@ -45,6 +45,15 @@ std::vector<float> TensorView::to_f32() const {
 
 void TensorView::to_f32(std::span<float> out) const { convert_to_f32(type_, bytes_, out); }
 
+const float* TensorView::f32_data(std::vector<float>& scratch) const {
+    if (type_ == DType::F32 && reinterpret_cast<std::uintptr_t>(bytes_.data()) % alignof(float) == 0)
+        return reinterpret_cast<const float*>(bytes_.data());
+    const auto count = static_cast<std::size_t>(element_count());
+    if (scratch.size() < count) scratch.resize(count);
+    convert_to_f32(type_, bytes_.data(), scratch.data(), count);
+    return scratch.data();
+}
+
 double TensorView::scalar_value() const {
     if (element_count() != 1)
         fail(ErrorCode::bad_input, "expected a single value, found a tensor of shape {}", format_shape(shape_));

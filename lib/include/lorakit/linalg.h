@@ -11,6 +11,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <span>
 #include <vector>
 
@@ -66,6 +67,13 @@ struct FactoredSvd {
     std::vector<float> v;                 // in x kept, row-major
 };
 FactoredSvd factored_svd(std::span<const LowRankTerm> terms, std::int64_t keep, Workspace& workspace);
+// The same with the number of kept triplets chosen from the spectrum by `keep` (a rank rule),
+// so that vectors are only formed for what is kept. The vectors come from the eigenvectors of
+// the two R x R Gram matrices in double (see linalg.cpp); values below 1e-7 σ_1 get zero vectors.
+FactoredSvd factored_svd(std::span<const LowRankTerm> terms,
+                         const std::function<std::int64_t(const std::vector<double>&)>& keep, Workspace& workspace);
+// Through Householder QRs in f32 (sgelqf/sgeqrf + sorglq/sorgqr): the cross-check in tests.
+FactoredSvd factored_svd_householder(std::span<const LowRankTerm> terms, std::int64_t keep, Workspace& workspace);
 
 // Truncated SVD of a dense row-major rows x cols f32 matrix, for deltas with no low-rank
 // structure (merges after TIES/DARE pruning, extraction from two checkpoints).

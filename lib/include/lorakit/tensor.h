@@ -44,6 +44,9 @@ public:
     std::vector<float> to_f32() const;
     // Writes the values as f32 into `out`, which must hold element_count() floats.
     void to_f32(std::span<float> out) const;
+    // The values as f32 without a copy when they already are aligned f32 (mapped files),
+    // otherwise converted into `scratch` (kept by the caller so its pages are reused).
+    const float* f32_data(std::vector<float>& scratch) const;
     // The single value of a one-element tensor, as f64. Throws bad_input otherwise.
     double scalar_value() const;
     // Number of NaN and infinite values (0 for integer types).

@@ -1,0 +1,76 @@
+// Timing helpers shared by the benchmarks: run a command (stdout to /dev/null), wall time and
+// the child's peak RSS, median of repeated runs after a warm-up.
+#pragma once
+
+#include <fcntl.h>
+#include <sys/resource.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <filesystem>
+#include <string>
+#include <vector>
+
+namespace lorakit::bench {
+
+struct Run {
+    double seconds = 0;
+    double peak_rss_mb = 0;
+    int status = 0;
+};
+
+inline Run run(const std::vector<std::string>& argv) {
+    const auto start = std::chrono::steady_clock::now();
+    const pid_t pid = ::fork();
+    if (pid == 0) {
+        const int null = ::open("/dev/null", O_WRONLY);
+        ::dup2(null, 1);
+        ::dup2(null, 2);
+        std::vector<char*> args;
+        for (const auto& a : argv) args.push_back(const_cast<char*>(a.c_str()));
+        args.push_back(nullptr);
+        ::execvp(args[0], args.data());
+        ::_exit(127);
+    }
+    int status = 0;
+    struct rusage usage {};
+    ::wait4(pid, &status, 0, &usage);
+    Run r;
+    r.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    r.peak_rss_mb = static_cast<double>(usage.ru_maxrss) / 1024.0;
+    r.status = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+    return r;
+}
+
+// Median of `repeats` runs after one warm-up; `before` runs ahead of each (e.g. removing outputs).
+template <typename Before>
+Run median_of(const std::vector<std::string>& argv, int repeats, Before before) {
+    before();
+    run(argv);
+    std::vector<Run> runs;
+    for (int i = 0; i < repeats; ++i) {
+        before();
+        runs.push_back(run(argv));
+    }
+    std::sort(runs.begin(), runs.end(), [](const Run& a, const Run& b) { return a.seconds < b.seconds; });
+    return runs[runs.size() / 2];
+}
+
+inline Run median_of(const std::vector<std::string>& argv, int repeats) {
+    return median_of(argv, repeats, [] {});
+}
+
+inline std::string tool(const char* self, const char* name) {
+    return (std::filesystem::path(self).parent_path() / name).string();
+}
+
+template <typename F>
+double seconds_of(F&& f) {
+    const auto start = std::chrono::steady_clock::now();
+    f();
+    return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+}
+
+}  // namespace lorakit::bench
