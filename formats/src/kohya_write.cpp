@@ -6,7 +6,6 @@
 #include <fmt/format.h>
 
 #include "lorakit/error.h"
-#include "lorakit/sha256.h"
 #include "writers.h"
 
 namespace lorakit::formats {
@@ -128,15 +127,8 @@ void write_kohya(const Adapter& a, const std::filesystem::path& target, const Wr
     // sd-scripts' hashes: the data-section hash is reproducible, the legacy one depends on the
     // header (and the reference writer's random metadata order), so it is dropped.
     metadata.erase("sshs_legacy_hash");
-    auto views = out.views();
-    sort_for_safetensors(views);
-    Sha256 hash;
-    for (const auto& t : views) hash.update(t.view.bytes());
-    std::string hex;
-    for (auto b : hash.finish()) hex += fmt::format("{:02x}", b);
-    metadata["sshs_model_hash"] = hex;
     if (!same) notes.push_back("wrote kohya names (lora_unet_, lora_te*_) from the module paths");
-    write_tensor_file(target, out, metadata, options.overwrite);
+    write_tensor_file(target, out, metadata, options.overwrite, "sshs_model_hash");
 }
 
 }  // namespace lorakit::formats

@@ -2,6 +2,7 @@
 // so that files are byte-identical run to run and kohya's data-section hash is reproducible.
 #include <algorithm>
 #include <cstring>
+#include <future>
 #include <set>
 
 #include <fmt/format.h>
@@ -112,11 +113,53 @@ void write_safetensors(AtomicFile& out, std::vector<TensorToWrite> tensors,
     for (const auto& t : tensors) out.write(t.view.bytes());
 }
 
+void write_safetensors(AtomicFile& out, std::vector<TensorToWrite> tensors, std::map<std::string, std::string> metadata,
+                       const std::string& data_hash_key) {
+    if (data_hash_key.empty()) {
+        write_safetensors(out, std::move(tensors), metadata);
+        return;
+    }
+    sort_for_safetensors(tensors);
+    auto hash_data = [&tensors] {
+        Sha256 hash;
+        for (const auto& t : tensors) hash.update(t.view.bytes());
+        std::string hex;
+        for (auto b : hash.finish()) hex += fmt::format("{:02x}", b);
+        return hex;
+    };
+    if (!out.patchable()) {  // standard output: hash first, then write
+        metadata[data_hash_key] = hash_data();
+        write_safetensors(out, std::move(tensors), metadata);
+        return;
+    }
+    // The hash has a fixed length, so the header can be written with a placeholder and the
+    // digest patched in once the data is out; the hashing runs beside the writing.
+    const std::string placeholder(64, '0');
+    metadata[data_hash_key] = placeholder;
+    const std::vector<std::byte> header = serialize_safetensors_header(tensors, metadata);
+    const std::string needle = nlohmann::json(data_hash_key).dump() + ":\"" + placeholder + "\"";
+    const std::string_view text(reinterpret_cast<const char*>(header.data()), header.size());
+    const std::size_t at = text.find(needle);
+    if (at == std::string_view::npos) fail(ErrorCode::internal, "hash placeholder not found in the header");
+    const std::size_t digest_at = at + needle.size() - 1 - placeholder.size();
+    std::future<std::string> digest = std::async(std::launch::async, hash_data);
+    try {
+        out.write(header);
+        for (const auto& t : tensors) out.write(t.view.bytes());
+    } catch (...) {
+        digest.wait();
+        throw;
+    }
+    const std::string hex = digest.get();
+    out.patch(digest_at, std::as_bytes(std::span(hex.data(), hex.size())));
+}
+
 void write_safetensors(const std::filesystem::path& target, std::vector<TensorToWrite> tensors,
-                       const std::map<std::string, std::string>& metadata, bool overwrite) {
+                       const std::map<std::string, std::string>& metadata, bool overwrite,
+                       const std::string& data_hash_key) {
     with_context(quote(target.string()), [&] {
         AtomicFile out(target, overwrite);
-        write_safetensors(out, std::move(tensors), metadata);
+        write_safetensors(out, std::move(tensors), metadata, data_hash_key);
         out.commit();
     });
 }

@@ -79,8 +79,9 @@ void refuse_other_tensors(const Adapter& adapter, std::string_view convention) {
 }
 
 void write_tensor_file(const std::filesystem::path& path, const OutputTensors& tensors,
-                       const std::map<std::string, std::string>& metadata, bool overwrite) {
-    write_safetensors(path, tensors.views(), metadata, overwrite);
+                       const std::map<std::string, std::string>& metadata, bool overwrite,
+                       const std::string& data_hash_key) {
+    write_safetensors(path, tensors.views(), metadata, overwrite, data_hash_key);
 }
 
 }  // namespace lorakit::formats

@@ -52,9 +52,11 @@ void refuse_lycoris(const Adapter& adapter, std::string_view convention);
 void refuse_bias(const Adapter& adapter, std::string_view convention);
 void refuse_other_tensors(const Adapter& adapter, std::string_view convention);
 
-// Writes a safetensors file atomically.
+// Writes a safetensors file atomically; a non-empty `data_hash_key` gets the SHA-256 of the
+// data section into that metadata key (kohya's sshs_model_hash).
 void write_tensor_file(const std::filesystem::path& path, const OutputTensors& tensors,
-                       const std::map<std::string, std::string>& metadata, bool overwrite);
+                       const std::map<std::string, std::string>& metadata, bool overwrite,
+                       const std::string& data_hash_key = {});
 
 // The most common value and the exceptions to it, in natural module order.
 template <typename T>

@@ -202,17 +202,34 @@ void AtomicFile::discard() noexcept {
     }
 }
 
-void AtomicFile::flush_buffer() {
-    std::size_t done = 0;
-    while (done < buffered_) {
-        const ssize_t n = ::write(fd_, buffer_.data() + done, buffered_ - done);
+void AtomicFile::raw_write(const std::byte* data, std::size_t size) {
+    while (size > 0) {
+        const ssize_t n = ::write(fd_, data, size);
         if (n < 0) {
             if (errno == EINTR) continue;
             fail_io("write", to_stdout_ ? fs::path("<stdout>") : target_, errno);
         }
-        done += static_cast<std::size_t>(n);
+        data += n;
+        size -= static_cast<std::size_t>(n);
+        flushed_ += static_cast<std::uint64_t>(n);
     }
+    start_writeback();
+}
+
+// Large outputs: start the disk writeback of every 64 MiB as it is written, so that the
+// fsync in commit() waits for the tail only instead of the whole file.
+void AtomicFile::start_writeback() noexcept {
+    constexpr std::uint64_t chunk = 64u << 20;
+    if (to_stdout_ || flushed_ - writeback_from_ < chunk) return;
+    ::sync_file_range(fd_, static_cast<off_t>(writeback_from_), static_cast<off_t>(flushed_ - writeback_from_),
+                      SYNC_FILE_RANGE_WRITE);
+    writeback_from_ = flushed_;
+}
+
+void AtomicFile::flush_buffer() {
+    const std::size_t n = buffered_;
     buffered_ = 0;
+    raw_write(buffer_.data(), n);
 }
 
 void AtomicFile::write(std::span<const std::byte> bytes) {
@@ -221,19 +238,29 @@ void AtomicFile::write(std::span<const std::byte> bytes) {
     while (!bytes.empty()) {
         if (buffered_ == 0 && bytes.size() >= buffer_.size()) {
             // Large blocks go straight out; copying them through the buffer gains nothing.
-            const ssize_t n = ::write(fd_, bytes.data(), bytes.size());
-            if (n < 0) {
-                if (errno == EINTR) continue;
-                fail_io("write", to_stdout_ ? fs::path("<stdout>") : target_, errno);
-            }
-            bytes = bytes.subspan(static_cast<std::size_t>(n));
-            continue;
+            raw_write(bytes.data(), bytes.size());
+            return;
         }
         const std::size_t n = std::min(bytes.size(), buffer_.size() - buffered_);
         std::memcpy(buffer_.data() + buffered_, bytes.data(), n);
         buffered_ += n;
         bytes = bytes.subspan(n);
         if (buffered_ == buffer_.size()) flush_buffer();
+    }
+}
+
+void AtomicFile::patch(std::uint64_t offset, std::span<const std::byte> bytes) {
+    if (committed_ || fd_ < 0 || to_stdout_ || offset > written_ || bytes.size() > written_ - offset)
+        fail(ErrorCode::internal, "bad patch of {} bytes at {} in {}", bytes.size(), offset, quote(target_.string()));
+    flush_buffer();
+    while (!bytes.empty()) {
+        const ssize_t n = ::pwrite(fd_, bytes.data(), bytes.size(), static_cast<off_t>(offset));
+        if (n < 0) {
+            if (errno == EINTR) continue;
+            fail_io("write", target_, errno);
+        }
+        bytes = bytes.subspan(static_cast<std::size_t>(n));
+        offset += static_cast<std::uint64_t>(n);
     }
 }
 

@@ -52,7 +52,7 @@ struct Workspace::Impl {
     std::vector<double> gram_b, gram_a, rb, ra;
     std::vector<lapack_int> piv;
     // The eigen route of factored_svd: kept across calls so that their pages are touched once.
-    std::vector<double> bd, ad, gb, ga, z, gz, kgram, x, y, ud, vd, lambda, mu;
+    std::vector<double> bd, ad, gb, ga, z, gz, kgram, x, y, lambda, mu;
 };
 
 Workspace::Workspace() : impl_(new Impl) {}
@@ -392,32 +392,38 @@ FactoredSvd factored_svd(std::span<const LowRankTerm> terms, const std::function
     const lapack_int usable = std::min<lapack_int>(k, t);
     if (usable > 0) {
         // X = W_t Λ^-½ U_K[:, :k] and Y = W_t Λ^½ U_K[:, :k] Σ^-1 (R x k, column-major).
-        double* x = sized(w.x, static_cast<std::size_t>(R) * k);
-        double* y = sized(w.y, static_cast<std::size_t>(R) * k);
-        std::fill(x, x + static_cast<std::size_t>(R) * k, 0.0);
-        std::fill(y, y + static_cast<std::size_t>(R) * k, 0.0);
+        // Scaled copies of U_K's first k columns (t x k each, zero for numerically zero σ),
+        // then X = W_t · that and Y likewise, as two small dgemms.
+        double* cx = sized(w.z, 2 * static_cast<std::size_t>(t) * k);
+        double* cy = cx + static_cast<std::size_t>(t) * k;
         const double* uk = w.kgram.data();
-        for (lapack_int j = 0; j < usable; ++j) {
-            const double sigma = result.singular_values[j];
-            if (sigma <= sigma_floor) continue;  // numerically zero: leave the direction empty
+        for (lapack_int j = 0; j < k; ++j) {
+            const double sigma = j < usable ? result.singular_values[j] : 0.0;
+            const bool live = j < usable && sigma > sigma_floor;  // else leave the direction empty
             for (lapack_int c = 0; c < t; ++c) {
-                const double coefficient = uk[c + static_cast<std::size_t>(j) * t];
+                const double coefficient = live ? uk[c + static_cast<std::size_t>(j) * t] : 0.0;
                 const double root = std::sqrt(lambda[c]);
-                const double to_x = coefficient / root, to_y = coefficient * root / sigma;
-                const double* wc = gb + static_cast<std::size_t>(c) * R;
-                for (lapack_int i = 0; i < R; ++i) {
-                    x[i + static_cast<std::size_t>(j) * R] += wc[i] * to_x;
-                    y[i + static_cast<std::size_t>(j) * R] += wc[i] * to_y;
-                }
+                cx[c + static_cast<std::size_t>(j) * t] = live ? coefficient / root : 0.0;
+                cy[c + static_cast<std::size_t>(j) * t] = live ? coefficient * root / sigma : 0.0;
             }
         }
-        // U (out x k, row-major = column-major k x out) = Xᵀ · bd; V (in x k) = Yᵀ · adᵀ.
-        double* u = sized(w.ud, static_cast<std::size_t>(out) * k);
-        double* v = sized(w.vd, static_cast<std::size_t>(in) * k);
-        cblas_dgemm(cblas_col_major, cblas_trans, cblas_no_trans, k, out, R, 1.0, x, R, bd, R, 0.0, u, k);
-        cblas_dgemm(cblas_col_major, cblas_trans, cblas_trans, k, in, R, 1.0, y, R, ad, in, 0.0, v, k);
-        for (std::size_t i = 0; i < result.u.size(); ++i) result.u[i] = static_cast<float>(u[i]);
-        for (std::size_t i = 0; i < result.v.size(); ++i) result.v[i] = static_cast<float>(v[i]);
+        double* x = sized(w.x, static_cast<std::size_t>(R) * k);
+        double* y = sized(w.y, static_cast<std::size_t>(R) * k);
+        cblas_dgemm(cblas_col_major, cblas_no_trans, cblas_no_trans, R, k, t, 1.0, gb, R, cx, t, 0.0, x, R);
+        cblas_dgemm(cblas_col_major, cblas_no_trans, cblas_no_trans, R, k, t, 1.0, gb, R, cy, t, 0.0, y, R);
+        // U (out x k, row-major = column-major k x out) = Xᵀ · B; V (in x k) = Yᵀ · Aᵀ. These
+        // two thin products are half the work; they run in f32 on the f32 stacks (the result
+        // is f32 anyway, and the R x k coefficients carry the double-precision accuracy).
+        float* xf = sized(w.small, 2 * static_cast<std::size_t>(R) * k);
+        float* yf = xf + static_cast<std::size_t>(R) * k;
+        for (std::size_t i = 0, n = static_cast<std::size_t>(R) * k; i < n; ++i) {
+            xf[i] = static_cast<float>(x[i]);
+            yf[i] = static_cast<float>(y[i]);
+        }
+        cblas_sgemm(cblas_col_major, cblas_trans, cblas_no_trans, k, out, R, 1.0f, xf, R, w.b.data(), R, 0.0f,
+                    result.u.data(), k);
+        cblas_sgemm(cblas_col_major, cblas_trans, cblas_trans, k, in, R, 1.0f, yf, R, w.a.data(), in, 0.0f,
+                    result.v.data(), k);
     }
     return result;
 }
@@ -429,6 +435,35 @@ FactoredSvd factored_svd(std::span<const LowRankTerm> terms, std::int64_t keep, 
             return keep <= 0 ? all : std::min(keep, all);
         },
         workspace);
+}
+
+void split_factors(const std::vector<float>& u, const std::vector<double>& singular_values, const std::vector<float>& v,
+                   std::int64_t out, std::int64_t in, std::int64_t kept, std::int64_t k, bool balanced,
+                   std::vector<float>& up, std::vector<float>& down) {
+    const std::int64_t n = std::min(k, kept);
+    up.assign(static_cast<std::size_t>(out * k), 0.0f);
+    down.assign(static_cast<std::size_t>(k * in), 0.0f);
+    std::vector<float> up_scale(static_cast<std::size_t>(n)), down_scale(static_cast<std::size_t>(n));
+    for (std::int64_t j = 0; j < n; ++j) {
+        const double sv = singular_values[static_cast<std::size_t>(j)];
+        up_scale[static_cast<std::size_t>(j)] = static_cast<float>(balanced ? std::sqrt(sv) : sv);
+        down_scale[static_cast<std::size_t>(j)] = static_cast<float>(balanced ? std::sqrt(sv) : 1.0);
+    }
+    for (std::int64_t o = 0; o < out; ++o) {
+        const float* from = u.data() + o * kept;
+        float* to = up.data() + o * k;
+        for (std::int64_t j = 0; j < n; ++j) to[j] = from[j] * up_scale[static_cast<std::size_t>(j)];
+    }
+    // V is in x kept: transpose it in blocks of rows so that reads and writes stay in cache.
+    constexpr std::int64_t block = 64;
+    for (std::int64_t i0 = 0; i0 < in; i0 += block) {
+        const std::int64_t i1 = std::min(in, i0 + block);
+        for (std::int64_t j = 0; j < n; ++j) {
+            float* to = down.data() + j * in;
+            const float scale = down_scale[static_cast<std::size_t>(j)];
+            for (std::int64_t i = i0; i < i1; ++i) to[i] = v[static_cast<std::size_t>(i * kept + j)] * scale;
+        }
+    }
 }
 
 std::vector<double> dense_singular_values(const float* matrix, std::int64_t rows, std::int64_t cols) {

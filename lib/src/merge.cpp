@@ -86,22 +86,13 @@ void clamp_factors(Factors& f, double q) {
     for (auto& x : f.down) x = std::clamp(x, -hi, hi);
 }
 
-// Factors U_k·Σ_k, V_kᵀ (or √Σ on both) from left/right vectors (row-major, `kept` columns).
-Factors from_svd(const std::vector<float>& u, const std::vector<double>& s, const std::vector<float>& v,
-                 std::int64_t kept, std::int64_t out, std::int64_t in, std::int64_t k, FactorSplit split) {
+// Factors U_k·Σ_k, V_kᵀ (or √Σ on both) of rank k from an SVD; scale 1.
+template <typename Svd>
+Factors from_svd(const Svd& svd, std::int64_t out, std::int64_t in, std::int64_t k, FactorSplit split) {
     Factors f;
     f.rank = k;
-    f.down.assign(static_cast<std::size_t>(k * in), 0.0f);
-    f.up.assign(static_cast<std::size_t>(out * k), 0.0f);
-    for (std::int64_t j = 0; j < std::min(k, kept); ++j) {
-        const double sv = s[static_cast<std::size_t>(j)];
-        const float up_scale = static_cast<float>(split == FactorSplit::up ? sv : std::sqrt(sv));
-        const float down_scale = static_cast<float>(split == FactorSplit::up ? 1.0 : std::sqrt(sv));
-        for (std::int64_t o = 0; o < out; ++o)
-            f.up[static_cast<std::size_t>(o * k + j)] = u[static_cast<std::size_t>(o * kept + j)] * up_scale;
-        for (std::int64_t i = 0; i < in; ++i)
-            f.down[static_cast<std::size_t>(j * in + i)] = v[static_cast<std::size_t>(i * kept + j)] * down_scale;
-    }
+    linalg::split_factors(svd.u, svd.singular_values, svd.v, out, in, svd.kept, k, split == FactorSplit::balanced, f.up,
+                          f.down);
     f.alpha = static_cast<double>(k);  // scale 1
     return f;
 }
@@ -139,9 +130,10 @@ Factors svd_merge(const std::vector<Term>& terms, const std::vector<double>& coe
         total += terms[i].module->rank();
     }
     thread_local linalg::Workspace workspace;
-    const linalg::FactoredSvd svd = linalg::factored_svd(low, 0, workspace);
-    const std::int64_t k = svd_rank(terms, svd.singular_values, total, o);
-    Factors f = from_svd(svd.u, svd.singular_values, svd.v, svd.kept, out, in, k, o.split);
+    std::int64_t k = 0;
+    const linalg::FactoredSvd svd = linalg::factored_svd(
+        low, [&](const std::vector<double>& spectrum) { return k = svd_rank(terms, spectrum, total, o); }, workspace);
+    Factors f = from_svd(svd, out, in, k, o.split);
     const RankChoice stats = rank_statistics(svd.singular_values, k);
     f.fro_retained = stats.fro_retained;
     f.relative_error = stats.relative_error;
@@ -177,7 +169,7 @@ Factors dense_svd_merge(const std::vector<Term>& terms, const std::vector<double
         k = svd_rank(terms, spectrum, std::min(out, in), o);
     }
     const linalg::DenseSvd svd = linalg::truncated_svd(merged.data(), out, in, k, o.dense_svd);
-    Factors f = from_svd(svd.u, svd.singular_values, svd.v, svd.kept, out, in, k, o.split);
+    Factors f = from_svd(svd, out, in, k, o.split);
     double kept = 0;
     for (std::int64_t j = 0; j < std::min(k, svd.kept); ++j) kept += svd.singular_values[j] * svd.singular_values[j];
     f.fro_retained = svd.frobenius_squared > 0 ? std::sqrt(std::min(1.0, kept / svd.frobenius_squared)) : 1.0;

@@ -32,17 +32,8 @@ namespace {
 // New factors of rank k from the kept triplets of an SVD of B·A (zero directions past `kept`).
 LoraModule module_from_svd(const LoraModule& m, const linalg::FactoredSvd& svd, std::int64_t k, FactorSplit split,
                            std::optional<DType> dtype) {
-    const std::int64_t out = m.out_features(), in = m.flat_in_features(), kept = svd.kept;
-    std::vector<float> down(static_cast<std::size_t>(k * in), 0.0f), up(static_cast<std::size_t>(out * k), 0.0f);
-    for (std::int64_t j = 0; j < std::min(k, kept); ++j) {
-        const double s = svd.singular_values[static_cast<std::size_t>(j)];
-        const auto up_scale = static_cast<float>(split == FactorSplit::up ? s : std::sqrt(s));
-        const auto down_scale = static_cast<float>(split == FactorSplit::up ? 1.0 : std::sqrt(s));
-        for (std::int64_t o = 0; o < out; ++o)
-            up[static_cast<std::size_t>(o * k + j)] = svd.u[static_cast<std::size_t>(o * kept + j)] * up_scale;
-        for (std::int64_t i = 0; i < in; ++i)
-            down[static_cast<std::size_t>(j * in + i)] = svd.v[static_cast<std::size_t>(i * kept + j)] * down_scale;
-    }
+    std::vector<float> down, up;
+    linalg::split_factors(svd, k, split == FactorSplit::balanced, up, down);
     LoraModule result = m;
     Shape down_shape = m.down.shape();
     down_shape[0] = k;

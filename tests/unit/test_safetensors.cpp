@@ -227,6 +227,27 @@ TEST_CASE("the data-section hash is kohya's sshs_model_hash", "[safetensors]") {
     CHECK(formats::safetensors_data_sha256(with_meta) == sha256_hex(t.bytes()));
 }
 
+TEST_CASE("a data hash written into the header while streaming matches the data and the two-pass file", "[safetensors]") {
+    // The kohya writer patches sshs_model_hash into the header after the data; the result must
+    // be byte-identical to hashing first and writing after, and must parse back.
+    test::ScratchDir dir;
+    std::vector<float> big(300000);
+    for (std::size_t i = 0; i < big.size(); ++i) big[i] = static_cast<float>(i % 977) * 0.25f;
+    const auto a = Tensor::from_f32(DType::F16, {300, 1000}, big);
+    const auto b = Tensor::from_f32(DType::F32, {3}, std::vector<float>{1, 2, 3});
+    const std::map<std::string, std::string> meta{{"ss_network_dim", "8"}, {"zz_last", "x"}};
+    formats::write_safetensors(dir / "streamed.safetensors", {{"b", b.view()}, {"a", a.view()}}, meta, false,
+                               "sshs_model_hash");
+    const auto file = MappedFile::open(dir / "streamed.safetensors");
+    const auto bytes = file->bytes();
+    auto expected_meta = meta;
+    expected_meta["sshs_model_hash"] = formats::safetensors_data_sha256(bytes);
+    const auto two_pass = formats::serialize_safetensors({{"b", b.view()}, {"a", a.view()}}, expected_meta);
+    CHECK(std::vector<std::byte>(bytes.begin(), bytes.end()) == two_pass);
+    const auto parsed = formats::read_safetensors(file);
+    CHECK(parsed->metadata().at("sshs_model_hash") == sha256_hex(std::span(two_pass).subspan(two_pass.size() - 300000 * 2 - 12)));
+}
+
 TEST_CASE("write_safetensors refuses to replace a file unless asked", "[safetensors]") {
     test::ScratchDir dir;
     const auto t = Tensor::zeros(DType::F32, {3});

@@ -30,6 +30,11 @@ public:
     void write(std::string_view text) { write(std::as_bytes(std::span(text.data(), text.size()))); }
     // Bytes written so far.
     std::uint64_t size() const noexcept { return written_; }
+    // Whether patch() works (not on standard output).
+    bool patchable() const noexcept { return !to_stdout_; }
+    // Overwrites bytes already written at `offset` (e.g. a header field known only after the
+    // data, such as a hash of it). The range must lie within size().
+    void patch(std::uint64_t offset, std::span<const std::byte> bytes);
     // Flushes, syncs and moves the file into place. Throws io on failure (nothing is left).
     void commit();
 
@@ -37,6 +42,8 @@ public:
 
 private:
     void flush_buffer();
+    void raw_write(const std::byte* data, std::size_t size);
+    void start_writeback() noexcept;
     void discard() noexcept;
 
     std::filesystem::path target_;
@@ -48,6 +55,8 @@ private:
     std::vector<std::byte> buffer_;
     std::size_t buffered_ = 0;
     std::uint64_t written_ = 0;
+    std::uint64_t flushed_ = 0;         // bytes handed to the kernel
+    std::uint64_t writeback_from_ = 0;  // start of the range whose writeback was not yet started
     bool committed_ = false;
 };
 

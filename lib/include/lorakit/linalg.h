@@ -72,6 +72,16 @@ FactoredSvd factored_svd(std::span<const LowRankTerm> terms, std::int64_t keep, 
 // the two R x R Gram matrices in double (see linalg.cpp); values below 1e-7 σ_1 get zero vectors.
 FactoredSvd factored_svd(std::span<const LowRankTerm> terms,
                          const std::function<std::int64_t(const std::vector<double>&)>& keep, Workspace& workspace);
+// LoRA factors of rank k from an SVD: up = U_k·Σ_k (out x k) and down = V_kᵀ (k x in), both
+// row-major, or √Σ on each side when `balanced`. Directions past svd.kept are zero.
+// `u` is out x kept and `v` in x kept, row-major (FactoredSvd and DenseSvd alike).
+void split_factors(const std::vector<float>& u, const std::vector<double>& singular_values, const std::vector<float>& v,
+                   std::int64_t out, std::int64_t in, std::int64_t kept, std::int64_t k, bool balanced,
+                   std::vector<float>& up, std::vector<float>& down);
+inline void split_factors(const FactoredSvd& svd, std::int64_t k, bool balanced, std::vector<float>& up,
+                          std::vector<float>& down) {
+    split_factors(svd.u, svd.singular_values, svd.v, svd.out, svd.in, svd.kept, k, balanced, up, down);
+}
 // Through Householder QRs in f32 (sgelqf/sgeqrf + sorglq/sorgqr): the cross-check in tests.
 FactoredSvd factored_svd_householder(std::span<const LowRankTerm> terms, std::int64_t keep, Workspace& workspace);
 

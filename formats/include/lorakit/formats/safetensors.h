@@ -54,9 +54,14 @@ std::vector<std::byte> serialize_safetensors(std::vector<TensorToWrite> tensors,
 // Streams the file into `out` (header, then each tensor's bytes); the caller commits.
 void write_safetensors(AtomicFile& out, std::vector<TensorToWrite> tensors,
                        const std::map<std::string, std::string>& metadata);
+// The same, with metadata[data_hash_key] (unless the key is empty) set to the lower-case hex
+// SHA-256 of the data section, as kohya's sshs_model_hash; computed while the data is written.
+void write_safetensors(AtomicFile& out, std::vector<TensorToWrite> tensors, std::map<std::string, std::string> metadata,
+                       const std::string& data_hash_key);
 // Writes `target` atomically; refuses to replace an existing file unless `overwrite`.
 void write_safetensors(const std::filesystem::path& target, std::vector<TensorToWrite> tensors,
-                       const std::map<std::string, std::string>& metadata, bool overwrite);
+                       const std::map<std::string, std::string>& metadata, bool overwrite,
+                       const std::string& data_hash_key = {});
 
 // SHA-256 of the data section only (everything after the header): kohya's sshs_model_hash
 // and A1111's "addnet" hash. Hex, lower case.
