@@ -56,6 +56,15 @@ demo: build
 	@echo
 	@echo "== the PEFT report as JSON (first 40 lines) =="
 	$(BUILD_DIR)/bin/lora-inspect --json samples/peft-llama | head -n 40
+	@echo
+	@echo "== lora-resize: the PEFT sample to rank 2 (into $(BUILD_DIR)/demo) =="
+	@mkdir -p $(BUILD_DIR)/demo
+	$(BUILD_DIR)/bin/lora-resize samples/peft-llama -o $(BUILD_DIR)/demo/peft-llama-r2 --rank 2 --force
+	@echo
+	@echo "== lora-merge: the kohya sample with itself at 0.7 and -0.2, svd to rank 4 =="
+	$(BUILD_DIR)/bin/lora-merge samples/kohya-sdxl.safetensors samples/kohya-sdxl.safetensors --weights 0.7,-0.2 \
+	  --method svd --rank 4 -o $(BUILD_DIR)/demo/kohya-merged.safetensors --force
+	$(BUILD_DIR)/bin/lora-inspect $(BUILD_DIR)/demo/kohya-merged.safetensors
 
 clean:
 	rm -rf $(BUILD_DIR)

@@ -8,7 +8,7 @@ int main(int argc, char** argv) {
     lorakit::cli::Tool tool(
         "lora-resize",
         "Lower the rank of every module of a LoRA adapter. Each module's dW = scale * B*A is decomposed exactly\n"
-        "from its factors (QR of B and A^T, SVD of the small core), so the result is the best rank-k approximation,\n"
+        "from its factors (two r x r Gram eigenproblems, never the dense matrix), so the result is the best rank-k approximation,\n"
         "in seconds where dense-SVD tools take minutes. The scale is kept (new alpha = alpha/r * k, as kohya's\n"
         "resize_lora.py sets it). Modules already at or below the target rank are copied unchanged.\n"
         "Prints per module the old and new rank, the Frobenius norm kept and the relative error.");
