@@ -14,7 +14,7 @@ SUDO      := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PACKAGES  := cmake make g++ libeigen3-dev liblapacke-dev libopenblas-dev libcli11-dev libfmt-dev \
              catch2 nlohmann-json3-dev python3 python3-venv
 VENV      := $(BUILD_DIR)/venv
-PYPI_PACKAGES := safetensors numpy
+PYPI_PACKAGES := safetensors numpy gguf
 
 .PHONY: demo test deps build interop-env clean
 
@@ -35,7 +35,7 @@ build: deps
 
 # Best effort: the interop tests skip visibly when this fails (CI requires it to work).
 interop-env: deps
-	@if [ ! -x $(VENV)/bin/python ] || ! $(VENV)/bin/python -c "import safetensors, numpy" 2>/dev/null; then \
+	@if [ ! -x $(VENV)/bin/python ] || ! $(VENV)/bin/python -c "import safetensors, numpy, gguf" 2>/dev/null; then \
 	  echo "setting up $(VENV) with $(PYPI_PACKAGES) for the interop tests"; \
 	  ( /usr/bin/python3 -m venv $(VENV) 2>/dev/null || python3 -m venv $(VENV) ) && \
 	  $(VENV)/bin/python -m pip install -q --disable-pip-version-check --timeout 30 $(PYPI_PACKAGES) \

@@ -1,6 +1,7 @@
 #include "lorakit/formats/builtin.h"
 
 #include "conventions.h"
+#include "lorakit/formats/gguf.h"
 #include "lorakit/formats/safetensors.h"
 #include "stub_containers.h"
 
@@ -8,6 +9,7 @@ namespace lorakit::formats {
 
 void register_builtin_formats(Registry& registry) {
     registry.add(std::make_unique<SafetensorsDriver>());
+    registry.add(std::make_unique<GgufDriver>());
     register_stub_containers(registry);
     // Detection takes the highest score; on a tie the earlier driver wins.
     registry.add(make_peft_driver());

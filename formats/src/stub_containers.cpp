@@ -12,17 +12,6 @@ bool starts_with_bytes(std::span<const std::byte> head, std::string_view magic) 
     return head.size() >= magic.size() && std::memcmp(head.data(), magic.data(), magic.size()) == 0;
 }
 
-class GgufStub final : public ContainerDriver {
-public:
-    std::string_view name() const override { return "gguf"; }
-    int identify(std::span<const std::byte> head, const std::filesystem::path&) const override {
-        return starts_with_bytes(head, "GGUF") ? 100 : 0;
-    }
-    std::unique_ptr<TensorFile> open(std::shared_ptr<const MappedFile>) const override {
-        fail(ErrorCode::unsupported, "GGUF files are not readable by this version of lorakit yet");
-    }
-};
-
 class PickleStub final : public ContainerDriver {
 public:
     std::string_view name() const override { return "pytorch-pickle"; }
@@ -45,7 +34,6 @@ public:
 }  // namespace
 
 void register_stub_containers(Registry& registry) {
-    registry.add(std::make_unique<GgufStub>());
     registry.add(std::make_unique<PickleStub>());
 }
 

@@ -145,7 +145,6 @@ Factors dense_svd_merge(const std::vector<Term>& terms, const std::vector<double
     const LoraModule& first = *terms[0].module;
     const std::int64_t out = first.out_features(), in = first.flat_in_features();
     std::vector<std::vector<float>> deltas;
-    std::int64_t total = 0;
     for (const auto& t : terms) {
         // D_i = s_i · B_i · A_i, formed densely: pruning acts on its entries.
         const auto a = t.module->down.to_f32(), b = t.module->up.to_f32();
@@ -158,7 +157,6 @@ Factors dense_svd_merge(const std::vector<Term>& terms, const std::vector<double
                 for (std::int64_t j = 0; j < in; ++j) d[static_cast<std::size_t>(row * in + j)] += bk * a[static_cast<std::size_t>(k * in + j)];
             }
         deltas.emplace_back(d.begin(), d.end());
-        total += r;
     }
     const std::vector<float> merged = detail::merge_tensors(std::move(deltas), weights, o.method, o.density, o.majority_sign, seed);
     std::int64_t k = 0;

@@ -12,6 +12,7 @@
 #include <nlohmann/json.hpp>
 
 #include "lorakit/formats/builtin.h"
+#include "lorakit/formats/gguf.h"
 #include "lorakit/formats/safetensors.h"
 #include "lorakit/sha256.h"
 #include "support.h"
@@ -33,7 +34,7 @@ bool interop_available() {
     static const bool available = [] {
         std::error_code ec;
         if (!fs::exists(python(), ec)) return false;
-        return test::run_process(python(), {"-c", "import safetensors, numpy"}).exit_code == 0;
+        return test::run_process(python(), {"-c", "import safetensors, numpy, gguf"}).exit_code == 0;
     }();
     return available;
 }
@@ -43,9 +44,9 @@ bool interop_available() {
         if (!interop_available()) {                                                                      \
             const char* required = std::getenv("LORAKIT_REQUIRE_INTEROP");                               \
             if (required && std::string(required) == "1")                                               \
-                FAIL("the safetensors/numpy Python packages are required here but " << python()         \
+                FAIL("the safetensors/numpy/gguf Python packages are required here but " << python()         \
                                                                                    << " cannot import them"); \
-            WARN("skipping: the safetensors/numpy Python packages are not installed at " << python());  \
+            WARN("skipping: the safetensors/numpy/gguf Python packages are not installed at " << python());  \
             return;                                                                                      \
         }                                                                                                \
     } while (0)
@@ -134,4 +135,115 @@ TEST_CASE("lorakit's writer produces the reference writer's bytes", "[interop]")
         {{"z.weight", tz.view()}, {"b.weight", tb.view()}, {"a.alpha", ta.view()}, {"m", tm.view()}}, {{"format", "pt"}});
     const std::string reference = test::read_file(dir / "reference.safetensors");
     CHECK(std::string(reinterpret_cast<const char*>(ours.data()), ours.size()) == reference);
+}
+
+// ---- GGUF: the real gguf-py package (llama.cpp's) ----------------------------------------------
+
+namespace {
+
+const std::string gguf_client = std::string(LORAKIT_SOURCE_DIR) + "/tests/interop/gguf_client.py";
+
+Json gguf_python(const std::string& command, const fs::path& file) {
+    const auto r = test::run_process(python(), {gguf_client, command, file.string()});
+    INFO("python stderr: " << r.err);
+    REQUIRE(r.exit_code == 0);
+    return Json::parse(r.out);
+}
+
+}  // namespace
+
+TEST_CASE("gguf (Python) reads every value and tensor lorakit writes", "[interop][gguf]") {
+    LORAKIT_REQUIRE_INTEROP();
+    test::ScratchDir dir;
+    std::vector<float> a(4 * 64), b(8 * 4);
+    for (std::size_t i = 0; i < a.size(); ++i) a[i] = static_cast<float>(i % 13) * 0.25f - 1.5f;
+    for (std::size_t i = 0; i < b.size(); ++i) b[i] = static_cast<float>(i) / 8.0f;
+    const Tensor ta = Tensor::from_f32(DType::F32, {4, 64}, a), tb = Tensor::from_f32(DType::F32, {8, 4}, b);
+    const std::vector<std::pair<std::string, formats::GgufValue>> kv{
+        {"general.architecture", formats::GgufValue::string("llama")},
+        {"general.alignment", formats::GgufValue::u32(64)},
+        {"adapter.lora.alpha", formats::GgufValue::f32(16.0f)},
+        {"some.f64", formats::GgufValue::f64(0.5)},
+        {"some.i32", formats::GgufValue::i32(-3)},
+        {"some.u64", formats::GgufValue::u64(1ull << 40)},
+        {"some.flag", formats::GgufValue::boolean(false)},
+        {"some.names", formats::GgufValue::strings({"a", "ünï"})},
+        {"some.ids", formats::GgufValue::u32s({5, 6})}};
+    std::vector<formats::GgufTensorToWrite> tensors;
+    tensors.push_back(formats::gguf_tensor("x.lora_a", ta, formats::ggml_f32));
+    tensors.push_back(formats::gguf_tensor("x.lora_b", tb, formats::ggml_f16));
+    tensors.push_back(formats::gguf_tensor("y.lora_a", ta, formats::ggml_q8_0));
+    tensors.push_back(formats::gguf_tensor("y.lora_b", tb, formats::ggml_bf16));
+    formats::write_gguf(dir / "ours.gguf", kv, tensors, false);
+    const Json seen = gguf_python("read", dir / "ours.gguf");
+    CHECK(seen["version"] == 3);
+    CHECK(seen["kv"]["general.architecture"]["value"] == "llama");
+    CHECK(seen["kv"]["general.alignment"]["type"] == "UINT32");
+    CHECK(seen["kv"]["general.alignment"]["value"] == 64);
+    CHECK(seen["kv"]["adapter.lora.alpha"]["type"] == "FLOAT32");
+    CHECK(seen["kv"]["adapter.lora.alpha"]["value"] == 16.0);
+    CHECK(seen["kv"]["some.f64"]["value"] == 0.5);
+    CHECK(seen["kv"]["some.i32"]["value"] == -3);
+    CHECK(seen["kv"]["some.u64"]["value"] == 1099511627776ull);
+    CHECK(seen["kv"]["some.flag"]["value"] == false);
+    CHECK(seen["kv"]["some.names"]["value"] == Json::array({"a", "ünï"}));
+    CHECK(seen["kv"]["some.ids"]["value"] == Json::array({5, 6}));
+    REQUIRE(seen["tensors"].size() == 4);
+    const auto ours = formats::read_gguf(MappedFile::open(dir / "ours.gguf"));
+    const std::vector<std::string> types{"F32", "F16", "Q8_0", "BF16"};
+    for (std::size_t i = 0; i < 4; ++i) {
+        const Json& t = seen["tensors"][i];
+        INFO(t["name"]);
+        CHECK(t["name"] == ours->entries()[i].name);
+        CHECK(t["type"] == types[i]);
+        CHECK(t["shape"].get<std::vector<std::int64_t>>() == ours->entries()[i].shape);
+        const auto values = ours->entries()[i].tensor.to_f32();
+        const auto theirs = t["values"].get<std::vector<double>>();
+        REQUIRE(theirs.size() == values.size());
+        for (std::size_t j = 0; j < values.size(); ++j) CHECK(theirs[j] == static_cast<double>(values[j]));
+    }
+}
+
+TEST_CASE("lorakit reads what gguf (Python) writes and rewrites it byte for byte; Q8_0 bits match", "[interop][gguf]") {
+    LORAKIT_REQUIRE_INTEROP();
+    test::ScratchDir dir;
+    const Json written = gguf_python("write", dir / "theirs.gguf");
+    const auto file = formats::read_gguf(MappedFile::open(dir / "theirs.gguf"));
+    REQUIRE(file->entries().size() == written["tensors"].size());
+    for (std::size_t i = 0; i < file->entries().size(); ++i) {
+        const Json& t = written["tensors"][i];
+        const auto& e = file->entries()[i];
+        INFO(e.name);
+        CHECK(e.name == t["name"]);
+        CHECK(e.dtype_name == t["type"]);
+        CHECK(e.shape == t["shape"].get<std::vector<std::int64_t>>());
+        const auto values = e.tensor.to_f32();
+        const auto theirs = t["values"].get<std::vector<double>>();
+        REQUIRE(theirs.size() == values.size());
+        for (std::size_t j = 0; j < values.size(); ++j) CHECK(theirs[j] == static_cast<double>(values[j]));
+    }
+    for (const auto& [key, value] : written["kv"].items()) {
+        INFO(key);
+        const formats::GgufValue* v = file->find_kv(key);
+        REQUIRE(v != nullptr);
+        CHECK(formats::gguf_type_name(v->type) == value["type"].get<std::string>());
+    }
+    // Our writer, given the same pairs and tensors, produces gguf-py's bytes.
+    std::vector<formats::GgufTensorToWrite> tensors;
+    for (std::size_t i = 0; i < file->entries().size(); ++i) {
+        formats::GgufTensorToWrite t;
+        t.name = file->entries()[i].name;
+        t.type = file->ggml_type(i);
+        t.shape = file->entries()[i].shape;
+        t.view = file->raw(i);
+        tensors.push_back(std::move(t));
+    }
+    const auto ours = formats::serialize_gguf(file->kv(), tensors);
+    const std::string reference = test::read_file(dir / "theirs.gguf");
+    CHECK(std::string(reinterpret_cast<const char*>(ours.data()), ours.size()) == reference);
+    // gguf-py quantized the same f32 values to Q8_0: our quantizer gives the same bits.
+    const auto f32 = file->entries()[0].tensor.to_f32();
+    const auto q = formats::quantize_q8_0(f32.data(), f32.size());
+    const auto raw = file->raw(2);
+    CHECK(std::vector<std::byte>(raw.begin(), raw.end()) == q);
 }

@@ -30,7 +30,7 @@ struct TensorEntry {
     std::uint64_t offset = 0;  // byte range of the data, relative to the container's data section
     std::uint64_t size = 0;
     Tensor tensor;             // empty when the dtype is recognised but not supported
-    bool supported() const noexcept { return find_dtype(dtype_name).has_value(); }
+    bool supported() const noexcept { return !tensor.empty(); }
 };
 
 // A parsed container: its tensors in the order the file lists them, and its metadata.
