@@ -12,6 +12,7 @@ void register_builtin_formats(Registry& registry) {
     registry.add(std::make_unique<GgufDriver>());
     register_stub_containers(registry);
     // Detection takes the highest score; on a tie the earlier driver wins.
+    registry.add(make_gguf_lora_driver());
     registry.add(make_peft_driver());
     registry.add(make_mlx_driver());
     registry.add(make_cloneofsimo_driver());

@@ -12,5 +12,6 @@ std::unique_ptr<ConventionDriver> make_mlx_driver();
 std::unique_ptr<ConventionDriver> make_kohya_driver();
 std::unique_ptr<ConventionDriver> make_diffusers_driver();
 std::unique_ptr<ConventionDriver> make_cloneofsimo_driver();
+std::unique_ptr<ConventionDriver> make_gguf_lora_driver();
 
 }  // namespace lorakit::formats

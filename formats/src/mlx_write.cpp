@@ -38,6 +38,7 @@ void write_mlx(const Adapter& a, const std::filesystem::path& target, const Writ
                std::vector<std::string>& notes) {
     const bool same = a.convention == "mlx";
     refuse_lycoris(a, "mlx-lm");
+    refuse_llama_cpp_names(a, "mlx-lm");
     refuse_bias(a, "mlx-lm");
     if (!same) refuse_other_tensors(a, "mlx-lm");
     if (a.modules.empty()) fail(ErrorCode::bad_input, "no LoRA modules to write");

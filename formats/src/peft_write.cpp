@@ -36,6 +36,7 @@ void write_peft(const Adapter& a, const std::filesystem::path& target, const Wri
                 std::vector<std::string>& notes) {
     const bool same = a.convention == "peft";
     refuse_lycoris(a, "PEFT");
+    refuse_llama_cpp_names(a, "PEFT");
     if (!same) refuse_other_tensors(a, "PEFT");
     const auto components = components_of(a);
     if (components.size() > 1)

@@ -78,6 +78,15 @@ void refuse_other_tensors(const Adapter& adapter, std::string_view convention) {
              adapter.other_tensors.size(), quote(adapter.other_tensors.front().name), convention);
 }
 
+void refuse_llama_cpp_names(const Adapter& adapter, std::string_view convention) {
+    for (const auto& m : adapter.modules)
+        if (m.name.starts_with("blk.") || m.name == "token_embd" || m.name == "output")
+            fail(ErrorCode::usage,
+                 "module {} has a llama.cpp name (its q/k rows may be in llama.cpp's rotary order); give the head counts "
+                 "(--head-count, --head-count-kv or --base) to map it to a Hugging Face path for {}",
+                 quote(m.name), convention);
+}
+
 void write_tensor_file(const std::filesystem::path& path, const OutputTensors& tensors,
                        const std::map<std::string, std::string>& metadata, bool overwrite,
                        const std::string& data_hash_key) {

@@ -51,6 +51,8 @@ std::set<std::string> components_of(const Adapter& adapter);
 void refuse_lycoris(const Adapter& adapter, std::string_view convention);
 void refuse_bias(const Adapter& adapter, std::string_view convention);
 void refuse_other_tensors(const Adapter& adapter, std::string_view convention);
+// Modules still named by llama.cpp (a GGUF read without head counts) have no path in the target.
+void refuse_llama_cpp_names(const Adapter& adapter, std::string_view convention);
 
 // Writes a safetensors file atomically; a non-empty `data_hash_key` gets the SHA-256 of the
 // data section into that metadata key (kohya's sshs_model_hash).

@@ -110,7 +110,7 @@ std::optional<SidecarConfig> Registry::find_sidecar(const fs::path& weights) con
     return std::nullopt;
 }
 
-Adapter Registry::load_adapter(const fs::path& path) const {
+Adapter Registry::load_adapter(const fs::path& path, const ModelHints& hints) const {
     return with_context(quote(path.string()), [&] {
         fs::path weights = path;
         std::optional<SidecarConfig> config;
@@ -139,13 +139,13 @@ Adapter Registry::load_adapter(const fs::path& path) const {
                 for (const auto& driver : conventions_) driver->precheck(*config);
             });
         auto tensors = with_context(quote(file->name()), [&] { return container.open(file); });
-        return with_context(quote(file->name()), [&] { return read_adapter(path.string(), *tensors, config); });
+        return with_context(quote(file->name()), [&] { return read_adapter(path.string(), *tensors, config, hints); });
     });
 }
 
 Adapter Registry::read_adapter(const std::string& source, const TensorFile& tensors,
-                               const std::optional<SidecarConfig>& config) const {
-    AdapterInput input{source, tensors, config};
+                               const std::optional<SidecarConfig>& config, const ModelHints& hints) const {
+    AdapterInput input{source, tensors, config, hints};
     const ConventionDriver* best = nullptr;
     Detection best_detection;
     for (const auto& driver : conventions_) {

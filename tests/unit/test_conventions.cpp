@@ -319,7 +319,7 @@ TEST_CASE("structural errors name the module", "[conventions][errors]") {
         f.add_f32("w_b_000", {4, 2}, iota(8));
         const Error e = error_of([&] { read(f); });
         CHECK(e.code() == ErrorCode::bad_input);
-        CHECK_THAT(e.what(), Catch::Contains("tried peft, mlx, cloneofsimo, kohya, diffusers") &&
+        CHECK_THAT(e.what(), Catch::Contains("tried gguf, peft, mlx, cloneofsimo, kohya, diffusers") &&
                                  Catch::Contains("'w_a_000'"));
     }
     SECTION("a file with no tensors") {

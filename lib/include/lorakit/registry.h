@@ -72,10 +72,19 @@ struct SidecarConfig {
     std::string text;
 };
 
+// Facts about the base model a reader may need that the adapter file does not hold (e.g. the
+// attention head counts that undo llama.cpp's rotary row order of q/k LoRAs).
+struct ModelHints {
+    std::string arch;                          // llama.cpp architecture name ("llama", "qwen2", ...)
+    std::optional<std::int64_t> head_count;     // attention heads
+    std::optional<std::int64_t> head_count_kv;  // key/value heads (GQA); default: head_count
+};
+
 struct AdapterInput {
     std::string source;  // the path the user gave
     const TensorFile& tensors;
     std::optional<SidecarConfig> config;
+    ModelHints hints = {};
 };
 
 struct Detection {
@@ -91,6 +100,8 @@ struct LocatedAdapter {
 
 struct WriteOptions {
     bool overwrite = false;
+    ModelHints hints;          // for conventions that need the base model (GGUF: arch, q/k row order)
+    std::string tensor_type;   // a container-specific tensor type ("q8_0" for GGUF); "" = the factors' own
 };
 
 class ConventionDriver {
@@ -141,10 +152,10 @@ public:
 
     // Loads an adapter from a weights file or an adapter directory, detecting the convention.
     // Errors carry the path as context.
-    Adapter load_adapter(const std::filesystem::path& path) const;
+    Adapter load_adapter(const std::filesystem::path& path, const ModelHints& hints = {}) const;
     // Detects and reads an adapter from an already opened container.
     Adapter read_adapter(const std::string& source, const TensorFile& tensors,
-                         const std::optional<SidecarConfig>& config) const;
+                         const std::optional<SidecarConfig>& config, const ModelHints& hints = {}) const;
 
 private:
     std::optional<SidecarConfig> find_sidecar(const std::filesystem::path& weights) const;

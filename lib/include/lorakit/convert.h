@@ -1,0 +1,34 @@
+// lora-convert: read an adapter in any convention and write it in another, exactly (the applied
+// scale of every module is preserved; what a target cannot express is folded into B or refused).
+#pragma once
+
+#include <string>
+
+#include "lorakit/progress.h"
+#include "lorakit/registry.h"
+#include "lorakit/tool_result.h"
+
+namespace lorakit {
+
+struct ConvertRequest {
+    std::string input;
+    std::string output;
+    std::string to;     // target convention; "" = the input's
+    std::string dtype;  // "" = the factors' own; f32, f16, bf16; q8_0 for gguf
+    ModelHints hints;   // --arch, --head-count, --head-count-kv
+    std::string base;   // a base model's config.json or GGUF, for the hints it does not give
+    bool force = false;
+    bool json = false;
+};
+
+// Hints from a base model file: a Hugging Face config.json (model_type, num_attention_heads,
+// num_key_value_heads) or a GGUF model (general.architecture, <arch>.attention.head_count[_kv]).
+// Values already in `hints` win.
+ModelHints hints_from_base(const Registry& registry, const std::string& path, ModelHints hints);
+
+// The adapter with its factors converted to `dtype` (F32, F16 or BF16; alphas unchanged).
+Adapter with_factor_dtype(Adapter adapter, DType dtype);
+
+ToolResult run_convert(const Registry& registry, const ConvertRequest& request, Progress& progress);
+
+}  // namespace lorakit

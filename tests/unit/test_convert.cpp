@@ -1,0 +1,258 @@
+// lora-convert and the GGUF LoRA convention: every sample into every target convention keeps
+// each module's ΔW (or is refused cleanly, leaving nothing behind); llama.cpp's layout (names,
+// orientation, FLOAT32 alpha, rotary row order of q/k) is what its loader expects.
+#include <catch2/catch.hpp>
+
+#include <cmath>
+#include <filesystem>
+#include <map>
+
+#include "lorakit/convert.h"
+#include "lorakit/error.h"
+#include "lorakit/formats/builtin.h"
+#include "lorakit/formats/gguf.h"
+#include "support.h"
+
+namespace fs = std::filesystem;
+using namespace lorakit;
+
+namespace {
+
+const fs::path samples = fs::path(LORAKIT_SOURCE_DIR) / "samples";
+
+// scale · B·A as a dense out x flat_in matrix, in double.
+std::vector<double> delta(const LoraModule& m) {
+    const auto a = m.down.to_f32(), b = m.up.to_f32();
+    const std::int64_t out = m.out_features(), in = m.flat_in_features(), r = m.rank();
+    std::vector<double> d(static_cast<std::size_t>(out * in), 0.0);
+    for (std::int64_t o = 0; o < out; ++o)
+        for (std::int64_t k = 0; k < r; ++k) {
+            const double bk = m.scale() * b[static_cast<std::size_t>(o * r + k)];
+            for (std::int64_t i = 0; i < in; ++i) d[static_cast<std::size_t>(o * in + i)] += bk * a[static_cast<std::size_t>(k * in + i)];
+        }
+    return d;
+}
+
+double relative_difference(const std::vector<double>& x, const std::vector<double>& y) {
+    double num = 0, den = 0;
+    for (std::size_t i = 0; i < x.size(); ++i) {
+        num += (x[i] - y[i]) * (x[i] - y[i]);
+        den += x[i] * x[i];
+    }
+    return den > 0 ? std::sqrt(num / den) : std::sqrt(num);
+}
+
+ToolResult convert(ConvertRequest request) { return run_convert(formats::builtin_registry(), request, no_progress()); }
+
+std::string output_name(const std::string& to) { return to == "peft" || to == "mlx" ? "out" : "out." + to; }
+
+}  // namespace
+
+TEST_CASE("every sample converts to every convention that can hold it, keeping each module's delta", "[convert]") {
+    const auto& registry = formats::builtin_registry();
+    const std::vector<std::string> inputs{"peft-llama", "mlx-qwen", "kohya-sdxl.safetensors", "diffusers-sd15.safetensors",
+                                          "cloneofsimo-sd15.safetensors"};
+    const std::vector<std::string> targets{"peft", "mlx", "gguf", "kohya", "diffusers"};
+    std::size_t converted = 0;
+    for (const auto& input : inputs) {
+        const Adapter original = registry.load_adapter(samples / input);
+        std::map<std::string, const LoraModule*> by_name;
+        for (const auto& m : original.modules) by_name[m.name] = &m;
+        for (const auto& to : targets) {
+            INFO(input << " -> " << to);
+            test::ScratchDir dir;
+            ConvertRequest request;
+            request.input = (samples / input).string();
+            request.output = (dir / output_name(to)).string();
+            request.to = to;
+            request.hints = {"", 4, 2};  // the llama sample's head counts (also fine for the others)
+            const ToolResult r = convert(request);
+            if (r.exit_code != 0) {
+                // Refused: a clean error, and no output.
+                CHECK((r.exit_code == 2 || r.exit_code == 3));
+                CHECK_FALSE(fs::exists(request.output));
+                continue;
+            }
+            ++converted;
+            const Adapter back = registry.load_adapter(request.output, request.hints);
+            CHECK(back.convention == to);
+            REQUIRE(back.modules.size() == original.modules.size());
+            for (const auto& m : back.modules) {
+                INFO(m.name);
+                REQUIRE(by_name.count(m.name));
+                const LoraModule& o = *by_name[m.name];
+                // mlx-lm has one rank per file: smaller modules are zero-padded to it.
+                if (to == "mlx") CHECK(m.rank() >= o.rank());
+                else CHECK(m.rank() == o.rank());
+                CHECK(relative_difference(delta(o), delta(m)) < 2e-3);  // f16 samples: one rounding of a folded B
+            }
+        }
+    }
+    // peft <-> mlx <-> gguf for the LLM samples, kohya <-> diffusers for the diffusion ones.
+    CHECK(converted >= 8);
+}
+
+TEST_CASE("GGUF LoRA output has llama.cpp's names, orientation, FLOAT32 alpha and rotary q/k rows", "[convert][gguf]") {
+    const auto& registry = formats::builtin_registry();
+    test::ScratchDir dir;
+    ConvertRequest request;
+    request.input = (samples / "peft-llama").string();
+    request.output = (dir / "a.gguf").string();
+    request.to = "gguf";
+    request.hints = {"", 4, 2};
+    REQUIRE(convert(request).exit_code == 0);
+    const auto file = formats::read_gguf(MappedFile::open(dir / "a.gguf"));
+    CHECK(file->find_kv("general.architecture")->as_string() == "llama");
+    CHECK(file->find_kv("general.type")->as_string() == "adapter");
+    CHECK(file->find_kv("adapter.type")->as_string() == "lora");
+    CHECK(file->find_kv("adapter.lora.alpha")->type == formats::GgufType::f32);
+    const Adapter peft = registry.load_adapter(samples / "peft-llama");
+    for (const auto& m : peft.modules) {
+        INFO(m.name);
+        std::string base = m.name;
+        const auto layer = base.substr(std::string("model.layers.").size(), 1);
+        static const std::map<std::string, std::string> tails{
+            {"self_attn.q_proj", "attn_q"}, {"self_attn.k_proj", "attn_k"}, {"self_attn.v_proj", "attn_v"},
+            {"self_attn.o_proj", "attn_output"}, {"mlp.gate_proj", "ffn_gate"}, {"mlp.up_proj", "ffn_up"},
+            {"mlp.down_proj", "ffn_down"}};
+        const std::string tail = m.name.substr(std::string("model.layers.0.").size());
+        const std::string gguf = "blk." + layer + "." + tails.at(tail);
+        const TensorEntry* a = file->find(gguf + ".weight.lora_a");
+        const TensorEntry* b = file->find(gguf + ".weight.lora_b");
+        REQUIRE(a != nullptr);
+        REQUIRE(b != nullptr);
+        CHECK(a->shape == m.down.shape());  // NumPy [r, in]: ne = [in, r]
+        CHECK(b->shape == m.up.shape());    // NumPy [out, r]
+        CHECK(a->tensor.to_f32() == m.down.to_f32());
+        // alpha / rank with the file's one alpha reproduces the module's scale.
+        const double alpha = *file->find_kv("adapter.lora.alpha")->as_number();
+        CHECK(alpha / static_cast<double>(m.rank()) == Approx(m.scale()).epsilon(1e-12));
+        const auto theirs = b->tensor.to_f32(), ours = m.up.to_f32();
+        const std::int64_t out = m.out_features(), r = m.rank();
+        const bool q = tail == "self_attn.q_proj", k = tail == "self_attn.k_proj";
+        if (!q && !k) {
+            CHECK(theirs == ours);
+            continue;
+        }
+        // LlamaModel.permute: gguf row h·hd + 2j + s holds hf row h·hd + s·hd/2 + j.
+        const std::int64_t heads = q ? 4 : 2, hd = out / heads;
+        std::size_t wrong = 0;
+        for (std::int64_t h = 0; h < heads; ++h)
+            for (std::int64_t j = 0; j < hd / 2; ++j)
+                for (std::int64_t s = 0; s < 2; ++s)
+                    for (std::int64_t c = 0; c < r; ++c)
+                        wrong += theirs[static_cast<std::size_t>((h * hd + 2 * j + s) * r + c)] !=
+                                 ours[static_cast<std::size_t>((h * hd + s * hd / 2 + j) * r + c)];
+        CHECK(wrong == 0);
+        CHECK(theirs != ours);
+    }
+}
+
+TEST_CASE("llama q/k rows need head counts: without them conversion is refused, with --base they are found", "[convert][gguf]") {
+    test::ScratchDir dir;
+    ConvertRequest request;
+    request.input = (samples / "peft-llama").string();
+    request.output = (dir / "a.gguf").string();
+    request.to = "gguf";
+    ToolResult r = convert(request);
+    CHECK(r.exit_code == 2);
+    REQUIRE_FALSE(r.diagnostics.empty());
+    CHECK_THAT(r.diagnostics.front().message, Catch::Contains("head counts"));
+    CHECK_FALSE(fs::exists(request.output));
+
+    // A base config.json gives them (and the arch).
+    test::write_file(dir / "config.json",
+                     R"({"model_type": "llama", "num_attention_heads": 4, "num_key_value_heads": 2, "hidden_size": 64})");
+    request.base = (dir / "config.json").string();
+    REQUIRE(convert(request).exit_code == 0);
+    const ModelHints hints = hints_from_base(formats::builtin_registry(), (dir / "config.json").string(), {});
+    CHECK(hints.arch == "llama");
+    CHECK(hints.head_count == 4);
+    CHECK(hints.head_count_kv == 2);
+
+    // Reading that GGUF back without head counts keeps llama.cpp names; writing PEFT is refused.
+    ConvertRequest back;
+    back.input = request.output;
+    back.output = (dir / "peft").string();
+    back.to = "peft";
+    r = convert(back);
+    CHECK(r.exit_code == 2);
+    CHECK_FALSE(fs::exists(back.output));
+    // GGUF to GGUF without head counts keeps the rows as they are: the same tensors.
+    back.output = (dir / "again.gguf").string();
+    back.to = "gguf";
+    REQUIRE(convert(back).exit_code == 0);
+    const auto first = formats::read_gguf(MappedFile::open(request.output));
+    const auto again = formats::read_gguf(MappedFile::open(back.output));
+    REQUIRE(first->entries().size() == again->entries().size());
+    for (const auto& e : first->entries()) {
+        INFO(e.name);
+        const TensorEntry* other = again->find(e.name);
+        REQUIRE(other != nullptr);
+        CHECK(e.tensor.to_f32() == other->tensor.to_f32());
+    }
+}
+
+TEST_CASE("hints from a GGUF base model", "[convert][gguf]") {
+    LORAKIT_REQUIRE_REAL_TESTDATA();
+    const auto path = test::real_testdata_dir() / "ollama/llama-2-tiny-random.gguf";
+    const auto file = formats::read_gguf(MappedFile::open(path));
+    const ModelHints hints = hints_from_base(formats::builtin_registry(), path.string(), {});
+    CHECK(hints.arch == "llama");
+    CHECK(hints.head_count == static_cast<std::int64_t>(*file->find_kv("llama.attention.head_count")->as_number()));
+    // Explicit values win over the base's.
+    CHECK(hints_from_base(formats::builtin_registry(), path.string(), {"qwen2", 7, 1}).arch == "qwen2");
+}
+
+TEST_CASE("q8_0 GGUF output: rows of 32 quantized, shorter ones F16; deltas kept to quantization accuracy", "[convert][gguf]") {
+    const auto& registry = formats::builtin_registry();
+    test::ScratchDir dir;
+    ConvertRequest request;
+    request.input = (samples / "peft-llama").string();
+    request.output = (dir / "q.gguf").string();
+    request.to = "gguf";
+    request.dtype = "q8_0";
+    request.hints = {"", 4, 2};
+    const ToolResult r = convert(request);
+    REQUIRE(r.exit_code == 0);
+    const auto file = formats::read_gguf(MappedFile::open(request.output));
+    bool any_q8 = false, any_f16 = false;
+    for (std::size_t i = 0; i < file->entries().size(); ++i) {
+        const bool q8 = file->ggml_type(i) == formats::ggml_q8_0;
+        CHECK(q8 == (file->entries()[i].shape.back() % 32 == 0));
+        any_q8 |= q8;
+        any_f16 |= file->ggml_type(i) == formats::ggml_f16;
+    }
+    CHECK(any_q8);
+    CHECK(any_f16);
+    const Adapter original = registry.load_adapter(samples / "peft-llama");
+    const Adapter back = registry.load_adapter(request.output, request.hints);
+    REQUIRE(back.modules.size() == original.modules.size());
+    for (std::size_t i = 0; i < back.modules.size(); ++i) {
+        INFO(back.modules[i].name);
+        CHECK(back.modules[i].name == original.modules[i].name);
+        CHECK(relative_difference(delta(original.modules[i]), delta(back.modules[i])) < 0.02);
+    }
+}
+
+TEST_CASE("scales GGUF's one alpha cannot express are folded into lora_b, with a note", "[convert][gguf]") {
+    const auto& registry = formats::builtin_registry();
+    Adapter adapter = registry.load_adapter(samples / "mlx-qwen");
+    adapter.modules[1].scale_rule = ScaleRule::alpha_over_sqrt_rank;  // rsLoRA on one module
+    adapter.modules[1].alpha = 3.0;
+    adapter.modules[2].fixed_scale = 0.5;
+    test::ScratchDir dir;
+    std::vector<std::string> notes;
+    WriteOptions options;
+    options.hints.arch = "qwen2";
+    registry.write_adapter(adapter, "gguf", dir / "f.gguf", options, notes);
+    bool noted = false;
+    for (const auto& n : notes) noted |= n.find("folded into lora_b") != std::string::npos;
+    CHECK(noted);
+    const Adapter back = registry.load_adapter(dir / "f.gguf");
+    REQUIRE(back.modules.size() == adapter.modules.size());
+    for (std::size_t i = 0; i < back.modules.size(); ++i) {
+        INFO(back.modules[i].name);
+        CHECK(relative_difference(delta(adapter.modules[i]), delta(back.modules[i])) < 1e-6);
+    }
+}
