@@ -11,7 +11,7 @@ int main(int argc, char** argv) {
         "has one alpha per file (gguf) or none (diffusers), per-module differences (rank_pattern, alpha_pattern,\n"
         "rsLoRA, mlx scale) are folded into B, and a note says so. For arch llama, llama.cpp stores q/k LoRA\n"
         "rows in rotary order: converting to or from gguf needs the head counts (--head-count, --head-count-kv,\n"
-        "or --base with the model's config.json or GGUF).");
+        "or --base with the model's config.json or GGUF). LyCORIS modules become LoRAs with --rank N.");
     lorakit::ConvertRequest request;
     auto& app = tool.app();
     app.add_option("input", request.input, "adapter file or directory")->required()->type_name("IN");
@@ -26,6 +26,11 @@ int main(int argc, char** argv) {
         ->check(CLI::PositiveNumber);
     app.add_option("--base", request.base, "the base model's config.json (or its directory) or GGUF, for the values above")
         ->type_name("FILE");
+    app.add_option("--rank", request.rank,
+                   "re-factor LyCORIS modules (LoHa, LoKr, full/diff, LoCon-Tucker) into LoRAs of this rank by SVD,\n"
+                   "printing each module's relative error (needed when the target cannot hold LyCORIS)")
+        ->type_name("N")
+        ->check(CLI::PositiveNumber);
     tool.add_force_option(request.force);
     tool.add_json_option(request.json, "print a JSON report on stdout");
     tool.add_verbosity_options();

@@ -2,6 +2,7 @@
 // convention, report.
 #include "lorakit/convert.h"
 
+#include <algorithm>
 #include <filesystem>
 
 #include <fmt/format.h>
@@ -9,6 +10,8 @@
 
 #include "lorakit/atomic_file.h"
 #include "lorakit/error.h"
+#include "lorakit/lycoris.h"
+#include "lorakit/names.h"
 
 namespace lorakit {
 
@@ -106,11 +109,44 @@ ToolResult run_convert(const Registry& registry, const ConvertRequest& request, 
         } else {
             check_output_path(request.output, request.force);
         }
-        if (!adapter.lycoris_modules.empty() && convention != "kohya" && convention != "lycoris")
-            fail(ErrorCode::unsupported,
-                 "{} LyCORIS module(s) (LoHa/LoKr/full) need re-factoring into LoRA, which this version of "
-                 "lora-convert does not do yet; only kohya/LyCORIS output keeps them",
-                 adapter.lycoris_modules.size());
+        Json lycoris_report = Json::array();
+        std::string lycoris_table;
+        if (!adapter.lycoris_modules.empty() && (request.rank || (convention != "kohya" && convention != "lycoris"))) {
+            if (!request.rank)
+                fail(ErrorCode::usage,
+                     "{} LyCORIS module(s) (LoHa/LoKr/full) must be re-factored into LoRA for {}: give --rank N",
+                     adapter.lycoris_modules.size(), convention);
+            progress.begin("LyCORIS to LoRA", adapter.lycoris_modules.size(), 0);
+            double worst = 0, sum = 0;
+            std::size_t width = 6, done = 0;
+            for (const auto& m : adapter.lycoris_modules) width = std::max(width, m.name.size());
+            lycoris_table = fmt::format("{:<{}}  {:<13} {:>5} {:>10}\n", "module", width, "algorithm", "rank", "rel error");
+            for (const auto& m : adapter.lycoris_modules) {
+                DType type = DType::F32;
+                if (!m.tensors.empty()) type = m.tensors.front().tensor.dtype();
+                if (type != DType::F16 && type != DType::BF16) type = DType::F32;
+                LycorisConversion c = lycoris_to_lora(m, *request.rank, type);
+                worst = std::max(worst, c.relative_error);
+                sum += c.relative_error;
+                lycoris_report.push_back({{"name", m.name},
+                                          {"algorithm", m.algorithm},
+                                          {"rank", c.module.rank()},
+                                          {"relative_error", c.relative_error},
+                                          {"randomized_svd", c.randomized}});
+                lycoris_table += fmt::format("{:<{}}  {:<13} {:>5} {:>10.3g}\n", m.name, width, m.algorithm,
+                                             c.module.rank(), c.relative_error);
+                adapter.modules.push_back(std::move(c.module));
+                progress.advance(++done, 0);
+            }
+            progress.end();
+            adapter.notes.push_back(fmt::format(
+                "{} LyCORIS module(s) re-factored into rank-{} LoRAs: relative error mean {:.3g}, max {:.3g}",
+                adapter.lycoris_modules.size(), *request.rank, sum / static_cast<double>(adapter.lycoris_modules.size()),
+                worst));
+            adapter.lycoris_modules.clear();
+            std::stable_sort(adapter.modules.begin(), adapter.modules.end(),
+                             [](const LoraModule& a, const LoraModule& b) { return natural_less(a.name, b.name); });
+        }
         WriteOptions options{request.force, hints, ""};
         if (request.dtype == "q8_0" || request.dtype == "Q8_0") {
             if (convention != "gguf") fail(ErrorCode::usage, "--dtype q8_0 is only for --to gguf");
@@ -138,9 +174,11 @@ ToolResult run_convert(const Registry& registry, const ConvertRequest& request, 
             j["to"] = convention;
             j["module_count"] = adapter.modules.size();
             j["other_tensor_count"] = adapter.other_tensors.size();
+            j["lycoris_converted"] = lycoris_report;
             j["notes"] = notes;
             result.out = j.dump(2) + "\n";
         }
+        if (!request.json) result.out = lycoris_table;
         for (const auto& note : notes) result.note(note);
         if (!request.json)
             result.note(fmt::format("wrote {} module(s) from {} as {} to {}", adapter.modules.size(), adapter.convention,

@@ -2,6 +2,8 @@
 // scale of every module is preserved; what a target cannot express is folded into B or refused).
 #pragma once
 
+#include <cstdint>
+#include <optional>
 #include <string>
 
 #include "lorakit/progress.h"
@@ -17,6 +19,7 @@ struct ConvertRequest {
     std::string dtype;  // "" = the factors' own; f32, f16, bf16; q8_0 for gguf
     ModelHints hints;   // --arch, --head-count, --head-count-kv
     std::string base;   // a base model's config.json or GGUF, for the hints it does not give
+    std::optional<std::int64_t> rank;  // LyCORIS modules are re-factored into LoRAs of this rank
     bool force = false;
     bool json = false;
 };
