@@ -3,14 +3,14 @@
 #include "conventions.h"
 #include "lorakit/formats/gguf.h"
 #include "lorakit/formats/safetensors.h"
-#include "stub_containers.h"
+#include "pytorch_pickle.h"
 
 namespace lorakit::formats {
 
 void register_builtin_formats(Registry& registry) {
     registry.add(std::make_unique<SafetensorsDriver>());
     registry.add(std::make_unique<GgufDriver>());
-    register_stub_containers(registry);
+    registry.add(std::make_unique<PytorchPickleDriver>());
     // Detection takes the highest score; on a tie the earlier driver wins.
     registry.add(make_gguf_lora_driver());
     registry.add(make_peft_driver());
