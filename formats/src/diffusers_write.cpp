@@ -26,6 +26,16 @@ void write_diffusers(const Adapter& a, const std::filesystem::path& target, cons
                  "module {} belongs to no pipeline component (unet, text_encoder, transformer): diffusers files hold "
                  "diffusion pipelines",
                  quote(m.name));
+        // diffusers names UNet and Flux modules in its own tree; kohya's SGM (input_blocks...) and
+        // BFL (double_blocks...) names need a map between the trees, which lorakit lacks so far.
+        if (!keep_keys)
+            for (std::string_view tree : {"unet.input_blocks.", "unet.middle_block.", "unet.output_blocks.",
+                                          "transformer.double_blocks.", "transformer.single_blocks."})
+                if (m.name.starts_with(tree))
+                    fail(ErrorCode::unsupported,
+                         "module {} is named in the {} tree, which diffusers does not use; mapping it to diffusers "
+                         "names is not implemented yet (diffusers' load_lora_weights reads the kohya file as it is)",
+                         quote(m.name), m.name.starts_with("unet.") ? "SGM (kohya SDXL)" : "BFL (Flux)");
         const std::string stem = keep_keys && !m.source_name.empty() ? m.source_name : m.name;
         const double s = m.scale();
         if (s != 1.0) ++folded;

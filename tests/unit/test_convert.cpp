@@ -256,3 +256,17 @@ TEST_CASE("scales GGUF's one alpha cannot express are folded into lora_b, with a
         CHECK(relative_difference(delta(adapter.modules[i]), delta(back.modules[i])) < 1e-6);
     }
 }
+
+TEST_CASE("kohya SGM names are not written as diffusers keys (no tree map yet)", "[convert]") {
+    // Regression: diffusers output once carried unet.input_blocks... keys that diffusers never matches.
+    test::ScratchDir dir;
+    ConvertRequest request;
+    request.input = (samples / "kohya-sdxl.safetensors").string();
+    request.output = (dir / "d.safetensors").string();
+    request.to = "diffusers";
+    const ToolResult r = convert(request);
+    CHECK(r.exit_code == 3);
+    REQUIRE_FALSE(r.diagnostics.empty());
+    CHECK_THAT(r.diagnostics.front().message, Catch::Contains("SGM"));
+    CHECK_FALSE(fs::exists(request.output));
+}
