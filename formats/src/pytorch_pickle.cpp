@@ -10,6 +10,7 @@
 #include "pytorch_pickle.h"
 
 #include <cstring>
+#include <deque>
 #include <map>
 #include <memory>
 #include <variant>
@@ -111,7 +112,9 @@ std::vector<ZipEntry> read_zip(std::span<const std::byte> b) {
 // ---- the restricted unpickler ---------------------------------------------------------------
 
 struct Value;
-using Ptr = std::shared_ptr<Value>;
+// Values live in the unpickler's arena: a pickle may build cycles (a dict holding itself), which
+// reference counting would leak.
+using Ptr = Value*;
 
 struct Global {
     std::string module, name;
@@ -143,7 +146,6 @@ struct Value {
     std::variant<None, bool, std::int64_t, double, std::string, Tuple, List, Dict, Global, Storage, TensorRef, Mark> v;
 };
 
-Ptr make(auto x) { return std::make_shared<Value>(Value{std::move(x)}); }
 
 std::optional<DType> storage_dtype(std::string_view name) {
     static const std::pair<std::string_view, DType> table[] = {
@@ -184,6 +186,8 @@ const Items& as_tuple(const Ptr& p, std::string_view what) {
 class Unpickler {
 public:
     explicit Unpickler(std::span<const std::byte> data) : d_(data) {}
+    Unpickler(const Unpickler&) = delete;
+    Unpickler& operator=(const Unpickler&) = delete;
 
     Ptr run() {
         while (true) {
@@ -419,6 +423,12 @@ private:
         fail(ErrorCode::unsupported, "pickle: cannot call {}.{}", g->module, g->name);
     }
 
+    Ptr make(auto x) {
+        arena_.push_back(Value{std::move(x)});
+        return &arena_.back();
+    }
+
+    std::deque<Value> arena_;  // owns every value (stable addresses)
     std::span<const std::byte> d_;
     std::size_t pos_ = 0;
     std::vector<Ptr> stack_;

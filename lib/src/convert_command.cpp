@@ -147,7 +147,8 @@ ToolResult run_convert(const Registry& registry, const ConvertRequest& request, 
             std::stable_sort(adapter.modules.begin(), adapter.modules.end(),
                              [](const LoraModule& a, const LoraModule& b) { return natural_less(a.name, b.name); });
         }
-        WriteOptions options{request.force, hints, ""};
+        WriteOptions options = write_options(request.force);
+        options.hints = hints;
         if (request.dtype == "q8_0" || request.dtype == "Q8_0") {
             if (convention != "gguf") fail(ErrorCode::usage, "--dtype q8_0 is only for --to gguf");
             options.tensor_type = "q8_0";

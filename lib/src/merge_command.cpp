@@ -35,7 +35,7 @@ ToolResult run_merge(const Registry& registry, const MergeRequest& request, Prog
             merged.adapter.metadata["ss_training_comment"] = fmt::format(
                 "merged by lorakit ({}) from {} adapters", merge_method_name(request.options.method), inputs.size());
         if (!request.output.empty())
-            registry.write_adapter(merged.adapter, convention, request.output, WriteOptions{request.force}, notes);
+            registry.write_adapter(merged.adapter, convention, request.output, write_options(request.force), notes);
         if (request.json) {
             Json j;
             j["inputs"] = request.inputs;

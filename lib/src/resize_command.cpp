@@ -50,7 +50,7 @@ ToolResult run_resize(const Registry& registry, const ResizeRequest& request, Pr
         }
         std::vector<std::string> notes = resized.notes;
         if (!request.output.empty())
-            registry.write_adapter(resized.adapter, convention, request.output, WriteOptions{request.force}, notes);
+            registry.write_adapter(resized.adapter, convention, request.output, write_options(request.force), notes);
 
         double fro_sum = 0, fro_sq = 0, error_sum = 0;
         std::size_t changed = 0;

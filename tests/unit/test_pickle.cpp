@@ -195,6 +195,11 @@ TEST_CASE("pickle: every rule of the reader, each with its message", "[pickle][m
         p.op("}(").str("a").tensor("0", 6, 0, {2}, {1}).str("a").tensor("0", 6, 0, {2}, {1}).op("u");
         expect_error(with_pickle(p.done()), "duplicate tensor name 'a'");
     }
+    // Regression (found by fuzzing): a dict that holds itself is a cycle; it must neither leak
+    // (the sanitizer build checks) nor recurse without end.
+    expect_error(with_pickle(P().op(std::string_view("}q\0", 3)).str("self").op(std::string_view("h\0s", 3)).done()),
+                 "nested more than 8 levels",
+                 ErrorCode::unsupported);
     // The archive.
     expect_error(zip({{"archive/other", "x"}}), "without <name>/data.pkl");
     expect_error(zip({{"archive/data.pkl", good}}, 8), "compressed", ErrorCode::unsupported);

@@ -103,6 +103,11 @@ struct WriteOptions {
     ModelHints hints;          // for conventions that need the base model (GGUF: arch, q/k row order)
     std::string tensor_type;   // a container-specific tensor type ("q8_0" for GGUF); "" = the factors' own
 };
+inline WriteOptions write_options(bool overwrite) {
+    WriteOptions o;
+    o.overwrite = overwrite;
+    return o;
+}
 
 class ConventionDriver {
 public:
