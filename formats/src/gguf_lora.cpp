@@ -150,8 +150,16 @@ public:
                                                  gguf_type_name(alpha_value->type)));
             if (auto v = alpha_value->as_number(); v && *v != 0) alpha = *v;
         }
+        // Head counts: given by the caller, else recorded in the file (ollama writes them).
+        ModelHints hints = input.hints;
+        if (!hints.head_count)
+            if (const auto* v = file.find_kv(arch + ".attention.head_count"); v && v->as_number() && *v->as_number() > 0) {
+                hints.head_count = static_cast<std::int64_t>(*v->as_number());
+                if (const auto* kv = file.find_kv(arch + ".attention.head_count_kv"); kv && kv->as_number() && *kv->as_number() > 0)
+                    hints.head_count_kv = static_cast<std::int64_t>(*kv->as_number());
+            }
         const bool permuted = permutes_qk(arch);
-        const bool can_unpermute = permuted && input.hints.head_count.has_value();
+        const bool can_unpermute = permuted && hints.head_count.has_value();
         // Names: Hugging Face paths where the map knows them, unless q/k rows would stay in
         // llama.cpp's order (then every module keeps its llama.cpp name, so nothing mixes).
         bool has_qk = false;
@@ -192,7 +200,7 @@ public:
                 down = down.transposed_2d();  // stored [vocab, r]
             }
             if (permuted && is_q_or_k(base) && can_unpermute)
-                up = permute_rows(up, heads_for(base, input.hints), false, base);
+                up = permute_rows(up, heads_for(base, hints), false, base);
             m.down = std::move(down);
             m.up = std::move(up);
             m.alpha = alpha;
@@ -255,6 +263,22 @@ void GgufLoraDriver::write(const Adapter& a, const std::filesystem::path& target
             fail(ErrorCode::unsupported, "tensor {} is not a LoRA factor; llama.cpp adapters hold only LoRAs and norms",
                  quote(t.name));
     const std::string arch = arch_for(a, options.hints);
+    // Head counts: given, else those a GGUF source recorded.
+    ModelHints hints = options.hints;
+    if (!hints.head_count && a.convention == "gguf") {
+        auto number = [&](const std::string& key) -> std::optional<std::int64_t> {
+            const auto it = a.metadata.find(key);
+            if (it == a.metadata.end()) return std::nullopt;
+            try {
+                const long long v = std::stoll(it->second);
+                if (v > 0) return v;
+            } catch (const std::exception&) {
+            }
+            return std::nullopt;
+        };
+        hints.head_count = number(arch + ".attention.head_count");
+        if (hints.head_count) hints.head_count_kv = number(arch + ".attention.head_count_kv");
+    }
     if (arch.empty())
         fail(ErrorCode::usage, "the base architecture is not known (base model {}); give --arch (llama, qwen2, qwen3, gemma, ...)",
              quote(a.base_model.family));
@@ -291,11 +315,11 @@ void GgufLoraDriver::write(const Adapter& a, const std::filesystem::path& target
         // Rows already in llama.cpp order stay; Hugging Face ones are permuted for "llama".
         const bool hf_order = !(from_gguf_order && m.name == base);
         if (permutes_qk(arch) && is_q_or_k(base) && hf_order) {
-            if (!options.hints.head_count)
+            if (!hints.head_count)
                 fail(ErrorCode::usage,
                      "writing q/k LoRAs for arch llama needs the attention head counts (--head-count, --head-count-kv): "
                      "llama.cpp permutes their rows");
-            up = permute_rows(up, heads_for(base, options.hints), true, m.name);
+            up = permute_rows(up, heads_for(base, hints), true, m.name);
             ++permuted;
         }
         Tensor down = m.down;
@@ -322,6 +346,19 @@ void GgufLoraDriver::write(const Adapter& a, const std::filesystem::path& target
     };
     if (!a.base_model.name.empty()) kv.emplace_back("general.name", GgufValue::string(a.base_model.name));
     kv.emplace_back("adapter.lora.alpha", GgufValue::f32(static_cast<float>(alpha.value_or(0.0))));
+    // llama_ftype of the factors: ALL_F32 0, MOSTLY_F16 1, MOSTLY_Q8_0 7, MOSTLY_BF16 32.
+    std::uint32_t file_type = 0;
+    for (const auto& t : tensors) {
+        if (t.type == ggml_q8_0) file_type = 7;
+        else if (file_type != 7 && t.type == ggml_bf16) file_type = 32;
+        else if (file_type == 0 && t.type == ggml_f16) file_type = 1;
+    }
+    kv.emplace_back("general.file_type", GgufValue::u32(file_type));
+    if (hints.head_count) {
+        kv.emplace_back(arch + ".attention.head_count", GgufValue::u32(static_cast<std::uint32_t>(*hints.head_count)));
+        kv.emplace_back(arch + ".attention.head_count_kv",
+                        GgufValue::u32(static_cast<std::uint32_t>(hints.head_count_kv.value_or(*hints.head_count))));
+    }
     kv.emplace_back("general.quantization_version", GgufValue::u32(2));
     if (alpha && static_cast<double>(static_cast<float>(*alpha)) != *alpha)
         notes.push_back(fmt::format("alpha {} rounded to FLOAT32 {}", *alpha, static_cast<float>(*alpha)));

@@ -11,6 +11,9 @@
 #include "lorakit/error.h"
 #include "lorakit/formats/builtin.h"
 #include "lorakit/formats/gguf.h"
+#include "lorakit/sha256.h"
+
+#include <nlohmann/json.hpp>
 #include "support.h"
 
 namespace fs = std::filesystem;
@@ -170,27 +173,121 @@ TEST_CASE("llama q/k rows need head counts: without them conversion is refused, 
     CHECK(hints.head_count == 4);
     CHECK(hints.head_count_kv == 2);
 
-    // Reading that GGUF back without head counts keeps llama.cpp names; writing PEFT is refused.
+    // The file records the head counts (as ollama's files do), so reading it back needs no flags.
+    const auto written = formats::read_gguf(MappedFile::open(request.output));
+    CHECK(written->find_kv("llama.attention.head_count")->as_number() == 4.0);
+    CHECK(written->find_kv("llama.attention.head_count_kv")->as_number() == 2.0);
+    CHECK(written->find_kv("general.file_type")->as_number() == 0.0);  // ALL_F32
     ConvertRequest back;
     back.input = request.output;
     back.output = (dir / "peft").string();
     back.to = "peft";
-    r = convert(back);
-    CHECK(r.exit_code == 2);
+    REQUIRE(convert(back).exit_code == 0);
+    {
+        const Adapter original = formats::builtin_registry().load_adapter(samples / "peft-llama");
+        const Adapter again = formats::builtin_registry().load_adapter(back.output);
+        REQUIRE(again.modules.size() == original.modules.size());
+        for (std::size_t i = 0; i < again.modules.size(); ++i) {
+            CHECK(again.modules[i].name == original.modules[i].name);
+            CHECK(again.modules[i].up.to_f32() == original.modules[i].up.to_f32());
+            CHECK(again.modules[i].down.to_f32() == original.modules[i].down.to_f32());
+        }
+    }
+
+    // A GGUF without head counts (as convert_lora_to_gguf.py writes them) keeps llama.cpp names
+    // and rows: PEFT output is refused, GGUF output gives the same tensors back.
+    std::vector<std::pair<std::string, formats::GgufValue>> kv;
+    for (const auto& [k, v] : written->kv())
+        if (k.find("head_count") == std::string::npos) kv.emplace_back(k, v);
+    std::vector<formats::GgufTensorToWrite> tensors;
+    for (std::size_t i = 0; i < written->entries().size(); ++i) {
+        formats::GgufTensorToWrite t;
+        t.name = written->entries()[i].name;
+        t.type = written->ggml_type(i);
+        t.shape = written->entries()[i].shape;
+        t.view = written->raw(i);
+        tensors.push_back(std::move(t));
+    }
+    formats::write_gguf(dir / "bare.gguf", kv, tensors, false);
+    back.input = (dir / "bare.gguf").string();
+    back.output = (dir / "peft2").string();
+    const ToolResult r2 = convert(back);
+    CHECK(r2.exit_code == 2);
     CHECK_FALSE(fs::exists(back.output));
-    // GGUF to GGUF without head counts keeps the rows as they are: the same tensors.
     back.output = (dir / "again.gguf").string();
     back.to = "gguf";
     REQUIRE(convert(back).exit_code == 0);
-    const auto first = formats::read_gguf(MappedFile::open(request.output));
     const auto again = formats::read_gguf(MappedFile::open(back.output));
-    REQUIRE(first->entries().size() == again->entries().size());
-    for (const auto& e : first->entries()) {
+    REQUIRE(written->entries().size() == again->entries().size());
+    for (const auto& e : written->entries()) {
         INFO(e.name);
         const TensorEntry* other = again->find(e.name);
         REQUIRE(other != nullptr);
         CHECK(e.tensor.to_f32() == other->tensor.to_f32());
     }
+}
+
+TEST_CASE("oracle: ollama's GGUF of the discollama mlx adapter", "[convert][gguf]") {
+    // ../shared/testdata/real/ollama/discollama.expected-gguf-sha256.json: ollama's conversion
+    // (F16; llama, 32 heads, 8 KV heads). Metadata and attn_v must match byte for byte. For
+    // attn_q ollama permuted lora_A's input columns; llama.cpp's converter permutes lora_B's
+    // rows (the q permutation reorders W_q's output rows), which lorakit follows: checked
+    // numerically instead.
+    LORAKIT_REQUIRE_REAL_TESTDATA();
+    const auto dir = test::real_testdata_dir() / "ollama";
+    const auto expected = nlohmann::json::parse(test::read_file(dir / "discollama.expected-gguf-sha256.json"));
+    test::ScratchDir out;
+    ConvertRequest request;
+    request.input = (dir / "discollama").string();
+    request.output = (out / "d.gguf").string();
+    request.to = "gguf";
+    request.dtype = "f16";
+    request.hints = {"llama", 32, 8};
+    REQUIRE(convert(request).exit_code == 0);
+    const auto file = formats::read_gguf(MappedFile::open(request.output));
+    for (const std::string key : {"general.architecture", "general.type", "adapter.type"})
+        CHECK(file->find_kv(key)->as_string() == expected[key].get<std::string>());
+    for (const std::string key : {"adapter.lora.alpha", "general.file_type", "llama.attention.head_count",
+                                  "llama.attention.head_count_kv"}) {
+        INFO(key);
+        REQUIRE(file->find_kv(key) != nullptr);
+        CHECK(file->find_kv(key)->to_text() == expected[key].get<std::string>());  // the oracle stores text
+    }
+    CHECK(file->find_kv("adapter.lora.alpha")->type == formats::GgufType::f32);
+    std::size_t v_checked = 0;
+    const Adapter mlx = formats::builtin_registry().load_adapter(dir / "discollama");
+    for (const auto& e : file->entries()) {
+        INFO(e.name);
+        REQUIRE(expected.contains(e.name));
+        CHECK(e.dtype_name == "F16");
+        if (e.name.find("attn_v") != std::string::npos) {
+            CHECK(sha256_hex(e.tensor.bytes()) == expected[e.name].get<std::string>());
+            ++v_checked;
+            continue;
+        }
+        // attn_q: lora_a is A (as F16); lora_b is B (F16) with llama.cpp's row permutation, 32 heads.
+        const std::string layer = e.name.substr(4, e.name.find('.', 4) - 4);
+        const LoraModule* m = nullptr;
+        for (const auto& x : mlx.modules)
+            if (x.name == "model.layers." + layer + ".self_attn.q_proj") m = &x;
+        REQUIRE(m != nullptr);
+        if (e.name.ends_with("lora_a")) {
+            CHECK(e.tensor.to_f32() == m->down.converted(DType::F16).to_f32());
+        } else {
+            const auto ours = e.tensor.to_f32();
+            const auto b = m->up.converted(DType::F16).to_f32();
+            const std::int64_t out_rows = m->out_features(), r = m->rank(), hd = out_rows / 32;
+            std::size_t wrong = 0;
+            for (std::int64_t h = 0; h < 32; ++h)
+                for (std::int64_t j = 0; j < hd / 2; ++j)
+                    for (std::int64_t s = 0; s < 2; ++s)
+                        for (std::int64_t c = 0; c < r; ++c)
+                            wrong += ours[static_cast<std::size_t>((h * hd + 2 * j + s) * r + c)] !=
+                                     b[static_cast<std::size_t>((h * hd + s * hd / 2 + j) * r + c)];
+            CHECK(wrong == 0);
+        }
+    }
+    CHECK(v_checked == 4);
 }
 
 TEST_CASE("hints from a GGUF base model", "[convert][gguf]") {
