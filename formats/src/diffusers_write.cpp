@@ -4,6 +4,7 @@
 #include <fmt/format.h>
 
 #include "lorakit/error.h"
+#include "sd_names.h"
 #include "writers.h"
 
 namespace lorakit::formats {
@@ -17,7 +18,7 @@ void write_diffusers(const Adapter& a, const std::filesystem::path& target, cons
     refuse_lycoris(a, "diffusers");
     if (!same) refuse_other_tensors(a, "diffusers");
     OutputTensors out;
-    std::size_t folded = 0;
+    std::size_t folded = 0, renamed = 0;
     for (const auto& m : a.modules) {
         if (m.name.find(':') != std::string::npos)
             fail(ErrorCode::unsupported, "module {} has no module path (cloneofsimo numbering)", quote(m.name));
@@ -26,17 +27,23 @@ void write_diffusers(const Adapter& a, const std::filesystem::path& target, cons
                  "module {} belongs to no pipeline component (unet, text_encoder, transformer): diffusers files hold "
                  "diffusion pipelines",
                  quote(m.name));
-        // diffusers names UNet and Flux modules in its own tree; kohya's SGM (input_blocks...) and
-        // BFL (double_blocks...) names need a map between the trees, which lorakit lacks so far.
+        // diffusers names UNet and Flux modules in its own tree: kohya's SGM names (SDXL) are
+        // mapped; BFL Flux names (double_blocks...) need the fused-qkv split, not implemented yet.
+        std::string name = m.name;
+        if (!keep_keys && name.starts_with("unet.")) {
+            if (auto mapped = sgm_to_diffusers_unet(std::string_view(name).substr(5))) {
+                name = "unet." + *mapped;
+                ++renamed;
+            }
+        }
         if (!keep_keys)
-            for (std::string_view tree : {"unet.input_blocks.", "unet.middle_block.", "unet.output_blocks.",
-                                          "transformer.double_blocks.", "transformer.single_blocks."})
-                if (m.name.starts_with(tree))
+            for (std::string_view tree : {"transformer.double_blocks.", "transformer.single_blocks."})
+                if (name.starts_with(tree))
                     fail(ErrorCode::unsupported,
-                         "module {} is named in the {} tree, which diffusers does not use; mapping it to diffusers "
-                         "names is not implemented yet (diffusers' load_lora_weights reads the kohya file as it is)",
-                         quote(m.name), m.name.starts_with("unet.") ? "SGM (kohya SDXL)" : "BFL (Flux)");
-        const std::string stem = keep_keys && !m.source_name.empty() ? m.source_name : m.name;
+                         "module {} is named in the BFL (Flux) tree; mapping it to diffusers names (with the fused qkv "
+                         "split) is not implemented yet (diffusers' load_lora_weights reads the kohya file as it is)",
+                         quote(m.name));
+        const std::string stem = keep_keys && !m.source_name.empty() ? m.source_name : name;
         const double s = m.scale();
         if (s != 1.0) ++folded;
         if (m.kind == ModuleKind::embedding) {
@@ -54,6 +61,8 @@ void write_diffusers(const Adapter& a, const std::filesystem::path& target, cons
     // Scales are folded now; a stale LoraConfig would apply them a second time.
     metadata.erase("lora_adapter_metadata");
     metadata["format"] = "pt";
+    if (renamed)
+        notes.push_back(fmt::format("{} UNet module(s) renamed from the SGM tree (input_blocks...) to diffusers names", renamed));
     if (folded)
         notes.push_back(fmt::format("diffusers files carry no alpha: the scale of {} module(s) is folded into lora_B",
                                     folded));

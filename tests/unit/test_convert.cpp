@@ -14,6 +14,7 @@
 #include "lorakit/sha256.h"
 
 #include <nlohmann/json.hpp>
+#include "../../formats/src/sd_names.h"
 #include "support.h"
 
 namespace fs = std::filesystem;
@@ -60,7 +61,12 @@ TEST_CASE("every sample converts to every convention that can hold it, keeping e
     for (const auto& input : inputs) {
         const Adapter original = registry.load_adapter(samples / input);
         std::map<std::string, const LoraModule*> by_name;
-        for (const auto& m : original.modules) by_name[m.name] = &m;
+        for (const auto& m : original.modules) {
+            by_name[m.name] = &m;
+            // Written in diffusers' naming tree, SGM UNet names change (checked separately below).
+            if (m.name.starts_with("unet."))
+                if (auto mapped = formats::sgm_to_diffusers_unet(m.name.substr(5))) by_name["unet." + *mapped] = &m;
+        }
         for (const auto& to : targets) {
             INFO(input << " -> " << to);
             test::ScratchDir dir;
@@ -354,16 +360,55 @@ TEST_CASE("scales GGUF's one alpha cannot express are folded into lora_b, with a
     }
 }
 
-TEST_CASE("kohya SGM names are not written as diffusers keys (no tree map yet)", "[convert]") {
-    // Regression: diffusers output once carried unet.input_blocks... keys that diffusers never matches.
+TEST_CASE("SGM (kohya SDXL) UNet names map to diffusers names by diffusers' rules", "[convert]") {
+    const std::pair<std::string, std::string> cases[] = {
+        {"input_blocks.4.1.transformer_blocks.0.attn2.to_k", "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k"},
+        {"input_blocks.1.0.in_layers.2", "down_blocks.0.resnets.0.conv1"},
+        {"input_blocks.5.0.skip_connection", "down_blocks.1.resnets.1.conv_shortcut"},
+        {"input_blocks.3.0.op", "down_blocks.0.downsamplers.0.conv"},
+        {"input_blocks.0.0", "conv_in"},
+        {"input_blocks.8.0.emb_layers.1", "down_blocks.2.resnets.1.time_emb_proj"},
+        {"middle_block.0.out_layers.3", "mid_block.resnets.0.conv2"},
+        {"middle_block.1.proj_in", "mid_block.attentions.0.proj_in"},
+        {"middle_block.2.in_layers.2", "mid_block.resnets.1.conv1"},
+        {"output_blocks.2.2.conv", "up_blocks.0.upsamplers.0.conv"},
+        {"output_blocks.5.1.proj_out", "up_blocks.1.attentions.2.proj_out"},
+        {"output_blocks.8.0.skip_connection", "up_blocks.2.resnets.2.conv_shortcut"},
+        {"time_embed.0", "time_embedding.linear_1"},
+        {"label_emb.0.2", "add_embedding.linear_2"},
+        {"out.2", "conv_out"},
+    };
+    for (const auto& [sgm, diffusers] : cases) {
+        INFO(sgm);
+        CHECK(formats::sgm_to_diffusers_unet(sgm) == diffusers);
+    }
+    CHECK_FALSE(formats::sgm_to_diffusers_unet("down_blocks.0.attentions.0.proj_in"));
+    CHECK_FALSE(formats::sgm_to_diffusers_unet("input_blocks.x.1.proj_in"));
+
+    // Through lora-convert: every UNet module gets its diffusers name and keeps its delta.
     test::ScratchDir dir;
     ConvertRequest request;
     request.input = (samples / "kohya-sdxl.safetensors").string();
     request.output = (dir / "d.safetensors").string();
     request.to = "diffusers";
-    const ToolResult r = convert(request);
-    CHECK(r.exit_code == 3);
-    REQUIRE_FALSE(r.diagnostics.empty());
-    CHECK_THAT(r.diagnostics.front().message, Catch::Contains("SGM"));
-    CHECK_FALSE(fs::exists(request.output));
+    REQUIRE(convert(request).exit_code == 0);
+    const Adapter back = formats::builtin_registry().load_adapter(request.output);
+    for (const auto& m : back.modules) {
+        INFO(m.name);
+        CHECK(m.name.find("input_blocks") == std::string::npos);
+        CHECK(m.name.find("middle_block") == std::string::npos);
+        CHECK(m.name.find("output_blocks") == std::string::npos);
+    }
+}
+
+TEST_CASE("BFL (Flux) names are not written as diffusers keys (no qkv split yet)", "[convert]") {
+    Adapter a = formats::builtin_registry().load_adapter(samples / "peft-llama");
+    a.modules.resize(1);
+    a.modules[0].name = "transformer.double_blocks.0.img_attn.qkv";
+    a.convention = "kohya";
+    test::ScratchDir dir;
+    std::vector<std::string> notes;
+    CHECK_THROWS_WITH(formats::builtin_registry().write_adapter(a, "diffusers", dir / "f.safetensors", {}, notes),
+                      Catch::Contains("BFL (Flux) tree"));
+    CHECK_FALSE(fs::exists(dir / "f.safetensors"));
 }
