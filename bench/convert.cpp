@@ -1,0 +1,75 @@
+// Benchmark of lora-convert next to copying the same bytes: an SDXL-shaped kohya LoRA to
+// diffusers and back, and a Llama-7B-shaped PEFT LoRA to GGUF; also lorakit's own read + write
+// of the 7B file (PEFT to PEFT), the floor lora-resize is compared with. lorakit's writes end
+// with an fsync (a finished output is on disk), so `cp` is timed with and without one.
+//
+// Usage: bench-convert [DIR] [REPEATS]   (DIR default /tmp/lorakit-bench, shared with the
+// other benchmarks; REPEATS default 3, median reported after a warm-up)
+#include <cstdio>
+
+#include <fmt/format.h>
+
+#include "common.h"
+#include "synthetic.h"
+
+namespace fs = std::filesystem;
+using namespace lorakit::bench;
+
+int main(int argc, char** argv) {
+    const fs::path dir = argc > 1 ? fs::path(argv[1]) : fs::path("/tmp/lorakit-bench");
+    const int repeats = argc > 2 ? std::max(1, std::atoi(argv[2])) : 3;
+    fs::create_directories(dir);
+    const fs::path llama = dir / "llama7b-r128-peft", sdxl = dir / "sdxl-r32-kohya.safetensors";
+    if (!fs::exists(llama / "adapter_model.safetensors")) {
+        std::fprintf(stderr, "generating %s ...\n", llama.c_str());
+        make_llama7b_peft(llama);
+    }
+    if (!fs::exists(sdxl)) {
+        std::fprintf(stderr, "generating %s ...\n", sdxl.c_str());
+        make_sdxl_kohya(sdxl, 32, lorakit::DType::F16, 42);
+    }
+    const std::string convert = tool(argv[0], "lora-convert");
+    const fs::path copy = dir / "out-copy", diffusers = dir / "out-diffusers.safetensors",
+                   kohya = dir / "out-kohya.safetensors", gguf = dir / "out-llama.gguf", peft = dir / "out-peft";
+    auto cp = [&](const fs::path& from) {
+        return median_of({"cp", from.string(), copy.string()}, repeats, [&] { fs::remove(copy); });
+    };
+    auto cp_sync = [&](const fs::path& from) {
+        return median_of({"sh", "-c", fmt::format("cp '{}' '{}' && sync '{}'", from.string(), copy.string(), copy.string())},
+                         repeats, [&] { fs::remove(copy); });
+    };
+    struct Row {
+        std::string what;
+        Run ours, cp, cp_sync;
+        double mb;
+    };
+    std::vector<Row> rows;
+    auto run = [&](std::string what, const fs::path& input, const fs::path& input_bytes, std::vector<std::string> args,
+                   const fs::path& output) {
+        std::vector<std::string> command{convert, input.string(), "-o", output.string(), "-q", "-f"};
+        command.insert(command.end(), args.begin(), args.end());
+        Row row{std::move(what), median_of(command, repeats, [&] { fs::remove_all(output); }), cp(input_bytes),
+                cp_sync(input_bytes), static_cast<double>(fs::file_size(input_bytes)) / 1e6};
+        if (row.ours.status != 0) {
+            std::fprintf(stderr, "lora-convert failed (%d) for %s\n", row.ours.status, row.what.c_str());
+            std::exit(1);
+        }
+        rows.push_back(std::move(row));
+    };
+    run("SDXL kohya r32 f16 -> diffusers", sdxl, sdxl, {"--to", "diffusers"}, diffusers);
+    run("SDXL diffusers -> kohya", diffusers, diffusers, {"--to", "kohya"}, kohya);
+    run("7B PEFT r128 f32 -> GGUF (llama, 32 heads)", llama, llama / "adapter_model.safetensors",
+        {"--to", "gguf", "--arch", "llama", "--head-count", "32", "--head-count-kv", "32"}, gguf);
+    run("7B PEFT -> PEFT (lorakit read + write)", llama, llama / "adapter_model.safetensors", {"--to", "peft"}, peft);
+
+    fmt::print("## lora-convert (median of {}, after a warm-up)\n\n", repeats);
+    fmt::print("| conversion | input | `cp` | `cp` + fsync | lora-convert | ratio to `cp` | ratio to `cp` + fsync | peak RSS |\n");
+    fmt::print("|---|---|---|---|---|---|---|---|\n");
+    for (const auto& r : rows)
+        fmt::print("| {} | {:.0f} MB | {:.3f} s | {:.3f} s | {:.3f} s | {:.2f}x | {:.2f}x | {:.0f} MB |\n", r.what, r.mb,
+                   r.cp.seconds, r.cp_sync.seconds, r.ours.seconds, r.ours.seconds / r.cp.seconds,
+                   r.ours.seconds / r.cp_sync.seconds, r.ours.peak_rss_mb);
+    for (const auto& p : {copy, diffusers, kohya, gguf}) fs::remove(p);
+    fs::remove_all(peft);
+    return 0;
+}
