@@ -247,3 +247,36 @@ TEST_CASE("lorakit reads what gguf (Python) writes and rewrites it byte for byte
     const auto raw = file->raw(2);
     CHECK(std::vector<std::byte>(raw.begin(), raw.end()) == q);
 }
+
+TEST_CASE("gguf (Python) reads lora-convert's GGUF adapters with identical values (F32 and Q8_0)", "[interop][gguf]") {
+    LORAKIT_REQUIRE_INTEROP();
+    test::ScratchDir dir;
+    for (const std::string dtype : {"", "q8_0"}) {
+        INFO("dtype " << dtype);
+        const fs::path out = dir / ("a" + dtype + ".gguf");
+        const auto r = test::run_tool("lora-convert", {std::string(LORAKIT_SOURCE_DIR) + "/samples/peft-llama", "--to", "gguf",
+                                                       "--head-count", "4", "--head-count-kv", "2", "-o", out.string(),
+                                                       "-q", "--dtype", dtype.empty() ? "f32" : dtype});
+        INFO(r.err);
+        REQUIRE(r.exit_code == 0);
+        const Json seen = gguf_python("read", out);
+        CHECK(seen["kv"]["general.type"]["value"] == "adapter");
+        CHECK(seen["kv"]["adapter.type"]["value"] == "lora");
+        CHECK(seen["kv"]["adapter.lora.alpha"]["type"] == "FLOAT32");
+        CHECK(seen["kv"]["llama.attention.head_count"]["value"] == 4);
+        const auto ours = formats::read_gguf(MappedFile::open(out));
+        REQUIRE(seen["tensors"].size() == ours->entries().size());
+        for (std::size_t i = 0; i < ours->entries().size(); ++i) {
+            const Json& t = seen["tensors"][i];
+            INFO(t["name"]);
+            CHECK(t["name"] == ours->entries()[i].name);
+            CHECK(t["shape"].get<std::vector<std::int64_t>>() == ours->entries()[i].shape);
+            const auto values = ours->entries()[i].tensor.to_f32();
+            const auto theirs = t["values"].get<std::vector<double>>();
+            REQUIRE(theirs.size() == values.size());
+            std::size_t wrong = 0;
+            for (std::size_t j = 0; j < values.size(); ++j) wrong += theirs[j] != static_cast<double>(values[j]);
+            CHECK(wrong == 0);
+        }
+    }
+}
