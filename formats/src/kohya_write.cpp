@@ -6,6 +6,7 @@
 #include <fmt/format.h>
 
 #include "lorakit/error.h"
+#include "sd_names.h"
 #include "writers.h"
 
 namespace lorakit::formats {
@@ -42,6 +43,9 @@ std::string kohya_name(const Adapter& a, const LoraModule& m) {
              "cover diffusion models only",
              quote(m.name));
     std::string path = m.name.substr(component.size() + 1);
+    // sd-scripts trains SDXL on the SGM UNet: its files name UNet modules in that tree.
+    if (component == "unet" && a.base_model.family == "SDXL")
+        if (auto sgm = diffusers_to_sgm_unet_sdxl(path)) path = *sgm;
     for (char& c : path)
         if (c == '.') c = '_';
     return prefix + path;

@@ -50,6 +50,17 @@ std::string resnet_child(const std::string& rest) {
 
 std::string with_rest(std::string head, const std::string& rest) { return rest.empty() ? head : head + "." + rest; }
 
+std::string resnet_child_to_sgm(const std::string& rest) {
+    static const std::pair<std::string_view, std::string_view> names[] = {
+        {"norm1", "in_layers.0"},   {"conv1", "in_layers.2"},        {"norm2", "out_layers.0"},
+        {"conv2", "out_layers.3"},  {"time_emb_proj", "emb_layers.1"}, {"conv_shortcut", "skip_connection"},
+    };
+    for (const auto& [diffusers, sgm] : names)
+        if (rest == diffusers || rest.starts_with(std::string(diffusers) + "."))
+            return std::string(sgm) + rest.substr(diffusers.size());
+    return rest;
+}
+
 }  // namespace
 
 std::optional<std::string> sgm_to_diffusers_unet(std::string_view path) {
@@ -100,6 +111,42 @@ std::optional<std::string> sgm_to_diffusers_unet(std::string_view path) {
         if (*j == 1) return with_rest(fmt::format("up_blocks.{}.attentions.{}", block, layer), rest);
         return std::nullopt;
     }
+    return std::nullopt;
+}
+
+std::optional<std::string> diffusers_to_sgm_unet_sdxl(std::string_view path) {
+    const auto p = split(path);
+    auto tail = [&](std::size_t from) { return p.size() > from ? join(p, from) : std::string(); };
+    static const std::pair<std::string_view, std::string_view> singles[] = {
+        {"conv_in", "input_blocks.0.0"},           {"time_embedding.linear_1", "time_embed.0"},
+        {"time_embedding.linear_2", "time_embed.2"}, {"add_embedding.linear_1", "label_emb.0.0"},
+        {"add_embedding.linear_2", "label_emb.0.2"}, {"conv_out", "out.2"},
+        {"conv_norm_out", "out.0"},
+    };
+    for (const auto& [diffusers, sgm] : singles)
+        if (path == diffusers || path.starts_with(std::string(diffusers) + "."))
+            return std::string(sgm) + std::string(path.substr(diffusers.size()));
+    constexpr int per = layers_per_block + 1;
+    if (p.size() >= 3 && p[0] == "mid_block") {
+        const auto l = p.size() >= 3 ? number(p[2]) : std::nullopt;
+        if (p[1] == "resnets" && l && *l <= 1) return with_rest(*l == 0 ? "middle_block.0" : "middle_block.2", resnet_child_to_sgm(tail(3)));
+        if (p[1] == "attentions" && l && *l == 0) return with_rest("middle_block.1", tail(3));
+        return std::nullopt;
+    }
+    if (p.size() < 4 || (p[0] != "down_blocks" && p[0] != "up_blocks")) return std::nullopt;
+    const auto b = number(p[1]), l = number(p[3]);
+    if (!b || !l) return std::nullopt;
+    const bool down = p[0] == "down_blocks";
+    if (p[2] == "resnets" && *l < per)
+        return with_rest(fmt::format("{}.{}.0", down ? "input_blocks" : "output_blocks", down ? *b * per + *l + 1 : *b * per + *l),
+                         resnet_child_to_sgm(tail(4)));
+    if (p[2] == "attentions" && *l < per)
+        return with_rest(fmt::format("{}.{}.1", down ? "input_blocks" : "output_blocks", down ? *b * per + *l + 1 : *b * per + *l),
+                         tail(4));
+    if (down && p[2] == "downsamplers" && *l == 0 && p.size() >= 5 && p[4] == "conv")
+        return with_rest(fmt::format("input_blocks.{}.0.op", *b * per + per), tail(5));
+    if (!down && p[2] == "upsamplers" && *l == 0 && p.size() >= 5 && p[4] == "conv")
+        return with_rest(fmt::format("output_blocks.{}.2.conv", *b * per + per - 1), tail(5));
     return std::nullopt;
 }
 

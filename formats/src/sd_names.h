@@ -15,4 +15,8 @@ namespace lorakit::formats {
 // is not in the SGM tree.
 std::optional<std::string> sgm_to_diffusers_unet(std::string_view path);
 
+// The inverse, for the SDXL UNet (whose upsampling blocks all have attentions): the SGM path of
+// a diffusers one, or nullopt when `path` is not in the diffusers tree.
+std::optional<std::string> diffusers_to_sgm_unet_sdxl(std::string_view path);
+
 }  // namespace lorakit::formats
