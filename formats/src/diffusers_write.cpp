@@ -4,6 +4,7 @@
 #include <fmt/format.h>
 
 #include "lorakit/error.h"
+#include "flux_names.h"
 #include "sd_names.h"
 #include "writers.h"
 
@@ -18,8 +19,21 @@ void write_diffusers(const Adapter& a, const std::filesystem::path& target, cons
     refuse_lycoris(a, "diffusers");
     if (!same) refuse_other_tensors(a, "diffusers");
     OutputTensors out;
-    std::size_t folded = 0, renamed = 0;
+    std::size_t folded = 0, renamed = 0, flux_split = 0;
+    // Flux modules named in the BFL tree become diffusers modules (fused ones split exactly).
+    std::vector<LoraModule> modules;
     for (const auto& m : a.modules) {
+        if (!keep_keys && m.name.starts_with("transformer.")) {
+            if (auto parts = bfl_to_diffusers_flux(m)) {
+                flux_split += parts->size() > 1 ? 1 : 0;
+                ++renamed;
+                for (auto& p : *parts) modules.push_back(std::move(p));
+                continue;
+            }
+        }
+        modules.push_back(m);
+    }
+    for (const auto& m : modules) {
         if (m.name.find(':') != std::string::npos)
             fail(ErrorCode::unsupported, "module {} has no module path (cloneofsimo numbering)", quote(m.name));
         if (!keep_keys && component_of(m.name).empty())
@@ -36,13 +50,6 @@ void write_diffusers(const Adapter& a, const std::filesystem::path& target, cons
                 ++renamed;
             }
         }
-        if (!keep_keys)
-            for (std::string_view tree : {"transformer.double_blocks.", "transformer.single_blocks."})
-                if (name.starts_with(tree))
-                    fail(ErrorCode::unsupported,
-                         "module {} is named in the BFL (Flux) tree; mapping it to diffusers names (with the fused qkv "
-                         "split) is not implemented yet (diffusers' load_lora_weights reads the kohya file as it is)",
-                         quote(m.name));
         const std::string stem = keep_keys && !m.source_name.empty() ? m.source_name : name;
         const double s = m.scale();
         if (s != 1.0) ++folded;
@@ -62,7 +69,9 @@ void write_diffusers(const Adapter& a, const std::filesystem::path& target, cons
     metadata.erase("lora_adapter_metadata");
     metadata["format"] = "pt";
     if (renamed)
-        notes.push_back(fmt::format("{} UNet module(s) renamed from the SGM tree (input_blocks...) to diffusers names", renamed));
+        notes.push_back(fmt::format("{} module(s) renamed from the SGM/BFL trees to diffusers names{}", renamed,
+                                    flux_split ? fmt::format(" ({} fused Flux module(s) split into q/k/v[/mlp])", flux_split)
+                                               : std::string()));
     if (folded)
         notes.push_back(fmt::format("diffusers files carry no alpha: the scale of {} module(s) is folded into lora_B",
                                     folded));

@@ -6,6 +6,7 @@
 #include <cmath>
 #include <filesystem>
 #include <map>
+#include <set>
 
 #include "lorakit/convert.h"
 #include "lorakit/error.h"
@@ -15,6 +16,8 @@
 
 #include <nlohmann/json.hpp>
 #include "../../formats/src/sd_names.h"
+#include "lorakit/random.h"
+#include "memory_tensor_file.h"
 #include "support.h"
 
 namespace fs = std::filesystem;
@@ -402,16 +405,67 @@ TEST_CASE("SGM (kohya SDXL) UNet names map to diffusers names by diffusers' rule
     }
 }
 
-TEST_CASE("BFL (Flux) names are not written as diffusers keys (no qkv split yet)", "[convert]") {
-    Adapter a = formats::builtin_registry().load_adapter(samples / "peft-llama");
-    a.modules.resize(1);
-    a.modules[0].name = "transformer.double_blocks.0.img_attn.qkv";
-    a.convention = "kohya";
+TEST_CASE("Flux: kohya (BFL) names become diffusers names, fused qkv and linear1 split exactly", "[convert][keysets]") {
+    LORAKIT_REQUIRE_REAL_TESTDATA();
+    // A file shaped exactly like a real kohya Flux LoRA (every key of the manifest), random values.
+    const auto manifest = nlohmann::json::parse(test::read_file(test::real_testdata_dir() / "keysets/flux_lora_kohya.json"));
+    test::MemoryTensorFile file("flux_lora_kohya");
+    std::uint64_t seed = 1;
+    for (const auto& [key, shape_json] : manifest["tensors"].items()) {
+        const Shape shape = shape_json.get<Shape>();
+        std::int64_t n = 1;
+        for (auto d : shape) n *= d;
+        std::vector<float> values(static_cast<std::size_t>(n));
+        SplitMix64 random(seed++);
+        for (auto& v : values) v = shape.empty() ? 8.0f : random.uniform() - 0.5f;
+        file.add_f32(key, shape, values);
+    }
+    const auto& registry = formats::builtin_registry();
+    const Adapter kohya = registry.read_adapter("flux_lora_kohya", file, std::nullopt);
     test::ScratchDir dir;
     std::vector<std::string> notes;
-    CHECK_THROWS_WITH(formats::builtin_registry().write_adapter(a, "diffusers", dir / "f.safetensors", {}, notes),
-                      Catch::Contains("BFL (Flux) tree"));
-    CHECK_FALSE(fs::exists(dir / "f.safetensors"));
+    registry.write_adapter(kohya, "diffusers", dir / "d.safetensors", {}, notes);
+    const Adapter diffusers = registry.load_adapter(dir / "d.safetensors");
+    // Every name is one diffusers' own Flux LoRAs use.
+    const auto reference = nlohmann::json::parse(test::read_file(test::real_testdata_dir() / "keysets/flux_lora_diffusers.json"));
+    std::set<std::string> known;
+    for (const auto& [key, shape] : reference["tensors"].items()) known.insert(key.substr(0, key.find(".lora_")));
+    std::map<std::string, const LoraModule*> by_name;
+    for (const auto& m : diffusers.modules) {
+        INFO(m.name);
+        CHECK(known.count(m.name));
+        by_name[m.name] = &m;
+    }
+    // Split modules stack back to the fused delta; the others keep theirs.
+    auto stacked = [&](const std::vector<std::string>& names) {
+        std::vector<double> d;
+        for (const auto& n : names) {
+            REQUIRE(by_name.count(n));
+            const auto part = delta(*by_name.at(n));
+            d.insert(d.end(), part.begin(), part.end());
+        }
+        return d;
+    };
+    std::size_t split = 0;
+    for (const auto& m : kohya.modules) {
+        INFO(m.name);
+        const std::string path = m.name.substr(std::string("transformer.").size());
+        if (path.starts_with("double_blocks.") && path.ends_with("img_attn.qkv")) {
+            const std::string b = "transformer.transformer_blocks." + path.substr(14, path.find('.', 14) - 14) + ".attn.";
+            CHECK(relative_difference(delta(m), stacked({b + "to_q", b + "to_k", b + "to_v"})) < 1e-6);
+            ++split;
+        } else if (path.starts_with("single_blocks.") && path.ends_with("linear1")) {
+            const std::string b = "transformer.single_transformer_blocks." + path.substr(14, path.find('.', 14) - 14) + ".";
+            CHECK(relative_difference(delta(m), stacked({b + "attn.to_q", b + "attn.to_k", b + "attn.to_v", b + "proj_mlp"})) <
+                  1e-6);
+            ++split;
+        }
+    }
+    CHECK(split == 19 + 38);
+    // 19 double blocks with two qkv each (3 parts), 38 single blocks with linear1 (4 parts): the
+    // 494 modules of diffusers' own full Flux LoRA.
+    CHECK(diffusers.modules.size() == kohya.modules.size() + 19 * 2 * 2 + 38 * 3);
+    CHECK(diffusers.modules.size() == known.size());
 }
 
 TEST_CASE("round trips A -> B -> A", "[convert][roundtrip]") {
