@@ -1,7 +1,9 @@
 #include "flux_names.h"
 
 #include <charconv>
+#include <algorithm>
 #include <cstring>
+#include <map>
 
 #include <fmt/format.h>
 
@@ -122,6 +124,184 @@ std::optional<std::vector<LoraModule>> bfl_to_diffusers_flux(const LoraModule& m
         return std::nullopt;
     }
     return std::nullopt;
+}
+
+namespace {
+
+struct Group {
+    std::string name;                                // BFL canonical name
+    std::vector<std::string> parts;                  // diffusers names, in row order
+    std::vector<const LoraModule*> found;            // per part, or null
+};
+
+bool same_bytes(const Tensor& a, const Tensor& b) {
+    return a.dtype() == b.dtype() && a.shape() == b.shape() &&
+           std::equal(a.bytes().begin(), a.bytes().end(), b.bytes().begin());
+}
+
+LoraModule join(const Group& g) {
+    const LoraModule* first = nullptr;
+    for (const auto* m : g.found)
+        if (m) {
+            first = m;
+            break;
+        }
+    // Row counts of missing parts: q/k/v share one size; proj_mlp is 4x the hidden size.
+    std::vector<std::int64_t> rows(g.parts.size(), 0);
+    for (std::size_t i = 0; i < g.parts.size(); ++i)
+        if (g.found[i]) rows[i] = g.found[i]->out_features();
+    const std::int64_t hidden = first->in_features();
+    for (std::size_t i = 0; i < g.parts.size(); ++i)
+        if (!g.found[i]) rows[i] = g.parts[i].ends_with("proj_mlp") ? 4 * hidden : hidden;
+    bool shared = true;
+    for (const auto* m : g.found)
+        if (!m || !same_bytes(m->down, first->down) || m->scale() != first->scale() || m->scale_rule != first->scale_rule ||
+            m->alpha != first->alpha)
+            shared = false;
+    LoraModule out = *first;
+    out.name = g.name;
+    out.source_name.clear();
+    const DType type = first->up.dtype();
+    if (shared) {
+        std::vector<std::byte> b;
+        for (const auto* m : g.found) b.insert(b.end(), m->up.bytes().begin(), m->up.bytes().end());
+        std::int64_t total = 0;
+        for (auto r : rows) total += r;
+        out.up = Tensor::own(type, {total, first->rank()}, std::move(b));
+        return out;
+    }
+    // Stacked A, block-diagonal B with each part's scale folded in; scale 1.
+    std::int64_t rank = 0, total = 0;
+    for (std::size_t i = 0; i < g.parts.size(); ++i) {
+        rank += g.found[i] ? g.found[i]->rank() : 0;
+        total += rows[i];
+    }
+    const std::int64_t in = hidden;
+    std::vector<float> a(static_cast<std::size_t>(rank * in), 0.0f), b(static_cast<std::size_t>(total * rank), 0.0f);
+    std::int64_t r0 = 0, o0 = 0;
+    for (std::size_t i = 0; i < g.parts.size(); ++i) {
+        if (const LoraModule* m = g.found[i]) {
+            if (m->in_features() != in) fail(ErrorCode::bad_input, "module {}: input width differs from its group", quote(m->name));
+            const auto da = m->down.to_f32(), ub = m->up.to_f32();
+            const double s = m->scale();
+            std::copy(da.begin(), da.end(), a.begin() + r0 * in);
+            for (std::int64_t o = 0; o < rows[i]; ++o)
+                for (std::int64_t k = 0; k < m->rank(); ++k)
+                    b[static_cast<std::size_t>((o0 + o) * rank + r0 + k)] = static_cast<float>(s * ub[static_cast<std::size_t>(o * m->rank() + k)]);
+            r0 += m->rank();
+        }
+        o0 += rows[i];
+    }
+    out.down = Tensor::from_f32(first->down.dtype(), {rank, in}, a);
+    out.up = Tensor::from_f32(type, {total, rank}, b);
+    out.alpha = static_cast<double>(rank);
+    out.scale_rule = ScaleRule::alpha_over_rank;
+    return out;
+}
+
+}  // namespace
+
+std::vector<LoraModule> diffusers_to_bfl_flux(const std::vector<LoraModule>& modules, std::size_t& joined) {
+    joined = 0;
+    static const std::pair<std::string_view, std::string_view> singles[] = {
+        {"x_embedder", "img_in"},
+        {"context_embedder", "txt_in"},
+        {"time_text_embed.timestep_embedder.linear_1", "time_in.in_layer"},
+        {"time_text_embed.timestep_embedder.linear_2", "time_in.out_layer"},
+        {"time_text_embed.text_embedder.linear_1", "vector_in.in_layer"},
+        {"time_text_embed.text_embedder.linear_2", "vector_in.out_layer"},
+        {"time_text_embed.guidance_embedder.linear_1", "guidance_in.in_layer"},
+        {"time_text_embed.guidance_embedder.linear_2", "guidance_in.out_layer"},
+        {"proj_out", "final_layer.linear"},
+    };
+    static const std::pair<std::string_view, std::string_view> double_names[] = {
+        {"attn.to_out.0", "img_attn.proj"},   {"ff.net.0.proj", "img_mlp.0"},
+        {"ff.net.2", "img_mlp.2"},            {"norm1.linear", "img_mod.lin"},
+        {"attn.to_add_out", "txt_attn.proj"}, {"ff_context.net.0.proj", "txt_mlp.0"},
+        {"ff_context.net.2", "txt_mlp.2"},    {"norm1_context.linear", "txt_mod.lin"},
+    };
+    std::vector<LoraModule> out;
+    std::map<std::string, Group> groups;
+    std::vector<std::string> group_order;
+    auto add_to_group = [&](const std::string& name, std::vector<std::string> parts, const std::string& part, const LoraModule& m) {
+        auto [it, fresh] = groups.try_emplace(name);
+        if (fresh) {
+            it->second.name = name;
+            it->second.parts = std::move(parts);
+            it->second.found.assign(it->second.parts.size(), nullptr);
+            group_order.push_back(name);
+        }
+        for (std::size_t i = 0; i < it->second.parts.size(); ++i)
+            if (it->second.parts[i] == part) it->second.found[i] = &m;
+    };
+    for (const auto& m : modules) {
+        constexpr std::string_view component = "transformer.";
+        if (!m.name.starts_with(component)) {
+            out.push_back(m);
+            continue;
+        }
+        const std::string path = m.name.substr(component.size());
+        bool done = false;
+        for (const auto& [diffusers, bfl] : singles)
+            if (path == diffusers) {
+                out.push_back(renamed(m, std::string(bfl)));
+                done = true;
+            }
+        if (path == "norm_out.linear") {
+            LoraModule r = renamed(m, "final_layer.adaLN_modulation.1");
+            const std::int64_t rows = m.up.dim(0);
+            const Tensor scale = rows_of(m.up, 0, rows / 2), shift = rows_of(m.up, rows / 2, rows / 2);
+            std::vector<std::byte> bytes(shift.bytes().begin(), shift.bytes().end());
+            bytes.insert(bytes.end(), scale.bytes().begin(), scale.bytes().end());
+            r.up = Tensor::own(m.up.dtype(), m.up.shape(), std::move(bytes));
+            out.push_back(std::move(r));
+            done = true;
+        }
+        if (done) continue;
+        const auto dot1 = path.find('.');
+        const auto dot2 = dot1 == std::string::npos ? std::string::npos : path.find('.', dot1 + 1);
+        const std::string kind = path.substr(0, dot1);
+        const auto index = dot2 == std::string::npos ? std::nullopt : block_index(std::string_view(path).substr(dot1 + 1, dot2 - dot1 - 1));
+        if (!index) {
+            out.push_back(m);
+            continue;
+        }
+        const std::string rest = path.substr(dot2 + 1);
+        if (kind == "transformer_blocks") {
+            const std::string d = fmt::format("transformer.double_blocks.{}.", *index);
+            for (const auto& [diffusers, bfl] : double_names)
+                if (rest == diffusers) {
+                    out.push_back(renamed(m, d.substr(12) + std::string(bfl)));
+                    done = true;
+                }
+            if (rest == "attn.to_q" || rest == "attn.to_k" || rest == "attn.to_v") {
+                add_to_group(d + "img_attn.qkv", {"attn.to_q", "attn.to_k", "attn.to_v"}, rest, m);
+                done = true;
+            }
+            if (rest == "attn.add_q_proj" || rest == "attn.add_k_proj" || rest == "attn.add_v_proj") {
+                add_to_group(d + "txt_attn.qkv", {"attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"}, rest, m);
+                done = true;
+            }
+        } else if (kind == "single_transformer_blocks") {
+            const std::string s = fmt::format("transformer.single_blocks.{}.", *index);
+            if (rest == "proj_out") {
+                out.push_back(renamed(m, s.substr(12) + "linear2"));
+                done = true;
+            } else if (rest == "norm.linear") {
+                out.push_back(renamed(m, s.substr(12) + "modulation.lin"));
+                done = true;
+            } else if (rest == "attn.to_q" || rest == "attn.to_k" || rest == "attn.to_v" || rest == "proj_mlp") {
+                add_to_group(s + "linear1", {"attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"}, rest, m);
+                done = true;
+            }
+        }
+        if (!done) out.push_back(m);
+    }
+    for (const auto& name : group_order) {
+        out.push_back(join(groups.at(name)));
+        ++joined;
+    }
+    return out;
 }
 
 }  // namespace lorakit::formats

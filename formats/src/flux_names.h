@@ -18,4 +18,12 @@ namespace lorakit::formats {
 // swapped ([shift, scale] -> [scale, shift]). nullopt when the name is not a BFL Flux path.
 std::optional<std::vector<LoraModule>> bfl_to_diffusers_flux(const LoraModule& module);
 
+// The inverse over a whole adapter's modules: diffusers-named Flux modules back to BFL names,
+// q/k/v (and proj_mlp) joined into one module. Parts with identical A (as a split leaves them)
+// join to A and B stacked by rows, bit for bit; otherwise A is stacked and B block-diagonal,
+// each part's scale folded into its block (scale 1). A missing part contributes zero rows.
+// Modules that are not diffusers Flux names pass through unchanged. `joined` counts the
+// fused modules built.
+std::vector<LoraModule> diffusers_to_bfl_flux(const std::vector<LoraModule>& modules, std::size_t& joined);
+
 }  // namespace lorakit::formats

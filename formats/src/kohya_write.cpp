@@ -6,6 +6,7 @@
 #include <fmt/format.h>
 
 #include "lorakit/error.h"
+#include "flux_names.h"
 #include "sd_names.h"
 #include "writers.h"
 
@@ -93,7 +94,22 @@ void write_kohya(const Adapter& a, const std::filesystem::path& target, const Wr
     }
     OutputTensors out;
     std::vector<double> ranks, alphas;
-    for (const auto& m : a.modules) {
+    // kohya names Flux modules in the BFL tree: diffusers-named ones are renamed and their
+    // q/k/v (and proj_mlp) joined back into the fused modules.
+    std::vector<LoraModule> flux_modules;
+    const std::vector<LoraModule>* modules = &a.modules;
+    // (Only for Flux: SD3's diffusers names look alike but map to kohya's joint_blocks.)
+    if (!same && (a.base_model.family == "Flux" || mentions(a, "single_transformer_blocks"))) {
+        std::size_t joined = 0;
+        flux_modules = diffusers_to_bfl_flux(a.modules, joined);
+        bool changed = joined > 0 || flux_modules.size() != a.modules.size();
+        for (std::size_t i = 0; !changed && i < flux_modules.size(); ++i) changed = flux_modules[i].name != a.modules[i].name;
+        if (changed) {
+            modules = &flux_modules;
+            notes.push_back(fmt::format("Flux modules renamed to BFL names for kohya ({} fused module(s) joined)", joined));
+        }
+    }
+    for (const auto& m : *modules) {
         const std::string stem = same && !m.source_name.empty() ? m.source_name : kohya_name(a, m);
         out.add(stem + ".lora_down.weight", m.down);
         out.add(stem + ".lora_up.weight", m.up);
