@@ -65,6 +65,11 @@ demo: build
 	$(BUILD_DIR)/bin/lora-merge samples/kohya-sdxl.safetensors samples/kohya-sdxl.safetensors --weights 0.7,-0.2 \
 	  --method svd --rank 4 -o $(BUILD_DIR)/demo/kohya-merged.safetensors --force
 	$(BUILD_DIR)/bin/lora-inspect $(BUILD_DIR)/demo/kohya-merged.safetensors
+	@echo
+	@echo "== lora-convert: the PEFT sample to a llama.cpp GGUF adapter (its tiny base: 4 heads, 2 KV heads) =="
+	$(BUILD_DIR)/bin/lora-convert samples/peft-llama --to gguf --head-count 4 --head-count-kv 2 \
+	  -o $(BUILD_DIR)/demo/peft-llama.gguf --force
+	$(BUILD_DIR)/bin/lora-inspect $(BUILD_DIR)/demo/peft-llama.gguf
 
 clean:
 	rm -rf $(BUILD_DIR)
