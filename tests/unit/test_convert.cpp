@@ -545,3 +545,44 @@ TEST_CASE("round trips A -> B -> A", "[convert][roundtrip]") {
     }
     CHECK(checked >= 6);
 }
+
+TEST_CASE("GGUF: a PEFT embedding LoRA becomes token_embd with lora_a = Aᵀ, and reads back", "[convert][gguf]") {
+    // convert_lora_to_gguf.py: token_embd.weight.lora_a = lora_embedding_A.T ([vocab, r]),
+    // lora_b = lora_embedding_B ([dim, r]); llama.cpp checks model.ne[1] == a.ne[1] (vocab).
+    const auto& registry = formats::builtin_registry();
+    Adapter a = registry.load_adapter(samples / "mlx-qwen");
+    a.modules.resize(1);
+    LoraModule& m = a.modules[0];
+    m.name = "model.embed_tokens";
+    m.kind = ModuleKind::embedding;
+    const std::int64_t vocab = 40, dim = 16, r = 4;
+    std::vector<float> av(static_cast<std::size_t>(r * vocab)), bv(static_cast<std::size_t>(dim * r));
+    for (std::size_t i = 0; i < av.size(); ++i) av[i] = static_cast<float>(i) * 0.01f;
+    for (std::size_t i = 0; i < bv.size(); ++i) bv[i] = 1.0f - static_cast<float>(i) * 0.02f;
+    m.down = Tensor::from_f32(DType::F32, {r, vocab}, av);
+    m.up = Tensor::from_f32(DType::F32, {dim, r}, bv);
+    m.scale_rule = ScaleRule::alpha_over_rank;
+    m.alpha = 8.0;
+    test::ScratchDir dir;
+    std::vector<std::string> notes;
+    WriteOptions options;
+    options.hints.arch = "qwen2";
+    registry.write_adapter(a, "gguf", dir / "e.gguf", options, notes);
+    const auto file = formats::read_gguf(MappedFile::open(dir / "e.gguf"));
+    const TensorEntry* la = file->find("token_embd.weight.lora_a");
+    const TensorEntry* lb = file->find("token_embd.weight.lora_b");
+    REQUIRE(la != nullptr);
+    REQUIRE(lb != nullptr);
+    CHECK(la->shape == Shape{vocab, r});
+    CHECK(lb->shape == Shape{dim, r});
+    const auto at = la->tensor.to_f32();
+    for (std::int64_t v = 0; v < vocab; ++v)
+        for (std::int64_t k = 0; k < r; ++k) CHECK(at[static_cast<std::size_t>(v * r + k)] == av[static_cast<std::size_t>(k * vocab + v)]);
+    const Adapter back = registry.load_adapter(dir / "e.gguf");
+    REQUIRE(back.modules.size() == 1);
+    CHECK(back.modules[0].name == "model.embed_tokens");
+    CHECK(back.modules[0].kind == ModuleKind::embedding);
+    CHECK(back.modules[0].down.to_f32() == av);
+    CHECK(back.modules[0].up.to_f32() == bv);
+    CHECK(back.modules[0].scale() == 2.0);
+}
