@@ -9,14 +9,8 @@
 // Prints a markdown table: file size, median wall time of `cat FILE > /dev/null` and of
 // `lora-inspect --json DIR > /dev/null`, their ratio, lora-inspect's peak RSS (VmHWM of the
 // child, from wait4) and its ratio to the file size.
-#include <fcntl.h>
-#include <sys/resource.h>
-#include <sys/wait.h>
-#include <unistd.h>
-
 #include <algorithm>
 #include <cmath>
-#include <chrono>
 #include <cstdio>
 #include <filesystem>
 #include <string>
@@ -24,58 +18,14 @@
 
 #include <fmt/format.h>
 
+#include "common.h"
 #include "lorakit/linalg.h"
 #include "synthetic.h"
 
 extern "C" void cblas_sgemm(int, int, int, int, int, int, float, const float*, int, const float*, int, float, float*, int);
 
 namespace fs = std::filesystem;
-
-namespace {
-
-struct Run {
-    double seconds = 0;
-    double peak_rss_mb = 0;
-    int status = 0;
-};
-
-// Runs argv with stdout to /dev/null; wall time and the child's peak RSS.
-Run run(const std::vector<std::string>& argv) {
-    const auto start = std::chrono::steady_clock::now();
-    const pid_t pid = ::fork();
-    if (pid == 0) {
-        const int null = ::open("/dev/null", O_WRONLY);
-        ::dup2(null, 1);
-        std::vector<char*> args;
-        for (const auto& a : argv) args.push_back(const_cast<char*>(a.c_str()));
-        args.push_back(nullptr);
-        ::execvp(args[0], args.data());
-        ::_exit(127);
-    }
-    int status = 0;
-    struct rusage usage {};
-    ::wait4(pid, &status, 0, &usage);
-    Run r;
-    r.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-    r.peak_rss_mb = static_cast<double>(usage.ru_maxrss) / 1024.0;
-    r.status = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
-    return r;
-}
-
-Run median_of(const std::vector<std::string>& argv, int repeats) {
-    run(argv);  // warm-up: page cache, first-touch effects
-    std::vector<Run> runs;
-    for (int i = 0; i < repeats; ++i) runs.push_back(run(argv));
-    std::sort(runs.begin(), runs.end(), [](const Run& a, const Run& b) { return a.seconds < b.seconds; });
-    return runs[runs.size() / 2];
-}
-
-std::string tool(const char* self, const char* name) {
-    // The tools live next to this benchmark in build/bin.
-    return (fs::path(self).parent_path() / name).string();
-}
-
-}  // namespace
+using namespace lorakit::bench;
 
 int main(int argc, char** argv) {
     const fs::path dir = argc > 1 ? fs::path(argv[1]) : fs::path("/tmp/lorakit-bench");

@@ -1,17 +1,14 @@
 #include "lorakit/inspect.h"
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstring>
-#include <exception>
-#include <mutex>
-#include <thread>
 
 #include <fmt/format.h>
 
 #include "lorakit/error.h"
 #include "lorakit/linalg.h"
+#include "parallel.h"
 
 namespace lorakit {
 
@@ -84,50 +81,20 @@ ModuleReport describe_module(const LoraModule& m) {
     return r;
 }
 
-// Runs analyse_module over all modules on `threads` workers. Each worker keeps its own
-// scratch memory, and BLAS runs single-threaded inside (one level of parallelism).
+// Runs analyse_module over all modules on `threads` workers (0: all cores). Each worker keeps
+// its own scratch memory, and BLAS runs single-threaded inside (one level of parallelism).
 void analyse_all(const std::vector<LoraModule>& modules, std::vector<ModuleReport>& reports, int threads,
                  bool spectra, Progress& progress) {
     const std::size_t count = modules.size();
     std::uint64_t total_bytes = 0;
     for (const auto& m : modules) total_bytes += m.down.bytes().size() + m.up.bytes().size();
     progress.begin("inspect", count, total_bytes);
-    std::atomic<std::size_t> next{0};
-    std::mutex progress_mutex;
-    std::size_t done = 0;
-    std::uint64_t done_bytes = 0;
-    std::exception_ptr failure;
-    std::atomic<bool> failed{false};
-    auto worker = [&] {
-        ModuleScratch scratch;
-        for (;;) {
-            const std::size_t i = next.fetch_add(1);
-            if (i >= count || failed.load()) return;
-            try {
-                with_context(fmt::format("module {}", quote(modules[i].name)),
-                             [&] { analyse_module(modules[i], reports[i], scratch, spectra); });
-            } catch (...) {
-                std::lock_guard lock(progress_mutex);
-                if (!failure) failure = std::current_exception();
-                failed.store(true);
-                return;
-            }
-            std::lock_guard lock(progress_mutex);
-            ++done;
-            done_bytes += modules[i].down.bytes().size() + modules[i].up.bytes().size();
-            progress.advance(done, done_bytes);
-        }
-    };
-    const int previous_blas_threads = linalg::blas_threads();
-    const int workers = std::max(1, std::min<int>(threads, static_cast<int>(count)));
-    if (workers > 1) linalg::set_blas_threads(1);
-    std::vector<std::thread> pool;
-    for (int t = 1; t < workers; ++t) pool.emplace_back(worker);
-    worker();
-    for (auto& thread : pool) thread.join();
-    if (workers > 1) linalg::set_blas_threads(previous_blas_threads);
-    progress.end();
-    if (failure) std::rethrow_exception(failure);
+    detail::parallel_for(count, threads, progress, [&](std::size_t i) -> std::uint64_t {
+        thread_local ModuleScratch scratch;
+        with_context(fmt::format("module {}", quote(modules[i].name)),
+                     [&] { analyse_module(modules[i], reports[i], scratch, spectra); });
+        return modules[i].down.bytes().size() + modules[i].up.bytes().size();
+    });
 }
 
 }  // namespace
@@ -160,9 +127,7 @@ InspectReport inspect_adapter(const Adapter& adapter, const InspectOptions& opti
         if (m.magnitude) count_tensor(*m.magnitude);
         if (m.bias) count_tensor(*m.bias);
     }
-    int threads = options.threads > 0 ? options.threads : static_cast<int>(std::thread::hardware_concurrency());
-    if (threads <= 0) threads = 1;
-    analyse_all(adapter.modules, report.modules, threads, options.spectra, progress);
+    analyse_all(adapter.modules, report.modules, options.threads, options.spectra, progress);
 
     for (const auto& m : adapter.lycoris_modules) {
         LycorisReport r;

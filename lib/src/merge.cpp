@@ -1,17 +1,15 @@
 #include "lorakit/merge.h"
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <map>
-#include <mutex>
-#include <thread>
 
 #include <fmt/format.h>
 
 #include "lorakit/error.h"
 #include "lorakit/names.h"
 #include "merge_math.h"
+#include "parallel.h"
 
 namespace lorakit {
 
@@ -389,42 +387,15 @@ MergeResult merge_adapters(const std::vector<Adapter>& inputs, const MergeOption
         partial += result.modules[i].inputs.size() < inputs.size() ? 1 : 0;
     }
     progress.begin("merge", order.size(), 0);
-    std::atomic<std::size_t> next{0};
-    std::mutex mutex;
-    std::exception_ptr failure;
-    std::size_t done = 0;
-    auto worker = [&] {
-        for (;;) {
-            const std::size_t i = next.fetch_add(1);
-            if (i >= order.size()) return;
-            try {
-                const auto& terms = by_name[order[i]];
-                // The first input's keys are reused when the output is in its convention.
-                const bool keep_name = terms[0].input == 0;
-                result.adapter.modules[i] = with_context(fmt::format("module {}", quote(order[i])), [&] {
-                    return merge_module(terms, o, o.seed + 0x632be59bd9b4e019ULL * (i + 1), type, keep_name,
-                                        result.modules[i]);
-                });
-            } catch (...) {
-                std::lock_guard lock(mutex);
-                if (!failure) failure = std::current_exception();
-                return;
-            }
-            std::lock_guard lock(mutex);
-            progress.advance(++done, 0);
-        }
-    };
-    int threads = o.threads > 0 ? o.threads : static_cast<int>(std::thread::hardware_concurrency());
-    threads = std::max(1, std::min<int>(threads, static_cast<int>(std::max<std::size_t>(order.size(), 1))));
-    const int previous = linalg::blas_threads();
-    if (threads > 1) linalg::set_blas_threads(1);
-    std::vector<std::thread> pool;
-    for (int t = 1; t < threads; ++t) pool.emplace_back(worker);
-    worker();
-    for (auto& t : pool) t.join();
-    if (threads > 1) linalg::set_blas_threads(previous);
-    progress.end();
-    if (failure) std::rethrow_exception(failure);
+    detail::parallel_for(order.size(), o.threads, progress, [&](std::size_t i) -> std::uint64_t {
+        const auto& terms = by_name.at(order[i]);
+        // The first input's keys are reused when the output is in its convention.
+        const bool keep_name = terms[0].input == 0;
+        result.adapter.modules[i] = with_context(fmt::format("module {}", quote(order[i])), [&] {
+            return merge_module(terms, o, o.seed + 0x632be59bd9b4e019ULL * (i + 1), type, keep_name, result.modules[i]);
+        });
+        return 0;
+    });
 
     if (partial)
         result.notes.push_back(fmt::format("{} module(s) are in only some inputs and were merged from those", partial));

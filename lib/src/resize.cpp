@@ -1,14 +1,12 @@
 #include "lorakit/resize.h"
 
-#include <atomic>
 #include <cmath>
-#include <mutex>
-#include <thread>
 
 #include <fmt/format.h>
 
 #include "lorakit/error.h"
 #include "lorakit/linalg.h"
+#include "parallel.h"
 
 namespace lorakit {
 
@@ -85,68 +83,38 @@ ResizeResult resize_adapter(const Adapter& input, const ResizeOptions& options, 
     const bool compat = options.rank.compat != RankCompat::lorakit;
     const std::size_t count = input.modules.size();
     progress.begin("resize", count, 0);
-    std::atomic<std::size_t> next{0};
-    std::mutex mutex;
-    std::exception_ptr failure;
-    std::size_t done = 0;
-    auto worker = [&] {
-        for (;;) {
-            const std::size_t i = next.fetch_add(1);
-            if (i >= count) return;
-            {
-                std::lock_guard lock(mutex);
-                if (failure) return;
+    detail::parallel_for(count, options.threads, progress, [&](std::size_t i) -> std::uint64_t {
+        const LoraModule& m = input.modules[i];
+        ModuleResize& report = result.modules[i];
+        report.name = m.name;
+        report.old_rank = m.rank();
+        with_context(fmt::format("module {}", quote(m.name)), [&] {
+            thread_local std::vector<float> scratch_a, scratch_b;
+            const FactorsF32 f = checked_factors(m, scratch_a, scratch_b);
+            thread_local linalg::Workspace workspace;
+            const linalg::LowRankTerm term{f.b, f.a, m.out_features(), m.rank(),
+                                           m.flat_in_features(), 1.0};
+            const std::int64_t full = std::min(m.out_features(), m.flat_in_features());
+            // One decomposition: the rule sees the spectrum, vectors are formed only for what it keeps.
+            const linalg::FactoredSvd svd = linalg::factored_svd(
+                {&term, 1},
+                [&](const std::vector<double>& spectrum) -> std::int64_t {
+                    report.choice = choose_rank(spectrum, full, m.rank(), m.kind == ModuleKind::conv, options.rank);
+                    report.unchanged = !compat && report.choice.rank >= m.rank();
+                    return report.unchanged ? 0 : report.choice.rank;
+                },
+                workspace);
+            if (report.unchanged) {
+                if (options.dtype) {
+                    result.adapter.modules[i].down = m.down.converted(*options.dtype);
+                    result.adapter.modules[i].up = m.up.converted(*options.dtype);
+                }
+            } else {
+                result.adapter.modules[i] = module_from_svd(m, svd, report.choice.rank, options.split, options.dtype);
             }
-            try {
-                const LoraModule& m = input.modules[i];
-                ModuleResize& report = result.modules[i];
-                report.name = m.name;
-                report.old_rank = m.rank();
-                with_context(fmt::format("module {}", quote(m.name)), [&] {
-                    thread_local std::vector<float> scratch_a, scratch_b;
-                    const FactorsF32 f = checked_factors(m, scratch_a, scratch_b);
-                    thread_local linalg::Workspace workspace;
-                    const linalg::LowRankTerm term{f.b, f.a, m.out_features(), m.rank(),
-                                                   m.flat_in_features(), 1.0};
-                    const std::int64_t full = std::min(m.out_features(), m.flat_in_features());
-                    // One decomposition: the rule sees the spectrum, vectors are formed only for what it keeps.
-                    const linalg::FactoredSvd svd = linalg::factored_svd(
-                        {&term, 1},
-                        [&](const std::vector<double>& spectrum) -> std::int64_t {
-                            report.choice = choose_rank(spectrum, full, m.rank(), m.kind == ModuleKind::conv, options.rank);
-                            report.unchanged = !compat && report.choice.rank >= m.rank();
-                            return report.unchanged ? 0 : report.choice.rank;
-                        },
-                        workspace);
-                    if (report.unchanged) {
-                        if (options.dtype) {
-                            result.adapter.modules[i].down = m.down.converted(*options.dtype);
-                            result.adapter.modules[i].up = m.up.converted(*options.dtype);
-                        }
-                    } else {
-                        result.adapter.modules[i] = module_from_svd(m, svd, report.choice.rank, options.split, options.dtype);
-                    }
-                });
-            } catch (...) {
-                std::lock_guard lock(mutex);
-                if (!failure) failure = std::current_exception();
-                return;
-            }
-            std::lock_guard lock(mutex);
-            progress.advance(++done, 0);
-        }
-    };
-    int threads = options.threads > 0 ? options.threads : static_cast<int>(std::thread::hardware_concurrency());
-    threads = std::max(1, std::min<int>(threads, static_cast<int>(std::max<std::size_t>(count, 1))));
-    const int previous = linalg::blas_threads();
-    if (threads > 1) linalg::set_blas_threads(1);
-    std::vector<std::thread> pool;
-    for (int t = 1; t < threads; ++t) pool.emplace_back(worker);
-    worker();
-    for (auto& t : pool) t.join();
-    if (threads > 1) linalg::set_blas_threads(previous);
-    progress.end();
-    if (failure) std::rethrow_exception(failure);
+        });
+        return 0;
+    });
 
     std::size_t dora = 0;
     for (const auto& m : result.adapter.modules) dora += m.magnitude ? 1 : 0;

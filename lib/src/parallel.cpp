@@ -1,0 +1,53 @@
+#include "parallel.h"
+
+#include <algorithm>
+#include <atomic>
+#include <exception>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#include "lorakit/linalg.h"
+
+namespace lorakit::detail {
+
+void parallel_for(std::size_t count, int threads, Progress& progress,
+                  const std::function<std::uint64_t(std::size_t)>& body) {
+    std::atomic<std::size_t> next{0};
+    std::atomic<bool> failed{false};
+    std::mutex mutex;
+    std::exception_ptr failure;
+    std::size_t done = 0;
+    std::uint64_t done_bytes = 0;
+    auto worker = [&] {
+        for (;;) {
+            const std::size_t i = next.fetch_add(1);
+            if (i >= count || failed.load()) return;
+            std::uint64_t bytes = 0;
+            try {
+                bytes = body(i);
+            } catch (...) {
+                std::lock_guard lock(mutex);
+                if (!failure) failure = std::current_exception();
+                failed.store(true);
+                return;
+            }
+            std::lock_guard lock(mutex);
+            done_bytes += bytes;
+            progress.advance(++done, done_bytes);
+        }
+    };
+    if (threads <= 0) threads = static_cast<int>(std::thread::hardware_concurrency());
+    threads = std::max(1, std::min<int>(threads, static_cast<int>(std::max<std::size_t>(count, 1))));
+    const int previous = linalg::blas_threads();
+    if (threads > 1) linalg::set_blas_threads(1);
+    std::vector<std::thread> pool;
+    for (int t = 1; t < threads; ++t) pool.emplace_back(worker);
+    worker();
+    for (auto& t : pool) t.join();
+    if (threads > 1) linalg::set_blas_threads(previous);
+    progress.end();
+    if (failure) std::rethrow_exception(failure);
+}
+
+}  // namespace lorakit::detail
