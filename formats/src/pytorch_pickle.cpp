@@ -18,6 +18,7 @@
 #include <fmt/format.h>
 
 #include "lorakit/error.h"
+#include "parsed_tensor_file.h"
 
 namespace lorakit::formats {
 
@@ -436,22 +437,6 @@ private:
     std::map<std::uint64_t, Ptr> memo_;
 };
 
-class PickleFile final : public TensorFile {
-public:
-    PickleFile(std::shared_ptr<const MappedFile> file, std::vector<TensorEntry> entries, std::map<std::string, std::string> metadata)
-        : file_(std::move(file)), entries_(std::move(entries)), metadata_(std::move(metadata)) {
-        build_index();
-    }
-    std::string_view format_name() const override { return "pytorch-pickle"; }
-    const std::string& name() const override { return file_->name(); }
-    const std::vector<TensorEntry>& entries() const override { return entries_; }
-    const std::map<std::string, std::string>& metadata() const override { return metadata_; }
-
-private:
-    std::shared_ptr<const MappedFile> file_;
-    std::vector<TensorEntry> entries_;
-    std::map<std::string, std::string> metadata_;
-};
 
 struct Flattener {
     std::span<const std::byte> bytes;
@@ -606,7 +591,7 @@ std::unique_ptr<TensorFile> read_pytorch_pickle(std::shared_ptr<const MappedFile
     Flattener flat{bytes, storages, file, {}, {}, {}};
     flat.walk(*dict, "", 0);
     for (auto& [k, v] : metadata) flat.metadata[k] = v;
-    return std::make_unique<PickleFile>(std::move(file), std::move(flat.entries), std::move(flat.metadata));
+    return std::make_unique<ParsedTensorFile>("pytorch-pickle", std::move(file), std::move(flat.entries), std::move(flat.metadata));
 }
 
 }  // namespace lorakit::formats

@@ -11,6 +11,7 @@
 #include <nlohmann/json.hpp>
 
 #include "lorakit/error.h"
+#include "parsed_tensor_file.h"
 #include "lorakit/formats/safetensors.h"
 
 namespace lorakit::formats {
@@ -358,23 +359,6 @@ const std::string* find_duplicate_name(const std::vector<RawEntry>& entries) {
     return nullptr;
 }
 
-class SafetensorsFile final : public TensorFile {
-public:
-    SafetensorsFile(std::shared_ptr<const MappedFile> file, std::vector<TensorEntry> entries,
-                    std::map<std::string, std::string> metadata)
-        : file_(std::move(file)), entries_(std::move(entries)), metadata_(std::move(metadata)) {
-        build_index();
-    }
-    std::string_view format_name() const override { return "safetensors"; }
-    const std::string& name() const override { return file_->name(); }
-    const std::vector<TensorEntry>& entries() const override { return entries_; }
-    const std::map<std::string, std::string>& metadata() const override { return metadata_; }
-
-private:
-    std::shared_ptr<const MappedFile> file_;
-    std::vector<TensorEntry> entries_;
-    std::map<std::string, std::string> metadata_;
-};
 
 }  // namespace
 
@@ -493,7 +477,7 @@ std::unique_ptr<TensorFile> read_safetensors(std::shared_ptr<const MappedFile> f
                                          owner);
         entries.push_back(std::move(entry));
     }
-    return std::make_unique<SafetensorsFile>(std::move(file), std::move(entries), std::move(handler.metadata));
+    return std::make_unique<ParsedTensorFile>("safetensors", std::move(file), std::move(entries), std::move(handler.metadata));
 }
 
 }  // namespace lorakit::formats
