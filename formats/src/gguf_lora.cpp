@@ -41,39 +41,27 @@ constexpr NamePair global_names[] = {
     {"lm_head", "output"},
 };
 
-// "model.layers.12.mlp.up_proj" -> "blk.12.ffn_up".
-std::optional<std::string> hf_to_gguf(std::string_view hf) {
+// One direction of the name map: `forward` is Hugging Face -> GGUF.
+std::optional<std::string> map_name(std::string_view name, bool forward) {
     for (const auto& p : global_names)
-        if (hf == p.hf) return std::string(p.gguf);
-    constexpr std::string_view prefix = "model.layers.";
-    if (!hf.starts_with(prefix)) return std::nullopt;
-    const auto rest = hf.substr(prefix.size());
+        if (name == (forward ? p.hf : p.gguf)) return std::string(forward ? p.gguf : p.hf);
+    const std::string_view from = forward ? "model.layers." : "blk.", to = forward ? "blk." : "model.layers.";
+    if (!name.starts_with(from)) return std::nullopt;
+    const auto rest = name.substr(from.size());
     const auto dot = rest.find('.');
     if (dot == std::string_view::npos || dot == 0) return std::nullopt;
     const auto index = rest.substr(0, dot);
     for (char c : index)
         if (c < '0' || c > '9') return std::nullopt;
     for (const auto& p : layer_names)
-        if (rest.substr(dot + 1) == p.hf) return fmt::format("blk.{}.{}", index, p.gguf);
+        if (rest.substr(dot + 1) == (forward ? p.hf : p.gguf))
+            return fmt::format("{}{}.{}", to, index, forward ? p.gguf : p.hf);
     return std::nullopt;
 }
 
-// "blk.12.ffn_up" -> "model.layers.12.mlp.up_proj".
-std::optional<std::string> gguf_to_hf(std::string_view gguf) {
-    for (const auto& p : global_names)
-        if (gguf == p.gguf) return std::string(p.hf);
-    constexpr std::string_view prefix = "blk.";
-    if (!gguf.starts_with(prefix)) return std::nullopt;
-    const auto rest = gguf.substr(prefix.size());
-    const auto dot = rest.find('.');
-    if (dot == std::string_view::npos || dot == 0) return std::nullopt;
-    const auto index = rest.substr(0, dot);
-    for (char c : index)
-        if (c < '0' || c > '9') return std::nullopt;
-    for (const auto& p : layer_names)
-        if (rest.substr(dot + 1) == p.gguf) return fmt::format("model.layers.{}.{}", index, p.hf);
-    return std::nullopt;
-}
+// "model.layers.12.mlp.up_proj" -> "blk.12.ffn_up", and back.
+std::optional<std::string> hf_to_gguf(std::string_view hf) { return map_name(hf, true); }
+std::optional<std::string> gguf_to_hf(std::string_view gguf) { return map_name(gguf, false); }
 
 // Architectures whose converter permutes q/k rows for rotary embeddings (LlamaModel.permute).
 bool permutes_qk(std::string_view arch) { return arch == "llama"; }
