@@ -38,11 +38,6 @@ std::optional<std::int64_t> positive_integer(const std::string& text, const std:
     fail(ErrorCode::bad_input, "{} is {}, not a positive integer", what, quote(text));
 }
 
-bool is_directory_convention(const Registry& registry, const std::string& convention) {
-    const ConventionDriver* driver = registry.convention(convention == "lycoris" ? "kohya" : convention);
-    return driver && driver->writes_directory();
-}
-
 }  // namespace
 
 ModelHints hints_from_base(const Registry& registry, const std::string& path, ModelHints hints) {
@@ -102,13 +97,7 @@ ToolResult run_convert(const Registry& registry, const ConvertRequest& request, 
         const std::string convention = request.to.empty() ? adapter.convention : request.to;
         if (!registry.convention(convention == "lycoris" ? "kohya" : convention))
             fail(ErrorCode::usage, "unknown target convention {}", quote(convention));
-        if (is_directory_convention(registry, convention)) {
-            std::error_code ec;
-            if (std::filesystem::exists(request.output, ec) && !request.force)
-                fail(ErrorCode::usage, "output {} exists (use --force to replace it)", quote(request.output));
-        } else {
-            check_output_path(request.output, request.force);
-        }
+        registry.check_output(convention, request.output, request.force);
         Json lycoris_report = Json::array();
         std::string lycoris_table;
         if (!adapter.lycoris_modules.empty() && (request.rank || (convention != "kohya" && convention != "lycoris"))) {

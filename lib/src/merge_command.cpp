@@ -20,14 +20,7 @@ ToolResult run_merge(const Registry& registry, const MergeRequest& request, Prog
         for (const auto& path : request.inputs) inputs.push_back(registry.load_adapter(path));
         const std::string convention = request.to.empty() ? inputs[0].convention : request.to;
         if (!request.output.empty()) {
-            const ConventionDriver* driver = registry.convention(convention == "lycoris" ? "kohya" : convention);
-            std::error_code ec;
-            if (driver && driver->writes_directory()) {
-                if (std::filesystem::exists(request.output, ec) && !request.force)
-                    fail(ErrorCode::usage, "output {} exists (use --force to replace it)", quote(request.output));
-            } else {
-                check_output_path(request.output, request.force);
-            }
+            registry.check_output(convention, request.output, request.force);  // before any work
         }
         MergeResult merged = merge_adapters(inputs, request.options, progress);
         std::vector<std::string> notes = merged.notes;

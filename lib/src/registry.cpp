@@ -1,5 +1,7 @@
 #include "lorakit/registry.h"
 
+#include "lorakit/atomic_file.h"
+
 #include <algorithm>
 #include <fstream>
 #include <sstream>
@@ -64,6 +66,17 @@ void Registry::write_adapter(const Adapter& adapter, std::string_view name, cons
         fail(ErrorCode::usage, "unknown convention {} (known: {})", quote(name), fmt::join(names, ", "));
     }
     with_context(quote(target.string()), [&] { driver->write(adapter, target, options, notes); });
+}
+
+void Registry::check_output(std::string_view name, const fs::path& target, bool overwrite) const {
+    const ConventionDriver* driver = convention(name == "lycoris" ? std::string_view("kohya") : name);
+    if (driver && driver->writes_directory()) {
+        std::error_code ec;
+        if (fs::exists(target, ec) && !overwrite)
+            fail(ErrorCode::usage, "output {} exists (use --force to replace it)", quote(target.string()));
+    } else {
+        check_output_path(target, overwrite);
+    }
 }
 
 std::unique_ptr<TensorFile> Registry::open_tensor_file(const fs::path& path) const {

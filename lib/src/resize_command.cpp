@@ -16,11 +16,6 @@ using Json = nlohmann::ordered_json;
 
 Json finite_or_null(double v) { return std::isfinite(v) ? Json(v) : Json(nullptr); }
 
-bool is_directory_convention(const Registry& registry, const std::string& convention) {
-    const ConventionDriver* driver = registry.convention(convention == "lycoris" ? "kohya" : convention);
-    return driver && driver->writes_directory();
-}
-
 }  // namespace
 
 ToolResult run_resize(const Registry& registry, const ResizeRequest& request, Progress& progress) {
@@ -29,14 +24,7 @@ ToolResult run_resize(const Registry& registry, const ResizeRequest& request, Pr
         const Adapter input = registry.load_adapter(request.input);
         const std::string convention = request.to.empty() ? input.convention : request.to;
         if (!request.output.empty()) {
-            // Refuse an existing output before any work is done.
-            if (is_directory_convention(registry, convention)) {
-                std::error_code ec;
-                if (std::filesystem::exists(request.output, ec) && !request.force)
-                    fail(ErrorCode::usage, "output {} exists (use --force to replace it)", quote(request.output));
-            } else {
-                check_output_path(request.output, request.force);
-            }
+            registry.check_output(convention, request.output, request.force);  // before any work
         }
         ResizeResult resized = resize_adapter(input, request.options, progress);
         std::int64_t old_max = 0;

@@ -151,6 +151,10 @@ public:
     std::unique_ptr<TensorFile> open_tensor_file(const std::filesystem::path& path) const;
     std::unique_ptr<TensorFile> open_tensor_file(std::shared_ptr<const MappedFile> file) const;
 
+    // Refuses, before any work is done, an output that write_adapter could not create: an
+    // existing file or directory without `overwrite`, or a missing parent directory.
+    void check_output(std::string_view convention, const std::filesystem::path& target, bool overwrite) const;
+
     // Writes an adapter in the named convention (see ConventionDriver::write).
     void write_adapter(const Adapter& adapter, std::string_view convention, const std::filesystem::path& target,
                        const WriteOptions& options, std::vector<std::string>& notes) const;
