@@ -20,19 +20,33 @@ bool mentions(const Adapter& a, std::string_view what) {
     return false;
 }
 
-// kohya's flattened name for a canonical module name (same naming tree: mapping SGM to
-// diffusers names or BFL to diffusers Flux names is the conversion layer's job).
-std::string kohya_name(const Adapter& a, const LoraModule& m) {
+// What kohya's prefixes depend on, from the whole adapter (computed once, not per module).
+struct KohyaNaming {
+    bool flux = false;                // kohya Flux files: CLIP-L is te1, T5 te3
+    bool two_text_encoders = false;   // SDXL: te1 and te2
+    bool sdxl = false;                // UNet names in the SGM tree
+};
+
+KohyaNaming kohya_naming(const Adapter& a) {
+    KohyaNaming n;
+    n.flux = a.base_model.family == "Flux" || mentions(a, "double_blocks") || mentions(a, "single_blocks") ||
+             mentions(a, "single_transformer_blocks");
+    n.two_text_encoders = components_of(a).count("text_encoder_2") > 0;
+    n.sdxl = a.base_model.family == "SDXL";
+    return n;
+}
+
+// kohya's flattened name for a canonical module name (SDXL UNet paths in the diffusers tree
+// are mapped to the SGM tree sd-scripts uses; Flux is mapped by write_kohya beforehand).
+std::string kohya_name(const KohyaNaming& naming, const LoraModule& m) {
     if (m.name.find(':') != std::string::npos)
         fail(ErrorCode::unsupported, "module {} has no module path (cloneofsimo numbering), so it has no kohya name",
              quote(m.name));
     const std::string component = component_of(m.name);
-    const std::set<std::string> components = components_of(a);
-    const bool flux = a.base_model.family == "Flux" || mentions(a, "double_blocks") || mentions(a, "single_blocks") ||
-                      mentions(a, "single_transformer_blocks");
+    const bool flux = naming.flux;
     std::string prefix;
     if (component == "unet" || component == "transformer") prefix = "lora_unet_";
-    else if (component == "text_encoder") prefix = flux || components.count("text_encoder_2") ? "lora_te1_" : "lora_te_";
+    else if (component == "text_encoder") prefix = flux || naming.two_text_encoders ? "lora_te1_" : "lora_te_";
     else if (component == "text_encoder_2") prefix = flux ? "lora_te3_" : "lora_te2_";  // kohya Flux files keep T5 as te3
     else if (component == "text_encoder_3") prefix = "lora_te3_";
     else if (component == "prior") prefix = "lora_prior_unet_";
@@ -45,7 +59,7 @@ std::string kohya_name(const Adapter& a, const LoraModule& m) {
              quote(m.name));
     std::string path = m.name.substr(component.size() + 1);
     // sd-scripts trains SDXL on the SGM UNet: its files name UNet modules in that tree.
-    if (component == "unet" && a.base_model.family == "SDXL")
+    if (component == "unet" && naming.sdxl)
         if (auto sgm = diffusers_to_sgm_unet_sdxl(path)) path = *sgm;
     for (char& c : path)
         if (c == '.') c = '_';
@@ -109,8 +123,9 @@ void write_kohya(const Adapter& a, const std::filesystem::path& target, const Wr
             notes.push_back(fmt::format("Flux modules renamed to BFL names for kohya ({} fused module(s) joined)", joined));
         }
     }
+    const KohyaNaming naming = kohya_naming(a);
     for (const auto& m : *modules) {
-        const std::string stem = same && !m.source_name.empty() ? m.source_name : kohya_name(a, m);
+        const std::string stem = same && !m.source_name.empty() ? m.source_name : kohya_name(naming, m);
         out.add(stem + ".lora_down.weight", m.down);
         out.add(stem + ".lora_up.weight", m.up);
         if (m.alpha || m.scale_rule != ScaleRule::alpha_over_rank) {
