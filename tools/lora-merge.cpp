@@ -1,29 +1,9 @@
 // lora-merge: several LoRA adapters into one.
-#include <sstream>
-
 #include "lorakit/error.h"
 #include "lorakit/formats/builtin.h"
 #include "lorakit/merge.h"
 #include "support/cli.h"
 #include "support/options.h"
-
-namespace {
-
-std::vector<double> parse_weights(const std::string& text) {
-    std::vector<double> weights;
-    std::stringstream stream(text);
-    std::string item;
-    while (std::getline(stream, item, ',')) {
-        char* end = nullptr;
-        const double w = std::strtod(item.c_str(), &end);
-        if (item.empty() || *end != '\0' || !std::isfinite(w))
-            lorakit::fail(lorakit::ErrorCode::usage, "--weights: {} is not a number", lorakit::quote(item));
-        weights.push_back(w);
-    }
-    return weights;
-}
-
-}  // namespace
 
 int main(int argc, char** argv) {
     lorakit::cli::Tool tool(
@@ -79,7 +59,7 @@ int main(int argc, char** argv) {
         request.inputs = lorakit::cli::Tool::expand_argument_files(request.inputs);
         auto& o = request.options;
         o.method = lorakit::parse_merge_method(method);
-        if (!weights.empty()) o.weights = parse_weights(weights);
+        if (!weights.empty()) o.weights = lorakit::cli::parse_weights(weights);
         if (rank.rank > 0 || !rank.dynamic.empty()) o.rank = rank.finish();
         o.majority_sign = majority == "frequency" ? lorakit::MajoritySign::frequency : lorakit::MajoritySign::total;
         o.compat = compat == "kohya" ? lorakit::MergeCompat::kohya

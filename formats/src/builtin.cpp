@@ -18,6 +18,7 @@ void register_builtin_formats(Registry& registry) {
     registry.add(make_cloneofsimo_driver());
     registry.add(make_kohya_driver());
     registry.add(make_diffusers_driver());
+    registry.set_checkpoint_opener(checkpoint_opener());
 }
 
 const Registry& builtin_registry() {

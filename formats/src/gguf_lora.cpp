@@ -59,12 +59,7 @@ std::optional<std::string> map_name(std::string_view name, bool forward) {
     return std::nullopt;
 }
 
-// "model.layers.12.mlp.up_proj" -> "blk.12.ffn_up", and back.
-std::optional<std::string> hf_to_gguf(std::string_view hf) { return map_name(hf, true); }
 std::optional<std::string> gguf_to_hf(std::string_view gguf) { return map_name(gguf, false); }
-
-// Architectures whose converter permutes q/k rows for rotary embeddings (LlamaModel.permute).
-bool permutes_qk(std::string_view arch) { return arch == "llama"; }
 
 bool is_q_or_k(std::string_view gguf_base) {
     return gguf_base.ends_with(".attn_q") || gguf_base.ends_with(".attn_k");
@@ -80,23 +75,36 @@ std::int64_t heads_for(std::string_view gguf_base, const ModelHints& hints) {
 // gguf row h·hd + 2j + s  <->  hf row h·hd + s·hd/2 + j.
 Tensor permute_rows(const Tensor& b, std::int64_t heads, bool to_gguf, std::string_view name) {
     const std::int64_t out = b.dim(0), r = b.dim(1);
-    if (heads <= 0 || out % heads != 0 || (out / heads) % 2 != 0)
-        fail(ErrorCode::bad_input, "module {}: {} output rows do not split into {} heads of even size", quote(name), out,
-             heads);
-    const std::int64_t hd = out / heads;
+    const auto rows = with_context(fmt::format("module {}", quote(name)), [&] { return rotary_rows(out, heads); });
     const std::size_t row_bytes = static_cast<std::size_t>(r) * dtype_size(b.dtype());
     std::vector<std::byte> result(b.bytes().size());
     const std::byte* src = b.bytes().data();
-    for (std::int64_t h = 0; h < heads; ++h)
-        for (std::int64_t j = 0; j < hd / 2; ++j)
-            for (std::int64_t s = 0; s < 2; ++s) {
-                const std::int64_t gguf_row = h * hd + 2 * j + s, hf_row = h * hd + s * (hd / 2) + j;
-                const std::int64_t from = to_gguf ? hf_row : gguf_row, to = to_gguf ? gguf_row : hf_row;
-                std::memcpy(result.data() + static_cast<std::size_t>(to) * row_bytes,
-                            src + static_cast<std::size_t>(from) * row_bytes, row_bytes);
-            }
+    for (std::int64_t hf_row = 0; hf_row < out; ++hf_row) {
+        const std::int64_t gguf_row = rows[static_cast<std::size_t>(hf_row)];
+        const std::int64_t from = to_gguf ? hf_row : gguf_row, to = to_gguf ? gguf_row : hf_row;
+        std::memcpy(result.data() + static_cast<std::size_t>(to) * row_bytes, src + static_cast<std::size_t>(from) * row_bytes,
+                    row_bytes);
+    }
     return Tensor::own(b.dtype(), b.shape(), std::move(result));
 }
+
+}  // namespace
+
+std::optional<std::string> hf_to_gguf(std::string_view hf) { return map_name(hf, true); }
+bool permutes_qk(std::string_view arch) { return arch == "llama"; }
+
+std::vector<std::int64_t> rotary_rows(std::int64_t out, std::int64_t heads) {
+    if (heads <= 0 || out % heads != 0 || (out / heads) % 2 != 0)
+        fail(ErrorCode::bad_input, "{} output rows do not split into {} heads of even size", out, heads);
+    const std::int64_t hd = out / heads;
+    std::vector<std::int64_t> rows(static_cast<std::size_t>(out));
+    for (std::int64_t h = 0; h < heads; ++h)
+        for (std::int64_t j = 0; j < hd / 2; ++j)
+            for (std::int64_t s = 0; s < 2; ++s) rows[static_cast<std::size_t>(h * hd + s * (hd / 2) + j)] = h * hd + 2 * j + s;
+    return rows;
+}
+
+namespace {
 
 std::string base_family(std::string_view arch) {
     if (arch == "llama") return "Llama";

@@ -318,12 +318,10 @@ FactoredSvd factored_svd_householder(std::span<const LowRankTerm> terms, std::in
     return result;
 }
 
-namespace {
-
-// Eigenvectors (columns of `vectors`, n x n column-major) and eigenvalues, descending, of the
-// symmetric matrix in `vectors` (upper triangle used).
-void symmetric_eigen(std::vector<double>& vectors, lapack_int n, std::vector<double>& values) {
+void symmetric_eigen(std::vector<double>& vectors, std::int64_t size, std::vector<double>& values) {
+    const lapack_int n = to_lapack(size, "matrix size");
     values.resize(static_cast<std::size_t>(n));
+    if (n == 0) return;
     check_lapack(LAPACKE_dsyevd(LAPACK_COL_MAJOR, 'V', 'U', n, vectors.data(), n, values.data()), "dsyevd");
     // dsyevd sorts ascending; reverse columns and values.
     std::reverse(values.begin(), values.end());
@@ -332,7 +330,31 @@ void symmetric_eigen(std::vector<double>& vectors, lapack_int n, std::vector<dou
                          vectors.begin() + static_cast<std::ptrdiff_t>(n - 1 - j) * n);
 }
 
-}  // namespace
+void stacked_grams(std::span<const LowRankTerm> terms, Workspace& workspace, std::vector<double>& gram_b,
+                   std::vector<double>& gram_a) {
+    auto& w = workspace.impl();
+    const Stacked s = stack_terms(terms, w);
+    const lapack_int R = to_lapack(s.total_rank, "total rank");
+    const lapack_int out = to_lapack(s.out, "output size"), in = to_lapack(s.in, "input size");
+    const auto rr = static_cast<std::size_t>(R) * R;
+    double* bd = sized(w.bd, static_cast<std::size_t>(out) * R);
+    double* ad = sized(w.ad, static_cast<std::size_t>(in) * R);
+    for (std::size_t i = 0, n = static_cast<std::size_t>(out) * R; i < n; ++i) bd[i] = w.b[i];
+    for (std::size_t i = 0, n = static_cast<std::size_t>(in) * R; i < n; ++i) ad[i] = w.a[i];
+    gram_b.assign(rr, 0.0);
+    gram_a.assign(rr, 0.0);
+    cblas_dsyrk(cblas_col_major, cblas_upper, cblas_no_trans, R, out, 1.0, bd, R, 0.0, gram_b.data(), R);
+    cblas_dsyrk(cblas_col_major, cblas_upper, cblas_trans, R, in, 1.0, ad, in, 0.0, gram_a.data(), R);
+    for (std::size_t i = 0; i < rr; ++i)
+        if (!std::isfinite(gram_b[i]) || !std::isfinite(gram_a[i]))
+            fail(ErrorCode::bad_input, "the factors hold NaN or infinite values");
+    for (lapack_int j = 0; j < R; ++j)
+        for (lapack_int i = j + 1; i < R; ++i) {
+            const std::size_t lower = i + static_cast<std::size_t>(j) * R, upper = j + static_cast<std::size_t>(i) * R;
+            gram_b[lower] = gram_b[upper];
+            gram_a[lower] = gram_a[upper];
+        }
+}
 
 FactoredSvd factored_svd(std::span<const LowRankTerm> terms, const std::function<std::int64_t(const std::vector<double>&)>& keep,
                          Workspace& workspace) {

@@ -128,6 +128,29 @@ DenseSvd randomized_svd(const float* m, std::int64_t rows, std::int64_t cols, st
 
 }  // namespace
 
+double spectral_norm(const float* matrix, std::int64_t rows, std::int64_t cols, int iterations, std::uint64_t seed) {
+    if (rows <= 0 || cols <= 0) return 0.0;
+    // Column-major view: A = Mᵀ (cols x rows). Block power iteration on AᵀA with a block of
+    // l vectors, re-orthonormalised each round; then Rayleigh–Ritz: σ(A·Z) for the final Z.
+    const int ar = as_int(cols), ac = as_int(rows);
+    const int l = static_cast<int>(std::min<std::int64_t>(4, std::min(rows, cols)));
+    std::vector<float> z(static_cast<std::size_t>(ac) * l), y(static_cast<std::size_t>(ar) * l);
+    gaussian(z, seed);
+    orthonormalise(z, ac, l);
+    for (int q = 0; q < iterations; ++q) {
+        cblas_sgemm(col_major, no_trans, no_trans, ar, l, ac, 1.0f, matrix, ar, z.data(), ac, 0.0f, y.data(), ar);
+        orthonormalise(y, ar, l);
+        cblas_sgemm(col_major, trans, no_trans, ac, l, ar, 1.0f, matrix, ar, y.data(), ar, 0.0f, z.data(), ac);
+        for (float x : z)
+            if (!std::isfinite(x)) fail(ErrorCode::bad_input, "the matrix holds NaN or infinite values");
+        orthonormalise(z, ac, l);
+    }
+    cblas_sgemm(col_major, no_trans, no_trans, ar, l, ac, 1.0f, matrix, ar, z.data(), ac, 0.0f, y.data(), ar);
+    std::vector<double> wide(y.begin(), y.end()), s(static_cast<std::size_t>(l));
+    check(LAPACKE_dgesdd(LAPACK_COL_MAJOR, 'N', ar, l, wide.data(), ar, s.data(), nullptr, 1, nullptr, 1), "dgesdd");
+    return s.front();
+}
+
 DenseSvd truncated_svd(const float* matrix, std::int64_t rows, std::int64_t cols, std::int64_t k,
                        const DenseSvdOptions& options) {
     if (rows <= 0 || cols <= 0 || k <= 0) fail(ErrorCode::internal, "truncated_svd of {}x{} at rank {}", rows, cols, k);

@@ -9,6 +9,7 @@
 #include <fmt/format.h>
 
 #include "lorakit/base_model.h"
+#include "lorakit/checkpoint.h"
 #include "lorakit/error.h"
 #include "lorakit/names.h"
 
@@ -121,6 +122,11 @@ std::optional<SidecarConfig> Registry::find_sidecar(const fs::path& weights) con
         }
     }
     return std::nullopt;
+}
+
+std::unique_ptr<Checkpoint> Registry::open_checkpoint(const fs::path& path) const {
+    if (!checkpoint_opener_) fail(ErrorCode::usage, "no checkpoint layouts are registered");
+    return with_context(quote(path.string()), [&] { return checkpoint_opener_(*this, path); });
 }
 
 Adapter Registry::load_adapter(const fs::path& path, const ModelHints& hints) const {

@@ -1,8 +1,26 @@
 #include "support/options.h"
 
+#include <cmath>
+#include <cstdlib>
+#include <sstream>
+
 #include "lorakit/error.h"
 
 namespace lorakit::cli {
+
+std::vector<double> parse_weights(const std::string& text) {
+    std::vector<double> weights;
+    std::stringstream stream(text);
+    std::string item;
+    while (std::getline(stream, item, ',')) {
+        char* end = nullptr;
+        const double w = std::strtod(item.c_str(), &end);
+        if (item.empty() || *end != '\0' || !std::isfinite(w))
+            fail(ErrorCode::usage, "--weights: {} is not a number", quote(item));
+        weights.push_back(w);
+    }
+    return weights;
+}
 
 DType parse_output_dtype(const std::string& text) {
     if (text == "f32" || text == "F32" || text == "float") return DType::F32;

@@ -3,6 +3,7 @@
 
 #include <optional>
 #include <string>
+#include <vector>
 
 #include <CLI/CLI.hpp>
 
@@ -10,6 +11,9 @@
 #include "lorakit/rank_rules.h"
 
 namespace lorakit::cli {
+
+// "0.8,1,-0.5" -> {0.8, 1, -0.5}; usage error naming the item that is not a finite number.
+std::vector<double> parse_weights(const std::string& text);
 
 // "f32" / "f16" / "bf16" (or the safetensors names) -> DType; usage error otherwise.
 DType parse_output_dtype(const std::string& text);

@@ -85,6 +85,25 @@ inline void split_factors(const FactoredSvd& svd, std::int64_t k, bool balanced,
 // Through Householder QRs in f32 (sgelqf/sgeqrf + sorglq/sorgqr): the cross-check in tests.
 FactoredSvd factored_svd_householder(std::span<const LowRankTerm> terms, std::int64_t keep, Workspace& workspace);
 
+// The Gram matrices of the stacked factors of Σ c_i B_i A_i: G_b = BᵀB and G_a = AAᵀ for
+// B = [c_1 B_1 ... c_k B_k] (out x R) and A = [A_1; ...; A_k] (R x in), R x R, symmetric with
+// both triangles filled, column-major, in double (dsyrk on widened copies). Everything about
+// the terms' products follows from their blocks without forming any out x in matrix, e.g.
+// ⟨c_i B_i A_i, c_j B_j A_j⟩_F = Σ_ab G_b[i_a, j_b] · G_a[i_a, j_b]. Throws bad_input on
+// NaN or infinite factors.
+void stacked_grams(std::span<const LowRankTerm> terms, Workspace& workspace, std::vector<double>& gram_b,
+                   std::vector<double>& gram_a);
+
+// Eigenvalues (descending) and eigenvectors of a small symmetric n x n matrix given
+// column-major in `matrix` (upper triangle read); `matrix` receives the eigenvectors as columns.
+void symmetric_eigen(std::vector<double>& matrix, std::int64_t n, std::vector<double>& values);
+
+// ‖W‖_2 of a dense row-major rows x cols f32 matrix, estimated by seeded block power
+// iteration (a block of 4 vectors, `iterations` rounds, Rayleigh–Ritz on the block): a lower
+// bound that converges to σ_1; 8 rounds put it within 1e-3 relative for typical weights.
+double spectral_norm(const float* matrix, std::int64_t rows, std::int64_t cols, int iterations = 8,
+                     std::uint64_t seed = 0x5eed);
+
 // Truncated SVD of a dense row-major rows x cols f32 matrix, for deltas with no low-rank
 // structure (merges after TIES/DARE pruning, extraction from two checkpoints).
 //   exact:      LAPACK dgesdd on a double copy (reference; used for min(rows, cols) <= exact_below)

@@ -22,6 +22,8 @@
 
 namespace lorakit {
 
+class Checkpoint;  // lorakit/checkpoint.h
+
 // One tensor record of a container.
 struct TensorEntry {
     std::string name;
@@ -138,8 +140,15 @@ public:
 
 class Registry {
 public:
+    using CheckpointOpener = std::unique_ptr<Checkpoint> (*)(const Registry&, const std::filesystem::path&);
+
     void add(std::unique_ptr<ContainerDriver> driver);
     void add(std::unique_ptr<ConventionDriver> driver);
+    // The function that opens base model checkpoints (formats/ supplies it).
+    void set_checkpoint_opener(CheckpointOpener opener) { checkpoint_opener_ = opener; }
+    // Opens a base model checkpoint (a file, a sharded checkpoint or a diffusers folder); errors
+    // carry the path. usage error when no opener is registered.
+    std::unique_ptr<Checkpoint> open_checkpoint(const std::filesystem::path& path) const;
 
     const std::vector<std::unique_ptr<ContainerDriver>>& containers() const { return containers_; }
     const std::vector<std::unique_ptr<ConventionDriver>>& conventions() const { return conventions_; }
@@ -171,6 +180,7 @@ private:
 
     std::vector<std::unique_ptr<ContainerDriver>> containers_;
     std::vector<std::unique_ptr<ConventionDriver>> conventions_;
+    CheckpointOpener checkpoint_opener_ = nullptr;
 };
 
 // Reads a whole (small) text file such as a JSON config. Throws io on failure and bad_input

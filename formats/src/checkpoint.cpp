@@ -1,0 +1,334 @@
+// Base model checkpoints: the layouts lorakit opens and where each adapter module lands in them.
+//
+// Containers: one safetensors / GGUF / PyTorch file; a Hugging Face sharded checkpoint
+// (model.safetensors.index.json: "weight_map" tensor -> shard file); a diffusers folder
+// (model_index.json, one folder per component, each a file or a sharded index).
+//
+// Module paths (canonical, docs/conventions.md) to tensors:
+//   Hugging Face transformers     "<path>.weight", also without the first path component or
+//                                 with "model." in front (GPT-2's h.N, bare LlamaModel files)
+//   diffusers folder              component folder = first component, "<rest>.weight"
+//   SD1.x / SDXL single file      unet -> model.diffusion_model.<SGM path> (the checkpoint's own
+//                                 keys mapped to diffusers names, so SD1.x and SDXL both work);
+//                                 text_encoder -> cond_stage_model.transformer.* (SD1.x) or
+//                                 conditioner.embedders.0.transformer.* (SDXL); text_encoder_2
+//                                 -> conditioner.embedders.1.model.* (OpenCLIP: q/k/v are row
+//                                 thirds of attn.in_proj_weight, out_proj, mlp.c_fc, mlp.c_proj)
+//   Flux BFL file                 BFL paths as they are ("double_blocks.0.img_attn.qkv.weight",
+//                                 optionally under model.diffusion_model.); diffusers-named
+//                                 modules go to their rows of the fused qkv / linear1
+//   GGUF model                    llama.cpp names (blk.N.attn_q.weight ...), q/k rows in llama.cpp's
+//                                 rotary order for arch llama (head counts from the file);
+//                                 token_embd holds the embedding as [vocab, dim]
+#include <algorithm>
+#include <filesystem>
+#include <map>
+#include <memory>
+
+#include <fmt/format.h>
+#include <nlohmann/json.hpp>
+
+#include "conventions.h"
+#include "flux_names.h"
+#include "lorakit/checkpoint.h"
+#include "lorakit/error.h"
+#include "lorakit/formats/builtin.h"
+#include "lorakit/formats/gguf.h"
+#include "lorakit/names.h"
+#include "sd_names.h"
+
+namespace lorakit::formats {
+
+namespace fs = std::filesystem;
+
+namespace {
+
+struct Found {
+    std::size_t file;
+    const TensorEntry* entry;
+};
+
+class FileCheckpoint final : public Checkpoint {
+public:
+    FileCheckpoint(std::string name, std::string layout, std::vector<std::unique_ptr<TensorFile>> files,
+                   std::vector<std::string> components)
+        : name_(std::move(name)), layout_(std::move(layout)), files_(std::move(files)), components_(std::move(components)) {
+        for (std::size_t f = 0; f < files_.size(); ++f)
+            for (const auto& e : files_[f]->entries()) {
+                const std::string key = components_[f].empty() ? e.name : components_[f] + "/" + e.name;
+                if (!index_.emplace(key, Found{f, &e}).second)
+                    fail(ErrorCode::bad_input, "tensor {} is in more than one file of the checkpoint", quote(e.name));
+            }
+        classify();
+    }
+
+    const std::string& name() const override { return name_; }
+    std::string_view layout() const override { return layout_; }
+    const std::vector<std::unique_ptr<TensorFile>>& files() const override { return files_; }
+
+    std::optional<WeightLocation> locate(const LoraModule& module) const override {
+        auto where = find(module);
+        if (where) check_shape(*where, module);
+        return where;
+    }
+
+private:
+    const Found* key(const std::string& k) const {
+        auto it = index_.find(k);
+        return it == index_.end() ? nullptr : &it->second;
+    }
+    std::optional<WeightLocation> at(const std::string& k, std::vector<std::int64_t> rows = {}, bool transposed = false) const {
+        const Found* f = key(k);
+        if (!f) return std::nullopt;
+        WeightLocation w;
+        w.file = f->file;
+        w.entry = f->entry;
+        w.rows = std::move(rows);
+        w.transposed = transposed;
+        return w;
+    }
+
+    void classify() {
+        for (const auto& [k, f] : index_) {
+            (void)f;
+            if (k.starts_with("model.diffusion_model.double_blocks.")) flux_prefix_ = "model.diffusion_model.", flux_ = true;
+            else if (k.starts_with("double_blocks.")) flux_ = true;
+            else if (k.starts_with("model.diffusion_model.")) sd_ = true;
+            if (k.starts_with("conditioner.embedders.")) sdxl_ = true;
+        }
+        if (files_.size() == 1)
+            if (const auto* g = dynamic_cast<const GgufFile*>(files_[0].get())) {
+                gguf_ = true;
+                if (const auto* v = g->find_kv("general.architecture"); v && v->as_string()) arch_ = *v->as_string();
+                auto number = [&](const std::string& k) -> std::int64_t {
+                    const auto* v = g->find_kv(k);
+                    return v && v->as_number() ? static_cast<std::int64_t>(*v->as_number()) : 0;
+                };
+                heads_ = number(arch_ + ".attention.head_count");
+                heads_kv_ = number(arch_ + ".attention.head_count_kv");
+                if (heads_kv_ == 0) heads_kv_ = heads_;
+            }
+        if (sd_ && !flux_) {
+            // The checkpoint's own UNet keys, by diffusers path: SD1.x and SDXL alike.
+            const std::string prefix = "model.diffusion_model.";
+            for (const auto& [k, f] : index_) {
+                (void)f;
+                if (!k.starts_with(prefix) || !k.ends_with(".weight")) continue;
+                const std::string path = k.substr(prefix.size(), k.size() - prefix.size() - 7);
+                if (auto d = sgm_to_diffusers_unet(path)) unet_map_.emplace(*d, k);
+            }
+        }
+        if (flux_) {
+            // Diffusers Flux names -> rows of the fused BFL tensors: split a probe module whose B
+            // holds its own row numbers and read them back from each part.
+            for (const auto& [k, f] : index_) {
+                if (!k.starts_with(flux_prefix_) || !k.ends_with(".weight") || f.entry->shape.size() != 2) continue;
+                const std::string path = k.substr(flux_prefix_.size(), k.size() - flux_prefix_.size() - 7);
+                const std::int64_t out = f.entry->shape[0], in = f.entry->shape[1];
+                LoraModule probe;
+                probe.name = "transformer." + path;
+                std::vector<float> rows(static_cast<std::size_t>(out));
+                for (std::int64_t r = 0; r < out; ++r) rows[static_cast<std::size_t>(r)] = static_cast<float>(r);
+                probe.up = Tensor::from_f32(DType::F32, {out, 1}, rows);
+                probe.down = Tensor::from_f32(DType::F32, {1, in}, std::vector<float>(static_cast<std::size_t>(in), 0.0f));
+                std::optional<std::vector<LoraModule>> parts;
+                try {
+                    parts = bfl_to_diffusers_flux(probe);
+                } catch (const Error&) {
+                    continue;
+                }
+                if (!parts) continue;
+                for (const auto& part : *parts) {
+                    const auto values = part.up.to_f32();
+                    std::vector<std::int64_t> part_rows(values.begin(), values.end());
+                    flux_map_.emplace(part.name, std::make_pair(k, std::move(part_rows)));
+                }
+            }
+        }
+    }
+
+    std::optional<WeightLocation> find(const LoraModule& m) const {
+        const std::string& n = m.name;
+        const bool embedding = m.kind == ModuleKind::embedding;
+        if (gguf_) {
+            auto g = hf_to_gguf(n);
+            if (!g) return std::nullopt;
+            std::vector<std::int64_t> rows;
+            if (permutes_qk(arch_) && (g->ends_with(".attn_q") || g->ends_with(".attn_k"))) {
+                const std::int64_t heads = g->ends_with(".attn_k") ? heads_kv_ : heads_;
+                if (heads <= 0)
+                    fail(ErrorCode::bad_input, "the GGUF model records no {}.attention.head_count for its q/k rows", arch_);
+                rows = with_context(fmt::format("module {}", quote(n)), [&] { return rotary_rows(m.out_features(), heads); });
+            }
+            return at(*g + ".weight", std::move(rows), embedding);
+        }
+        if (layout_ == "diffusers") {
+            const auto dot = n.find('.');
+            if (dot == std::string::npos) return std::nullopt;
+            return at(n.substr(0, dot) + "/" + n.substr(dot + 1) + ".weight", {}, embedding);
+        }
+        const auto dot = n.find('.');
+        const std::string component = dot == std::string::npos ? n : n.substr(0, dot);
+        const std::string rest = dot == std::string::npos ? std::string() : n.substr(dot + 1);
+        if (flux_ && component == "transformer") {
+            if (auto w = at(flux_prefix_ + rest + ".weight")) return w;
+            if (auto it = flux_map_.find(n); it != flux_map_.end()) return at(it->second.first, it->second.second);
+            return std::nullopt;
+        }
+        if (sd_) {
+            if (component == "unet") {
+                if (auto w = at("model.diffusion_model." + rest + ".weight")) return w;  // SGM path already
+                if (auto it = unet_map_.find(rest); it != unet_map_.end()) return at(it->second);
+                return std::nullopt;
+            }
+            if (component == "text_encoder")
+                return at((sdxl_ ? "conditioner.embedders.0.transformer." : "cond_stage_model.transformer.") + rest + ".weight",
+                          {}, embedding);
+            if (component == "text_encoder_2") return open_clip(rest, m);
+        }
+        // Hugging Face transformers (and single diffusers component files).
+        for (const std::string& candidate : {n, rest, "model." + n, "model." + rest})
+            if (!candidate.empty())
+                if (auto w = at(candidate + ".weight", {}, embedding || m.fan_in_fan_out)) return w;
+        return std::nullopt;
+    }
+
+    // SDXL's second text encoder is stored in OpenCLIP's layout.
+    std::optional<WeightLocation> open_clip(const std::string& rest, const LoraModule& m) const {
+        const std::string layers = "text_model.encoder.layers.";
+        if (!rest.starts_with(layers)) return std::nullopt;
+        const auto dot = rest.find('.', layers.size());
+        if (dot == std::string::npos) return std::nullopt;
+        const std::string index = rest.substr(layers.size(), dot - layers.size());
+        const std::string tail = rest.substr(dot + 1);
+        const std::string block = "conditioner.embedders.1.model.transformer.resblocks." + index + ".";
+        static const std::pair<std::string_view, std::string_view> plain[] = {
+            {"self_attn.out_proj", "attn.out_proj.weight"}, {"mlp.fc1", "mlp.c_fc.weight"}, {"mlp.fc2", "mlp.c_proj.weight"}};
+        for (const auto& [hf, clip] : plain)
+            if (tail == hf) return at(block + std::string(clip));
+        static const std::string_view qkv[] = {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"};
+        for (std::int64_t part = 0; part < 3; ++part)
+            if (tail == qkv[part]) {
+                const std::int64_t d = m.out_features();
+                std::vector<std::int64_t> rows(static_cast<std::size_t>(d));
+                for (std::int64_t r = 0; r < d; ++r) rows[static_cast<std::size_t>(r)] = part * d + r;
+                return at(block + "attn.in_proj_weight", std::move(rows));
+            }
+        return std::nullopt;
+    }
+
+    void check_shape(const WeightLocation& w, const LoraModule& m) const {
+        const Shape& s = w.entry->shape;
+        std::int64_t count = 1;
+        for (auto d : s) count *= d;
+        const std::int64_t out = m.out_features(), in = m.flat_in_features();
+        std::int64_t rows = s.empty() ? 0 : (w.transposed ? (s.size() == 2 ? s[1] : 0) : s[0]);
+        const bool fits = rows > 0 && count % rows == 0 && count / rows == in &&
+                          (w.rows.empty() ? rows == out : static_cast<std::int64_t>(w.rows.size()) == out);
+        bool in_range = true;
+        for (auto r : w.rows) in_range &= r >= 0 && r < rows;
+        if (!fits || !in_range)
+            fail(ErrorCode::bad_input, "module {} ({} -> {}{}) does not fit base tensor {} of shape {}", quote(m.name), in,
+                 out, m.kind == ModuleKind::conv ? " flattened" : "", quote(w.describe()), format_shape(s));
+    }
+
+    std::string name_, layout_;
+    std::vector<std::unique_ptr<TensorFile>> files_;
+    std::vector<std::string> components_;  // per file: the diffusers component, or ""
+    std::map<std::string, Found, std::less<>> index_;
+    bool sd_ = false, sdxl_ = false, flux_ = false, gguf_ = false;
+    std::string flux_prefix_;
+    std::string arch_;
+    std::int64_t heads_ = 0, heads_kv_ = 0;
+    std::map<std::string, std::string> unet_map_;
+    std::map<std::string, std::pair<std::string, std::vector<std::int64_t>>> flux_map_;
+};
+
+// The shard files of a Hugging Face index, in first-appearance order.
+std::vector<fs::path> shards_of(const fs::path& index) {
+    const std::string text = read_text_file(index);
+    nlohmann::json j;
+    try {
+        j = nlohmann::json::parse(text);
+    } catch (const nlohmann::json::exception& e) {
+        fail(ErrorCode::bad_input, "{}: not JSON ({})", quote(index.string()), e.what());
+    }
+    if (!j.is_object() || !j.contains("weight_map") || !j["weight_map"].is_object())
+        fail(ErrorCode::bad_input, "{}: no \"weight_map\" object", quote(index.string()));
+    std::vector<fs::path> shards;
+    for (const auto& [tensor, file] : j["weight_map"].items()) {
+        if (!file.is_string()) fail(ErrorCode::bad_input, "{}: weight_map[{}] is not a file name", quote(index.string()), quote(tensor));
+        const fs::path shard = file.get<std::string>();
+        if (shard.has_parent_path() || shard.is_absolute() || shard.filename() == ".." )
+            fail(ErrorCode::bad_input, "{}: shard {} is not a file beside the index", quote(index.string()), quote(shard.string()));
+        const fs::path full = index.parent_path() / shard;
+        if (std::find(shards.begin(), shards.end(), full) == shards.end()) shards.push_back(full);
+    }
+    return shards;
+}
+
+std::optional<fs::path> single_weights_in(const fs::path& dir) {
+    std::vector<fs::path> candidates;
+    for (const auto& e : fs::directory_iterator(dir)) {
+        const auto name = e.path().filename().string();
+        if (name.ends_with(".safetensors.index.json")) return e.path();
+        if (e.is_regular_file() && (name.ends_with(".safetensors") || name.ends_with(".gguf") || name.ends_with(".bin")))
+            candidates.push_back(e.path());
+    }
+    std::sort(candidates.begin(), candidates.end());
+    for (const char* preferred : {"model.safetensors", "diffusion_pytorch_model.safetensors"})
+        for (const auto& c : candidates)
+            if (c.filename() == preferred) return c;
+    if (candidates.size() == 1) return candidates.front();
+    return std::nullopt;
+}
+
+void open_into(const Registry& registry, const fs::path& path, const std::string& component,
+               std::vector<std::unique_ptr<TensorFile>>& files, std::vector<std::string>& components) {
+    if (path.string().ends_with(".index.json")) {
+        for (const auto& shard : shards_of(path)) {
+            files.push_back(registry.open_tensor_file(shard));
+            components.push_back(component);
+        }
+        return;
+    }
+    files.push_back(registry.open_tensor_file(path));
+    components.push_back(component);
+}
+
+std::unique_ptr<Checkpoint> open_checkpoint(const Registry& registry, const fs::path& path) {
+    std::vector<std::unique_ptr<TensorFile>> files;
+    std::vector<std::string> components;
+    std::error_code ec;
+    std::string layout;
+    if (fs::is_directory(path, ec)) {
+        if (fs::exists(path / "model_index.json")) {
+            layout = "diffusers";
+            std::vector<fs::path> dirs;
+            for (const auto& e : fs::directory_iterator(path))
+                if (e.is_directory()) dirs.push_back(e.path());
+            std::sort(dirs.begin(), dirs.end());
+            for (const auto& dir : dirs)
+                if (auto weights = single_weights_in(dir)) open_into(registry, *weights, dir.filename().string(), files, components);
+            if (files.empty()) fail(ErrorCode::bad_input, "diffusers folder without component weights");
+        } else {
+            const auto weights = single_weights_in(path);
+            if (!weights)
+                fail(ErrorCode::bad_input, "directory holds no model weights (model.safetensors, an index.json or one weights file)");
+            layout = weights->string().ends_with(".index.json") ? "sharded" : "file";
+            open_into(registry, *weights, "", files, components);
+        }
+    } else {
+        if (!fs::exists(path, ec)) fail(ErrorCode::io, "no such file or directory");
+        layout = path.string().ends_with(".index.json") ? "sharded" : "file";
+        open_into(registry, path, "", files, components);
+    }
+    if (layout == "file") layout = std::string(files[0]->format_name());
+    return std::make_unique<FileCheckpoint>(path.string(), layout, std::move(files), std::move(components));
+}
+
+}  // namespace
+
+Registry::CheckpointOpener checkpoint_opener() { return &open_checkpoint; }
+
+}  // namespace lorakit::formats

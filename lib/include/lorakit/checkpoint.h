@@ -1,0 +1,51 @@
+// A base model checkpoint: one or several tensor files (a single safetensors or GGUF file, a
+// Hugging Face sharded checkpoint, a diffusers folder's components), mapped, never loaded
+// whole, and the knowledge of where each adapter module's ΔW lands in it. The layouts and their
+// name maps live in formats/ (formats/src/checkpoint.cpp); the core sees this interface.
+#pragma once
+
+#include <cstdint>
+#include <filesystem>
+#include <memory>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "lorakit/adapter.h"
+#include "lorakit/registry.h"
+
+namespace lorakit {
+
+// Where one module's ΔW (out x flat_in, rows in the adapter's order) adds into a checkpoint tensor.
+struct WeightLocation {
+    std::size_t file = 0;        // index into Checkpoint::files()
+    const TensorEntry* entry = nullptr;
+    // The tensor rows that ΔW's rows add to, in order; empty = rows 0..out-1 (the whole tensor
+    // when the shapes agree). Fused tensors (Flux qkv, OpenCLIP in_proj) and llama.cpp's
+    // rotary row order of q/k give non-trivial lists.
+    std::vector<std::int64_t> rows;
+    bool transposed = false;     // the tensor holds ΔWᵀ's layout (GPT-2 Conv1D, embeddings)
+    std::string describe() const;  // "name" or "name rows a..b"
+};
+
+class Checkpoint {
+public:
+    virtual ~Checkpoint() = default;
+    virtual const std::string& name() const = 0;  // the path as given
+    virtual std::string_view layout() const = 0;  // "safetensors", "sharded", "diffusers", "sd-single-file", "gguf", ...
+    virtual const std::vector<std::unique_ptr<TensorFile>>& files() const = 0;
+    // Where `module` applies, or nullopt when the checkpoint has no tensor for it. Throws
+    // bad_input when the tensor exists but its shape cannot hold the module's ΔW.
+    virtual std::optional<WeightLocation> locate(const LoraModule& module) const = 0;
+};
+
+// The dense base weight rows a module applies to, as out x flat_in row-major f32 (gathered
+// through the location's rows, transposed back when the tensor holds ΔWᵀ's layout).
+std::vector<float> gather_weight(const Checkpoint& checkpoint, const WeightLocation& where, const LoraModule& module);
+
+// The largest finite value of a dtype, by its container spelling ("F16": 65504), or 0 when the
+// dtype is not a plain float type (quantized blocks: no simple range to check).
+double dtype_finite_limit(std::string_view dtype_name) noexcept;
+
+}  // namespace lorakit

@@ -1,0 +1,54 @@
+#include "lorakit/checkpoint.h"
+
+#include <fmt/format.h>
+
+#include "lorakit/error.h"
+
+namespace lorakit {
+
+std::string WeightLocation::describe() const {
+    const std::string name = entry ? entry->name : std::string("?");
+    if (rows.empty()) return name;
+    // Contiguous ranges are the common case (fused parts); anything else is a permutation.
+    bool contiguous = true;
+    for (std::size_t i = 1; i < rows.size(); ++i) contiguous &= rows[i] == rows[i - 1] + 1;
+    if (contiguous) return fmt::format("{} rows {}..{}", name, rows.front(), rows.back() + 1);
+    return fmt::format("{} ({} rows, permuted)", name, rows.size());
+}
+
+std::vector<float> gather_weight(const Checkpoint& checkpoint, const WeightLocation& where, const LoraModule& module) {
+    (void)checkpoint;
+    const TensorEntry& e = *where.entry;
+    if (!e.supported())
+        fail(ErrorCode::unsupported, "base tensor {} has type {}, which lorakit cannot compute with", quote(e.name),
+             e.dtype_name);
+    const std::int64_t out = module.out_features(), in = module.flat_in_features();
+    const std::vector<float> all = e.tensor.to_f32();
+    std::int64_t tensor_rows = e.shape.empty() ? 1 : e.shape[0];
+    if (where.transposed) tensor_rows = e.shape.size() == 2 ? e.shape[1] : 0;
+    const std::int64_t tensor_cols = tensor_rows > 0 ? static_cast<std::int64_t>(all.size()) / tensor_rows : 0;
+    if (tensor_cols != in || (where.rows.empty() ? tensor_rows != out : static_cast<std::int64_t>(where.rows.size()) != out))
+        fail(ErrorCode::bad_input, "base tensor {} has shape {}, which cannot take module {} ({} -> {})", quote(e.name),
+             format_shape(e.shape), quote(module.name), in, out);
+    std::vector<float> w(static_cast<std::size_t>(out * in));
+    for (std::int64_t p = 0; p < out; ++p) {
+        const std::int64_t row = where.rows.empty() ? p : where.rows[static_cast<std::size_t>(p)];
+        if (row < 0 || row >= tensor_rows) fail(ErrorCode::internal, "row {} outside base tensor {}", row, quote(e.name));
+        for (std::int64_t q = 0; q < in; ++q)
+            w[static_cast<std::size_t>(p * in + q)] =
+                where.transposed ? all[static_cast<std::size_t>(q * tensor_rows + row)] : all[static_cast<std::size_t>(row * in + q)];
+    }
+    return w;
+}
+
+double dtype_finite_limit(std::string_view name) noexcept {
+    if (name == "F16") return 65504.0;
+    if (name == "BF16") return 3.3895313892515355e38;
+    if (name == "F32") return 3.4028234663852886e38;
+    if (name == "F64") return 1.7976931348623157e308;
+    if (name == "F8_E4M3") return 448.0;
+    if (name == "F8_E5M2") return 57344.0;
+    return 0;
+}
+
+}  // namespace lorakit

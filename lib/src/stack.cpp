@@ -1,0 +1,549 @@
+// Stability metrics of a stack of adapters, from the Gram matrices of their factors (see stack.h).
+#include "lorakit/stack.h"
+
+#include <lapacke.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <map>
+
+#include <fmt/format.h>
+
+#include "lorakit/error.h"
+#include "lorakit/linalg.h"
+#include "lorakit/random.h"
+#include "parallel.h"
+
+namespace lorakit {
+
+namespace {
+
+using Matrix = std::vector<double>;  // column-major
+
+struct Member {
+    const LoraModule* module;
+    std::size_t adapter;
+    double weight;
+};
+
+// Column-major block of an R x R matrix: rows [r0, r0 + m), columns [c0, c0 + n).
+Matrix block(const Matrix& g, std::int64_t R, std::int64_t r0, std::int64_t m, std::int64_t c0, std::int64_t n) {
+    Matrix b(static_cast<std::size_t>(m * n));
+    for (std::int64_t j = 0; j < n; ++j)
+        for (std::int64_t i = 0; i < m; ++i)
+            b[static_cast<std::size_t>(i + j * m)] = g[static_cast<std::size_t>((r0 + i) + (c0 + j) * R)];
+    return b;
+}
+
+// C = Aᵀ · G · B for column-major A (n x p), G (n x m), B (m x q): p x q.
+Matrix sandwich(const Matrix& a, std::int64_t n, std::int64_t p, const Matrix& g, std::int64_t m, const Matrix& b,
+                std::int64_t q) {
+    Matrix gb(static_cast<std::size_t>(n * q), 0.0);
+    for (std::int64_t j = 0; j < q; ++j)
+        for (std::int64_t k = 0; k < m; ++k) {
+            const double x = b[static_cast<std::size_t>(k + j * m)];
+            if (x == 0) continue;
+            for (std::int64_t i = 0; i < n; ++i) gb[static_cast<std::size_t>(i + j * n)] += g[static_cast<std::size_t>(i + k * n)] * x;
+        }
+    Matrix c(static_cast<std::size_t>(p * q), 0.0);
+    for (std::int64_t j = 0; j < q; ++j)
+        for (std::int64_t i = 0; i < p; ++i) {
+            double sum = 0;
+            for (std::int64_t k = 0; k < n; ++k) sum += a[static_cast<std::size_t>(k + i * n)] * gb[static_cast<std::size_t>(k + j * n)];
+            c[static_cast<std::size_t>(i + j * p)] = sum;
+        }
+    return c;
+}
+
+// The SVD of one adapter's D = B·A from its Gram blocks: σ (descending) and the coefficient
+// matrices X, Y (r x k) with U_k = B·X and V_k = Aᵀ·Y (see linalg::factored_svd).
+struct Spectrum {
+    std::vector<double> sigma;
+    Matrix x, y;
+    std::int64_t k = 0;
+};
+
+Spectrum adapter_spectrum(const Matrix& gb, const Matrix& ga, std::int64_t r, double energy) {
+    Spectrum s;
+    Matrix w = gb;
+    std::vector<double> lambda;
+    linalg::symmetric_eigen(w, r, lambda);
+    const double floor = std::max(lambda.empty() ? 0.0 : lambda.front(), 0.0) * 1e-13;
+    std::int64_t t = 0;
+    while (t < r && lambda[static_cast<std::size_t>(t)] > floor && lambda[static_cast<std::size_t>(t)] > 0) ++t;
+    if (t == 0) return s;
+    Matrix z(static_cast<std::size_t>(r * t));
+    for (std::int64_t j = 0; j < t; ++j)
+        for (std::int64_t i = 0; i < r; ++i)
+            z[static_cast<std::size_t>(i + j * r)] = w[static_cast<std::size_t>(i + j * r)] * std::sqrt(lambda[static_cast<std::size_t>(j)]);
+    Matrix kk = sandwich(z, r, t, ga, r, z, t);
+    std::vector<double> mu;
+    linalg::symmetric_eigen(kk, t, mu);
+    double total = 0;
+    for (double m : mu) total += std::max(m, 0.0);
+    for (double m : mu) s.sigma.push_back(std::sqrt(std::max(m, 0.0)));
+    if (total <= 0) return s;
+    double sum = 0;
+    while (s.k < t && sum < energy * total) sum += std::max(mu[static_cast<std::size_t>(s.k++)], 0.0);
+    const double sigma_floor = s.sigma.front() * 1e-7;
+    while (s.k > 1 && s.sigma[static_cast<std::size_t>(s.k - 1)] <= sigma_floor) --s.k;
+    s.x.assign(static_cast<std::size_t>(r * s.k), 0.0);
+    s.y.assign(static_cast<std::size_t>(r * s.k), 0.0);
+    for (std::int64_t j = 0; j < s.k; ++j) {
+        const double sigma = s.sigma[static_cast<std::size_t>(j)];
+        if (sigma <= sigma_floor) continue;
+        for (std::int64_t c = 0; c < t; ++c) {
+            const double u = kk[static_cast<std::size_t>(c + j * t)], root = std::sqrt(lambda[static_cast<std::size_t>(c)]);
+            for (std::int64_t i = 0; i < r; ++i) {
+                const double wic = w[static_cast<std::size_t>(i + c * r)];
+                s.x[static_cast<std::size_t>(i + j * r)] += wic * u / root;
+                s.y[static_cast<std::size_t>(i + j * r)] += wic * u * root / sigma;
+            }
+        }
+    }
+    return s;
+}
+
+// Singular values of a small column-major m x n matrix (through the eigenvalues of its Gram).
+std::vector<double> small_singular_values(const Matrix& m, std::int64_t rows, std::int64_t cols) {
+    Matrix g = sandwich(m, rows, cols, [&] {
+        Matrix identity(static_cast<std::size_t>(rows * rows), 0.0);
+        for (std::int64_t i = 0; i < rows; ++i) identity[static_cast<std::size_t>(i + i * rows)] = 1;
+        return identity;
+    }(), rows, m, cols);
+    std::vector<double> values;
+    linalg::symmetric_eigen(g, cols, values);
+    for (double& v : values) v = std::sqrt(std::max(v, 0.0));
+    return values;
+}
+
+// λ_max(G_bw · G_a): the operator is self-adjoint in the inner product ⟨x, y⟩ = xᵀ G_a y, so
+// Lanczos in that inner product (full reorthogonalisation) converges to it fast; with R <= 64
+// steps it is exact. Returns ‖M‖_2² for M = Bw·A.
+double top_eigenvalue(const Matrix& gbw, const Matrix& ga, std::int64_t R, std::uint64_t seed) {
+    const std::int64_t steps = std::min<std::int64_t>(R, 64);
+    auto mul = [&](const Matrix& g, const double* x, double* y) {
+        for (std::int64_t i = 0; i < R; ++i) y[i] = 0;
+        for (std::int64_t j = 0; j < R; ++j) {
+            const double xj = x[j];
+            if (xj == 0) continue;
+            const double* column = g.data() + j * R;
+            for (std::int64_t i = 0; i < R; ++i) y[i] += column[i] * xj;
+        }
+    };
+    auto dot = [&](const double* a, const double* b) {
+        double s = 0;
+        for (std::int64_t i = 0; i < R; ++i) s += a[i] * b[i];
+        return s;
+    };
+    Matrix q(static_cast<std::size_t>(R * (steps + 1))), g(static_cast<std::size_t>(R * (steps + 1)));
+    std::vector<double> v(static_cast<std::size_t>(R)), alpha, beta;
+    SplitMix64 random(seed);
+    for (std::int64_t i = 0; i < R; ++i) q[static_cast<std::size_t>(i)] = random.uniform() + 1e-3;
+    mul(ga, q.data(), g.data());
+    double norm = std::sqrt(std::max(dot(q.data(), g.data()), 0.0));
+    if (norm == 0) return 0;
+    for (std::int64_t i = 0; i < R; ++i) {
+        q[static_cast<std::size_t>(i)] /= norm;
+        g[static_cast<std::size_t>(i)] /= norm;
+    }
+    double scale = 0;
+    for (std::int64_t j = 0; j < steps; ++j) {
+        const double* gj = g.data() + j * R;
+        mul(gbw, gj, v.data());
+        double a = 0;
+        for (int pass = 0; pass < 2; ++pass)
+            for (std::int64_t i = 0; i <= j; ++i) {
+                const double h = dot(g.data() + i * R, v.data());
+                if (i == j) a += h;
+                const double* qi = q.data() + i * R;
+                for (std::int64_t t = 0; t < R; ++t) v[static_cast<std::size_t>(t)] -= h * qi[t];
+            }
+        alpha.push_back(a);
+        scale = std::max(scale, std::abs(a));
+        if (j + 1 == steps) break;
+        double* qn = q.data() + (j + 1) * R;
+        double* gn = g.data() + (j + 1) * R;
+        mul(ga, v.data(), gn);
+        const double b = std::sqrt(std::max(dot(v.data(), gn), 0.0));
+        if (b <= 1e-13 * scale) break;
+        beta.push_back(b);
+        for (std::int64_t t = 0; t < R; ++t) {
+            qn[t] = v[static_cast<std::size_t>(t)] / b;
+            gn[t] /= b;
+        }
+    }
+    const auto n = static_cast<lapack_int>(alpha.size());
+    beta.resize(alpha.size());
+    const lapack_int info = LAPACKE_dstev(LAPACK_COL_MAJOR, 'N', n, alpha.data(), beta.data(), nullptr, 1);
+    if (info != 0) fail(ErrorCode::internal, "dstev failed (info {})", info);
+    return std::max(*std::max_element(alpha.begin(), alpha.end()), 0.0);
+}
+
+// Comparisons with a relative tolerance, so that a stack scaled exactly to a threshold (by
+// --auto-scale) is judged by the side it was scaled to.
+bool above(double value, double threshold) { return value > threshold * (1 + 1e-9); }
+bool at_least(double value, double threshold) { return value >= threshold * (1 - 1e-9); }
+
+void judge(ModuleStack& m, const StackThresholds& th) {
+    m.verdict = Verdict::ok;
+    m.reasons.clear();
+    auto raise = [&](Verdict v, std::string why) {
+        m.verdict = std::max(m.verdict, v);
+        m.reasons.push_back(std::move(why));
+    };
+    if (at_least(m.strength, th.strength_unstable))
+        raise(Verdict::unstable, fmt::format("strength {:.3g} >= {}", m.strength, th.strength_unstable));
+    else if (above(m.strength, th.strength_warn))
+        raise(Verdict::warn, fmt::format("strength {:.3g} > {}", m.strength, th.strength_warn));
+    if (m.base) {
+        if (at_least(m.base->ratio, th.base_unstable))
+            raise(Verdict::unstable, fmt::format("|dW|/|W| {:.3g} >= {}", m.base->ratio, th.base_unstable));
+        else if (above(m.base->ratio, th.base_warn))
+            raise(Verdict::warn, fmt::format("|dW|/|W| {:.3g} > {}", m.base->ratio, th.base_warn));
+        if (m.base->overflow_count > 0)
+            raise(Verdict::unstable, fmt::format("{} entries of W + dW exceed {} ({})", m.base->overflow_count,
+                                                 m.base->limit, m.base->dtype));
+    }
+    double t = 1;
+    if (m.strength > 0) t = std::min(t, th.strength_warn / m.strength);
+    if (m.base) {
+        if (m.base->ratio > 0) t = std::min(t, th.base_warn / m.base->ratio);
+        t = std::min(t, m.base->overflow_factor);
+    }
+    m.ok_factor = t < 1 ? t * (1 - 1e-9) : 1.0;
+}
+
+// W + ΣΔW against the dtype's limit: a row whose bound max|W_p| + ‖b_p‖·max_q‖a_q‖ stays in
+// range cannot overflow for any factor t in [0, 1]; the others are computed exactly.
+void check_overflow(BaseStats& stats, const std::vector<float>& w, const std::vector<double>& bw, const std::vector<float>& a,
+                    std::int64_t out, std::int64_t R, std::int64_t in) {
+    double amax = 0;
+    std::vector<double> column(static_cast<std::size_t>(in), 0.0);
+    for (std::int64_t k = 0; k < R; ++k)
+        for (std::int64_t q = 0; q < in; ++q) {
+            const double x = a[static_cast<std::size_t>(k * in + q)];
+            column[static_cast<std::size_t>(q)] += x * x;
+        }
+    for (double c : column) amax = std::max(amax, std::sqrt(c));
+    std::vector<double> row(static_cast<std::size_t>(in));
+    for (std::int64_t p = 0; p < out; ++p) {
+        const float* wp = w.data() + p * in;
+        double wmax = 0, bnorm = 0;
+        for (std::int64_t q = 0; q < in; ++q) wmax = std::max(wmax, static_cast<double>(std::abs(wp[q])));
+        for (std::int64_t k = 0; k < R; ++k) bnorm += bw[static_cast<std::size_t>(p * R + k)] * bw[static_cast<std::size_t>(p * R + k)];
+        const double bound = wmax + std::sqrt(bnorm) * amax;
+        if (bound <= stats.limit) {
+            stats.max_abs = std::max(stats.max_abs, bound);
+            continue;
+        }
+        std::fill(row.begin(), row.end(), 0.0);
+        for (std::int64_t k = 0; k < R; ++k) {
+            const double b = bw[static_cast<std::size_t>(p * R + k)];
+            if (b == 0) continue;
+            const float* ak = a.data() + k * in;
+            for (std::int64_t q = 0; q < in; ++q) row[static_cast<std::size_t>(q)] += b * ak[q];
+        }
+        for (std::int64_t q = 0; q < in; ++q) {
+            const double base = wp[q], d = row[static_cast<std::size_t>(q)], sum = base + d;
+            stats.max_abs = std::max(stats.max_abs, std::abs(sum));
+            if (std::abs(sum) > stats.limit) {
+                ++stats.overflow_count;
+                const double t = d > 0 ? (stats.limit - base) / d : (stats.limit + base) / -d;
+                stats.overflow_factor = std::min(stats.overflow_factor, std::max(t, 0.0) * (1 - 1e-9));
+            }
+        }
+    }
+}
+
+void check_members(const std::vector<Member>& members) {
+    const LoraModule& first = *members[0].module;
+    for (const auto& mb : members) {
+        const LoraModule& m = *mb.module;
+        if (m.out_features() != first.out_features() || m.in_features() != first.in_features() ||
+            m.kernel_size() != first.kernel_size() || m.kind != first.kind || m.fan_in_fan_out != first.fan_in_fan_out)
+            fail(ErrorCode::bad_input,
+                 "adapter {} has a {} {} -> {} (kernel {}) but adapter {} a {} {} -> {} (kernel {}): adapters for "
+                 "different base models?",
+                 mb.adapter + 1, module_kind_name(m.kind), m.in_features(), m.out_features(),
+                 format_shape(m.kernel_size()), members[0].adapter + 1, module_kind_name(first.kind),
+                 first.in_features(), first.out_features(), format_shape(first.kernel_size()));
+        if (m.magnitude)
+            fail(ErrorCode::unsupported,
+                 "adapter {} is a DoRA module here: its delta depends on the base weight, which stacking does not model",
+                 mb.adapter + 1);
+    }
+}
+
+ModuleStack analyse_module(const std::vector<Member>& members, const StackOptions& o, const BaseWeights* base,
+                           std::uint64_t seed) {
+    check_members(members);
+    const LoraModule& first = *members[0].module;
+    const std::int64_t out = first.out_features(), in = first.flat_in_features();
+    const std::size_t n = members.size();
+    std::vector<std::vector<float>> as(n), bs(n);
+    std::vector<linalg::LowRankTerm> terms;
+    std::vector<std::int64_t> offset(n + 1, 0);
+    for (std::size_t i = 0; i < n; ++i) {
+        as[i] = members[i].module->down.to_f32();
+        bs[i] = members[i].module->up.to_f32();
+        const std::int64_t r = members[i].module->rank();
+        terms.push_back({bs[i].data(), as[i].data(), out, r, in, members[i].module->scale()});
+        offset[i + 1] = offset[i] + r;
+    }
+    const std::int64_t R = offset[n];
+    thread_local linalg::Workspace workspace;
+    Matrix gb, ga;
+    linalg::stacked_grams(terms, workspace, gb, ga);
+
+    ModuleStack m;
+    m.name = first.name;
+    std::vector<Spectrum> spectra(n);
+    std::vector<double> unit_fro(n), unit_spectral(n);
+    for (std::size_t i = 0; i < n; ++i) {
+        m.inputs.push_back(members[i].adapter);
+        const std::int64_t r = offset[i + 1] - offset[i];
+        const Matrix gbi = block(gb, R, offset[i], r, offset[i], r), gai = block(ga, R, offset[i], r, offset[i], r);
+        double fro2 = 0;
+        for (std::size_t t = 0; t < gbi.size(); ++t) fro2 += gbi[t] * gai[t];
+        unit_fro[i] = std::sqrt(std::max(fro2, 0.0));
+        spectra[i] = adapter_spectrum(gbi, gai, r, o.subspace_energy);
+        unit_spectral[i] = spectra[i].sigma.empty() ? 0.0 : spectra[i].sigma.front();
+        const double w = std::abs(members[i].weight);
+        m.fro.push_back(w * unit_fro[i]);
+        m.spectral.push_back(w * unit_spectral[i]);
+    }
+
+    // Sampled entries for the sign-conflict estimate: the same positions for every adapter.
+    std::vector<std::vector<float>> samples(n);
+    if (n > 1 && o.samples > 0) {
+        SplitMix64 random(seed ^ 0x9e3779b97f4a7c15ULL);
+        std::vector<std::pair<std::int64_t, std::int64_t>> at(static_cast<std::size_t>(o.samples));
+        for (auto& [p, q] : at) {
+            p = static_cast<std::int64_t>(random.next() % static_cast<std::uint64_t>(out));
+            q = static_cast<std::int64_t>(random.next() % static_cast<std::uint64_t>(in));
+        }
+        for (std::size_t i = 0; i < n; ++i) {
+            const std::int64_t r = offset[i + 1] - offset[i];
+            const double c = members[i].weight * members[i].module->scale();
+            samples[i].resize(at.size());
+            for (std::size_t s = 0; s < at.size(); ++s) {
+                double sum = 0;
+                const float* b = bs[i].data() + at[s].first * r;
+                for (std::int64_t k = 0; k < r; ++k) sum += static_cast<double>(b[k]) * as[i][static_cast<std::size_t>(k * in + at[s].second)];
+                samples[i][s] = static_cast<float>(c * sum);
+            }
+        }
+    }
+    auto top_threshold = [&](const std::vector<float>& values) {
+        std::vector<float> magnitudes(values.size());
+        for (std::size_t s = 0; s < values.size(); ++s) magnitudes[s] = std::abs(values[s]);
+        const auto keep = static_cast<std::size_t>(std::ceil(o.top_fraction * static_cast<double>(values.size())));
+        if (keep == 0 || magnitudes.empty()) return std::numeric_limits<float>::infinity();
+        auto nth = magnitudes.begin() + static_cast<std::ptrdiff_t>(magnitudes.size() - keep);
+        std::nth_element(magnitudes.begin(), nth, magnitudes.end());
+        return std::max(*nth, std::numeric_limits<float>::min());
+    };
+    std::vector<float> thresholds(n);
+    for (std::size_t i = 0; i < n; ++i) thresholds[i] = samples[i].empty() ? 0.0f : top_threshold(samples[i]);
+
+    double sum_fro2 = 0;
+    for (std::size_t i = 0; i < n; ++i) sum_fro2 += members[i].weight * members[i].weight * unit_fro[i] * unit_fro[i];
+    for (std::size_t i = 0; i < n; ++i)
+        for (std::size_t j = i + 1; j < n; ++j) {
+            PairStats p;
+            p.first = members[i].adapter;
+            p.second = members[j].adapter;
+            const std::int64_t ri = offset[i + 1] - offset[i], rj = offset[j + 1] - offset[j];
+            const Matrix gbij = block(gb, R, offset[i], ri, offset[j], rj), gaij = block(ga, R, offset[i], ri, offset[j], rj);
+            double inner = 0;
+            for (std::size_t t = 0; t < gbij.size(); ++t) inner += gbij[t] * gaij[t];
+            sum_fro2 += 2 * members[i].weight * members[j].weight * inner;
+            const double sign = (members[i].weight < 0) != (members[j].weight < 0) ? -1.0 : 1.0;
+            if (unit_fro[i] > 0 && unit_fro[j] > 0) p.cosine = std::clamp(sign * inner / (unit_fro[i] * unit_fro[j]), -1.0, 1.0);
+            const Spectrum &si = spectra[i], &sj = spectra[j];
+            if (si.k > 0 && sj.k > 0) {
+                auto overlap = [&](const Matrix& xi, const Matrix& g, const Matrix& xj, double& max_cos, double& phi) {
+                    const Matrix c = sandwich(xi, ri, si.k, g, rj, xj, sj.k);
+                    double f2 = 0;
+                    for (double x : c) f2 += x * x;
+                    phi = std::min(1.0, f2 / static_cast<double>(std::min(si.k, sj.k)));
+                    const auto values = small_singular_values(c, si.k, sj.k);
+                    max_cos = values.empty() ? 0.0 : std::min(1.0, values.front());
+                };
+                overlap(si.x, gbij, sj.x, p.out_max_cosine, p.out_phi);
+                overlap(si.y, gaij, sj.y, p.in_max_cosine, p.in_phi);
+            }
+            if (!samples[i].empty()) {
+                std::int64_t both = 0, conflicts = 0;
+                for (std::size_t s = 0; s < samples[i].size(); ++s) {
+                    const float a = samples[i][s], b = samples[j][s];
+                    if (std::abs(a) < thresholds[i] || std::abs(b) < thresholds[j]) continue;
+                    ++both;
+                    conflicts += (a < 0) != (b < 0) ? 1 : 0;
+                }
+                p.sign_samples = both;
+                p.sign_conflict = both ? static_cast<double>(conflicts) / static_cast<double>(both)
+                                       : std::numeric_limits<double>::quiet_NaN();
+            }
+            m.pairs.push_back(p);
+        }
+    m.sum_fro = std::sqrt(std::max(sum_fro2, 0.0));
+    double fro2_parts = 0, max_spectral = 0, max_unit = 0;
+    for (std::size_t i = 0; i < n; ++i) {
+        fro2_parts += m.fro[i] * m.fro[i];
+        max_spectral = std::max(max_spectral, m.spectral[i]);
+        max_unit = std::max(max_unit, unit_spectral[i]);
+    }
+    m.kappa = fro2_parts > 0 ? sum_fro2 / fro2_parts : 1.0;
+    if (m.kappa < 0) m.kappa = 0;
+
+    // ‖Σ ΔW‖_2 from the weighted Gram: G_bw = D G_b D, D = diag(w_i per column of block i).
+    std::vector<double> d(static_cast<std::size_t>(R));
+    for (std::size_t i = 0; i < n; ++i)
+        for (std::int64_t c = offset[i]; c < offset[i + 1]; ++c) d[static_cast<std::size_t>(c)] = members[i].weight;
+    Matrix gbw = gb;
+    for (std::int64_t j = 0; j < R; ++j)
+        for (std::int64_t i = 0; i < R; ++i) gbw[static_cast<std::size_t>(i + j * R)] *= d[static_cast<std::size_t>(i)] * d[static_cast<std::size_t>(j)];
+    m.sum_spectral = n == 1 ? m.spectral[0] : std::sqrt(top_eigenvalue(gbw, ga, R, seed));
+    m.growth = max_spectral > 0 ? m.sum_spectral / max_spectral : 1.0;
+    m.strength = max_unit > 0 ? m.sum_spectral / max_unit : 0.0;
+
+    if (base) {
+        if (auto weight = base->load(first)) {
+            if (static_cast<std::int64_t>(weight->values.size()) != out * in)
+                fail(ErrorCode::bad_input, "the base tensor {} has {} values, the module needs {} x {}",
+                     quote(weight->tensor), weight->values.size(), out, in);
+            BaseStats b;
+            b.tensor = weight->tensor;
+            b.dtype = weight->dtype;
+            b.limit = weight->limit;
+            b.spectral = linalg::spectral_norm(weight->values.data(), out, in, 8, seed);
+            b.ratio = b.spectral > 0 ? m.sum_spectral / b.spectral : (m.sum_spectral > 0 ? INFINITY : 0.0);
+            if (b.limit > 0) {
+                std::vector<double> bw(static_cast<std::size_t>(out * R));
+                std::vector<float> a(static_cast<std::size_t>(R * in));
+                for (std::size_t i = 0; i < n; ++i) {
+                    const std::int64_t r = offset[i + 1] - offset[i];
+                    const double c = members[i].weight * members[i].module->scale();
+                    for (std::int64_t p = 0; p < out; ++p)
+                        for (std::int64_t k = 0; k < r; ++k)
+                            bw[static_cast<std::size_t>(p * R + offset[i] + k)] = c * bs[i][static_cast<std::size_t>(p * r + k)];
+                    std::copy(as[i].begin(), as[i].end(), a.begin() + offset[i] * in);
+                }
+                check_overflow(b, weight->values, bw, a, out, R, in);
+            }
+            m.base = std::move(b);
+        }
+    }
+    judge(m, o.thresholds);
+    return m;
+}
+
+StackReport analyse_once(const std::vector<Adapter>& adapters, const std::vector<double>& weights, const StackOptions& o,
+                         const BaseWeights* base, Progress& progress) {
+    std::vector<std::string> order;
+    std::map<std::string, std::vector<Member>> by_name;
+    for (std::size_t i = 0; i < adapters.size(); ++i)
+        for (const auto& m : adapters[i].modules) {
+            auto& members = by_name[m.name];
+            if (members.empty()) order.push_back(m.name);
+            members.push_back({&m, i, weights[i]});
+        }
+    StackReport report;
+    report.weights = weights;
+    for (double w : weights) report.total_weight += std::abs(w);
+    report.modules.assign(order.size(), ModuleStack{});
+    progress.begin("stack", order.size(), 0);
+    detail::parallel_for(order.size(), o.threads, progress, [&](std::size_t i) -> std::uint64_t {
+        report.modules[i] = with_context(fmt::format("module {}", quote(order[i])), [&] {
+            return analyse_module(by_name.at(order[i]), o, base, o.seed + 0x632be59bd9b4e019ULL * (i + 1));
+        });
+        return 0;
+    });
+    for (const auto& m : report.modules) {
+        report.verdict = std::max(report.verdict, m.verdict);
+        ++report.counts[static_cast<int>(m.verdict)];
+        report.suggested_factor = std::min(report.suggested_factor, m.ok_factor);
+    }
+    // Pair summaries over the modules both adapters have: RMS cosine, mean overlaps and conflict.
+    for (std::size_t i = 0; i < adapters.size(); ++i)
+        for (std::size_t j = i + 1; j < adapters.size(); ++j) {
+            PairStats s;
+            s.first = i;
+            s.second = j;
+            double cos2 = 0, conflict = 0;
+            std::int64_t count = 0, conflict_count = 0;
+            for (const auto& m : report.modules)
+                for (const auto& p : m.pairs) {
+                    if (p.first != i || p.second != j) continue;
+                    ++count;
+                    ++s.modules;
+                    cos2 += p.cosine * p.cosine;
+                    s.out_max_cosine += p.out_max_cosine;
+                    s.out_phi += p.out_phi;
+                    s.in_max_cosine += p.in_max_cosine;
+                    s.in_phi += p.in_phi;
+                    if (!std::isnan(p.sign_conflict)) {
+                        conflict += p.sign_conflict;
+                        ++conflict_count;
+                        s.sign_samples += p.sign_samples;
+                    }
+                }
+            if (count) {
+                const auto c = static_cast<double>(count);
+                s.cosine = std::sqrt(cos2 / c);
+                s.out_max_cosine /= c;
+                s.out_phi /= c;
+                s.in_max_cosine /= c;
+                s.in_phi /= c;
+            }
+            s.sign_conflict = conflict_count ? conflict / static_cast<double>(conflict_count)
+                                             : std::numeric_limits<double>::quiet_NaN();
+            report.pair_summary.push_back(s);
+        }
+    return report;
+}
+
+}  // namespace
+
+std::string_view verdict_name(Verdict verdict) noexcept {
+    switch (verdict) {
+    case Verdict::ok: return "ok";
+    case Verdict::warn: return "warn";
+    case Verdict::unstable: return "unstable";
+    }
+    return "ok";
+}
+
+StackReport analyse_stack(const std::vector<Adapter>& adapters, const StackOptions& o, bool auto_scale,
+                          const BaseWeights* base, Progress& progress) {
+    if (adapters.empty()) fail(ErrorCode::usage, "nothing to stack");
+    std::vector<double> weights = o.weights;
+    if (weights.empty()) weights.assign(adapters.size(), 1.0);
+    if (weights.size() != adapters.size()) fail(ErrorCode::usage, "{} weights for {} adapters", weights.size(), adapters.size());
+    for (double w : weights)
+        if (!std::isfinite(w)) fail(ErrorCode::usage, "a weight is not a finite number");
+    if (!(o.subspace_energy > 0 && o.subspace_energy <= 1)) fail(ErrorCode::usage, "the subspace energy must be in (0, 1]");
+    if (!(o.top_fraction > 0 && o.top_fraction <= 1)) fail(ErrorCode::usage, "the top fraction must be in (0, 1]");
+    const auto& th = o.thresholds;
+    if (!(th.strength_warn > 0 && th.strength_warn <= th.strength_unstable && th.base_warn > 0 &&
+          th.base_warn <= th.base_unstable))
+        fail(ErrorCode::usage, "thresholds must be positive, each warn level at most its unstable level");
+    for (std::size_t i = 0; i < adapters.size(); ++i)
+        if (!adapters[i].lycoris_modules.empty())
+            fail(ErrorCode::unsupported,
+                 "adapter {} holds LyCORIS modules; convert them to LoRA first (lora-convert --rank)", i + 1);
+    StackReport report = analyse_once(adapters, weights, o, base, progress);
+    if (auto_scale && report.suggested_factor < 1) {
+        const double t = report.suggested_factor;
+        for (double& w : weights) w *= t;
+        report = analyse_once(adapters, weights, o, base, progress);
+        report.applied_factor = t;
+    }
+    for (const auto& a : adapters) report.names.push_back(a.source);
+    return report;
+}
+
+}  // namespace lorakit
