@@ -66,6 +66,11 @@ demo: build
 	  --method svd --rank 4 -o $(BUILD_DIR)/demo/kohya-merged.safetensors --force
 	$(BUILD_DIR)/bin/lora-inspect $(BUILD_DIR)/demo/kohya-merged.safetensors
 	@echo
+	@echo "== lora-stack: the PEFT sample with its rank-2 resize (nearly the same adapter: strength adds up) =="
+	$(BUILD_DIR)/bin/lora-stack samples/peft-llama:0.8 $(BUILD_DIR)/demo/peft-llama-r2:0.8 --top 5
+	$(BUILD_DIR)/bin/lora-stack samples/peft-llama:0.8 $(BUILD_DIR)/demo/peft-llama-r2:0.8 --top 5 --auto-scale \
+	  -o $(BUILD_DIR)/demo/peft-llama-stacked --force
+	@echo
 	@echo "== lora-convert: the PEFT sample to a llama.cpp GGUF adapter (its tiny base: 4 heads, 2 KV heads) =="
 	$(BUILD_DIR)/bin/lora-convert samples/peft-llama --to gguf --head-count 4 --head-count-kv 2 \
 	  -o $(BUILD_DIR)/demo/peft-llama.gguf --force

@@ -24,6 +24,8 @@ int openblas_get_num_threads(void);
 // CBLAS routines (from libopenblas).
 void cblas_sgemm(int layout, int trans_a, int trans_b, int m, int n, int k, float alpha, const float* a, int lda,
                  const float* b, int ldb, float beta, float* c, int ldc);
+void cblas_ssyrk(int layout, int uplo, int trans, int n, int k, float alpha, const float* a, int lda, float beta,
+                 float* c, int ldc);
 void cblas_dsyrk(int layout, int uplo, int trans, int n, int k, double alpha, const double* a, int lda, double beta,
                  double* c, int ldc);
 void cblas_dgemm(int layout, int trans_a, int trans_b, int m, int n, int k, double alpha, const double* a, int lda,
@@ -332,27 +334,27 @@ void symmetric_eigen(std::vector<double>& vectors, std::int64_t size, std::vecto
 
 void stacked_grams(std::span<const LowRankTerm> terms, Workspace& workspace, std::vector<double>& gram_b,
                    std::vector<double>& gram_a) {
+    // In f32 (ssyrk on the stacks as they are, no widened copies): these Grams feed reports
+    // (norms, cosines, spectral norms), where f32 accumulation (~1e-7 relative) is ample and
+    // twice the speed of double matters (lora-stack spends most of its time here).
     auto& w = workspace.impl();
     const Stacked s = stack_terms(terms, w);
     const lapack_int R = to_lapack(s.total_rank, "total rank");
     const lapack_int out = to_lapack(s.out, "output size"), in = to_lapack(s.in, "input size");
     const auto rr = static_cast<std::size_t>(R) * R;
-    double* bd = sized(w.bd, static_cast<std::size_t>(out) * R);
-    double* ad = sized(w.ad, static_cast<std::size_t>(in) * R);
-    for (std::size_t i = 0, n = static_cast<std::size_t>(out) * R; i < n; ++i) bd[i] = w.b[i];
-    for (std::size_t i = 0, n = static_cast<std::size_t>(in) * R; i < n; ++i) ad[i] = w.a[i];
+    float* gb = sized(w.small, 2 * rr);
+    float* ga = gb + rr;
+    cblas_ssyrk(cblas_col_major, cblas_upper, cblas_no_trans, R, out, 1.0f, w.b.data(), R, 0.0f, gb, R);
+    cblas_ssyrk(cblas_col_major, cblas_upper, cblas_trans, R, in, 1.0f, w.a.data(), in, 0.0f, ga, R);
     gram_b.assign(rr, 0.0);
     gram_a.assign(rr, 0.0);
-    cblas_dsyrk(cblas_col_major, cblas_upper, cblas_no_trans, R, out, 1.0, bd, R, 0.0, gram_b.data(), R);
-    cblas_dsyrk(cblas_col_major, cblas_upper, cblas_trans, R, in, 1.0, ad, in, 0.0, gram_a.data(), R);
-    for (std::size_t i = 0; i < rr; ++i)
-        if (!std::isfinite(gram_b[i]) || !std::isfinite(gram_a[i]))
-            fail(ErrorCode::bad_input, "the factors hold NaN or infinite values");
     for (lapack_int j = 0; j < R; ++j)
-        for (lapack_int i = j + 1; i < R; ++i) {
-            const std::size_t lower = i + static_cast<std::size_t>(j) * R, upper = j + static_cast<std::size_t>(i) * R;
-            gram_b[lower] = gram_b[upper];
-            gram_a[lower] = gram_a[upper];
+        for (lapack_int i = 0; i <= j; ++i) {
+            const std::size_t upper = i + static_cast<std::size_t>(j) * R, lower = j + static_cast<std::size_t>(i) * R;
+            if (!std::isfinite(gb[upper]) || !std::isfinite(ga[upper]))
+                fail(ErrorCode::bad_input, "the factors hold NaN or infinite values");
+            gram_b[upper] = gram_b[lower] = gb[upper];
+            gram_a[upper] = gram_a[lower] = ga[upper];
         }
 }
 

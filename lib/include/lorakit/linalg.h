@@ -87,7 +87,7 @@ FactoredSvd factored_svd_householder(std::span<const LowRankTerm> terms, std::in
 
 // The Gram matrices of the stacked factors of Σ c_i B_i A_i: G_b = BᵀB and G_a = AAᵀ for
 // B = [c_1 B_1 ... c_k B_k] (out x R) and A = [A_1; ...; A_k] (R x in), R x R, symmetric with
-// both triangles filled, column-major, in double (dsyrk on widened copies). Everything about
+// both triangles filled, column-major, accumulated in f32 (ssyrk) and returned in double. Everything about
 // the terms' products follows from their blocks without forming any out x in matrix, e.g.
 // ⟨c_i B_i A_i, c_j B_j A_j⟩_F = Σ_ab G_b[i_a, j_b] · G_a[i_a, j_b]. Throws bad_input on
 // NaN or infinite factors.

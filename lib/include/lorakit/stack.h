@@ -14,8 +14,9 @@
 //   overlap (out, in)        principal angles between the adapters' top singular subspaces
 //                            (the vectors carrying `subspace_energy` of each ‖D_i‖_F²): the
 //                            largest cosine and φ = ‖U_iᵀU_j‖_F² / min(k_i, k_j) (LoRA paper §7)
-//   sign_conflict_ij         among sampled entries that are in the top `top_fraction` by
-//                            magnitude for both i and j, the fraction of opposite signs
+//   sign_conflict_ij         among sampled entries (a seeded grid of rows x columns) that are in
+//                            the top `top_fraction` by magnitude for both i and j, the fraction
+//                            of opposite signs
 //   with a base checkpoint:  base_ratio = ‖Σ ΔW_i‖_2 / ‖W‖_2 (block power iteration on W) and
 //                            whether W + Σ ΔW_i exceeds the largest finite value of W's dtype
 // Verdict per module (thresholds in StackThresholds, justified in README.md "lora-stack"):
