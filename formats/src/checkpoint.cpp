@@ -20,6 +20,8 @@
 //   GGUF model                    llama.cpp names (blk.N.attn_q.weight ...), q/k rows in llama.cpp's
 //                                 rotary order for arch llama (head counts from the file);
 //                                 token_embd holds the embedding as [vocab, dim]
+#include <unistd.h>
+
 #include <algorithm>
 #include <filesystem>
 #include <map>
@@ -34,6 +36,8 @@
 #include "lorakit/error.h"
 #include "lorakit/formats/builtin.h"
 #include "lorakit/formats/gguf.h"
+#include "lorakit/formats/safetensors.h"
+#include "lorakit/atomic_file.h"
 #include "lorakit/names.h"
 #include "sd_names.h"
 
@@ -71,6 +75,9 @@ public:
         if (where) check_shape(*where, module);
         return where;
     }
+
+    void write(const fs::path& target, const TensorSource& source, const CheckpointWriteOptions& options,
+               Progress& progress) const override;
 
 private:
     const Found* key(const std::string& k) const {
@@ -243,6 +250,146 @@ private:
     std::map<std::string, std::string> unet_map_;
     std::map<std::string, std::pair<std::string, std::vector<std::int64_t>>> flux_map_;
 };
+
+struct Planned {
+    std::size_t file;
+    const TensorEntry* entry;
+    std::optional<DType> type;  // nullopt: copied as is
+    std::uint64_t size;
+};
+
+// A directory written beside its final place and renamed into it at the end; removed if the
+// write fails (a SIGKILL leaves the hidden temporary directory behind).
+class TemporaryDirectory {
+public:
+    TemporaryDirectory(const fs::path& target) : target_(target) {
+        const fs::path parent = target.has_parent_path() ? target.parent_path() : fs::path(".");
+        for (int attempt = 0; attempt < 100; ++attempt) {
+            path_ = parent / fmt::format(".{}.lorakit-{}-{}", target.filename().string(), ::getpid(), attempt);
+            std::error_code ec;
+            if (fs::create_directory(path_, ec)) return;
+            if (ec && ec != std::errc::file_exists) fail(ErrorCode::io, "cannot create a directory beside {}: {}", quote(target.string()), ec.message());
+        }
+        fail(ErrorCode::io, "cannot create a temporary directory beside {}", quote(target.string()));
+    }
+    ~TemporaryDirectory() {
+        if (!committed_) {
+            std::error_code ec;
+            fs::remove_all(path_, ec);
+        }
+    }
+    const fs::path& path() const { return path_; }
+    void commit(bool overwrite) {
+        std::error_code ec;
+        if (fs::exists(target_, ec)) {
+            if (!overwrite) fail(ErrorCode::usage, "{} exists (use --force to replace it)", quote(target_.string()));
+            fs::remove_all(target_, ec);
+            if (ec) fail(ErrorCode::io, "cannot replace {}: {}", quote(target_.string()), ec.message());
+        }
+        fs::rename(path_, target_, ec);
+        if (ec) fail(ErrorCode::io, "cannot move the output into {}: {}", quote(target_.string()), ec.message());
+        committed_ = true;
+    }
+
+private:
+    fs::path target_, path_;
+    bool committed_ = false;
+};
+
+void FileCheckpoint::write(const fs::path& target, const TensorSource& source, const CheckpointWriteOptions& options,
+                           Progress& progress) const {
+    for (const auto& f : files_)
+        if (f->format_name() != "safetensors")
+            fail(ErrorCode::unsupported, "writing a {} checkpoint is not implemented yet (safetensors files and sharded "
+                 "safetensors checkpoints are)", f->format_name());
+    if (layout_ == "diffusers")
+        fail(ErrorCode::unsupported, "writing a diffusers folder is not implemented yet; bake into the component's "
+             "safetensors file instead");
+    // The plan: every tensor's output dtype and size, before anything is written.
+    std::vector<Planned> plan;
+    std::uint64_t total = 0;
+    for (std::size_t f = 0; f < files_.size(); ++f)
+        for (const auto& e : files_[f]->entries()) {
+            Planned p{f, &e, source.output_dtype(f, e), 0};
+            if (!e.supported())
+                fail(ErrorCode::unsupported, "tensor {} has dtype {}, which lorakit cannot copy", quote(e.name), e.dtype_name);
+            p.size = p.type ? checked_byte_count(e.shape, *p.type) : e.tensor.bytes().size();
+            total += p.size;
+            plan.push_back(p);
+        }
+    // Output files: one, the input's shards, or new shards of at most shard_size bytes.
+    std::vector<std::vector<std::size_t>> groups;
+    std::vector<std::string> names;
+    const bool sharded = options.shard_size > 0 || files_.size() > 1;
+    if (options.shard_size > 0) {
+        std::uint64_t used = 0;
+        for (std::size_t i = 0; i < plan.size(); ++i) {
+            if (groups.empty() || (used + plan[i].size > options.shard_size && used > 0)) {
+                groups.emplace_back();
+                used = 0;
+            }
+            groups.back().push_back(i);
+            used += plan[i].size;
+        }
+        for (std::size_t g = 0; g < groups.size(); ++g)
+            names.push_back(fmt::format("model-{:05d}-of-{:05d}.safetensors", g + 1, groups.size()));
+    } else {
+        groups.resize(files_.size());
+        for (std::size_t i = 0; i < plan.size(); ++i) groups[plan[i].file].push_back(i);
+        for (const auto& f : files_) names.push_back(fs::path(f->name()).filename().string());
+    }
+    progress.begin("bake", plan.size(), total);
+    std::uint64_t items = 0, bytes_done = 0;
+    std::vector<std::byte> buffer;
+    auto write_file = [&](AtomicFile& out, const std::vector<std::size_t>& group, const std::map<std::string, std::string>& metadata) {
+        std::vector<formats::SafetensorsRecord> records;
+        for (auto i : group) {
+            const Planned& p = plan[i];
+            records.push_back({p.entry->name, p.type.value_or(p.entry->tensor.dtype()), p.entry->shape, p.size, i});
+        }
+        write_safetensors_streamed(out, std::move(records), metadata, [&](std::size_t i, AtomicFile& file) {
+            const Planned& p = plan[i];
+            if (p.type) {
+                with_context(fmt::format("tensor {}", quote(p.entry->name)), [&] { source.produce(p.file, *p.entry, *p.type, buffer); });
+                file.write(buffer);
+            } else {
+                file.write(p.entry->tensor.bytes());
+            }
+            progress.advance(++items, bytes_done += p.size);
+        });
+    };
+    if (!sharded) {
+        with_context(quote(target.string()), [&] {
+            AtomicFile out(target, options.overwrite);
+            write_file(out, groups[0], files_[0]->metadata());
+            out.commit();
+        });
+    } else {
+        with_context(quote(target.string()), [&] {
+            std::error_code ec;
+            if (fs::exists(target, ec) && !options.overwrite)
+                fail(ErrorCode::usage, "output exists (use --force to replace it)");
+            TemporaryDirectory dir(target);
+            nlohmann::ordered_json weight_map = nlohmann::ordered_json::object();
+            std::map<std::string, std::string> sorted;
+            for (std::size_t g = 0; g < groups.size(); ++g) {
+                AtomicFile out(dir.path() / names[g], false);
+                const auto& metadata = options.shard_size > 0 ? files_[0]->metadata() : files_[g]->metadata();
+                write_file(out, groups[g], metadata);
+                out.commit();
+                for (auto i : groups[g]) sorted[plan[i].entry->name] = names[g];
+            }
+            for (const auto& [name, file] : sorted) weight_map[name] = file;
+            nlohmann::ordered_json index;
+            index["metadata"] = {{"total_size", total}};
+            index["weight_map"] = weight_map;
+            const std::string text = index.dump(2) + "\n";
+            write_file_atomically(dir.path() / "model.safetensors.index.json", std::as_bytes(std::span(text.data(), text.size())), false);
+            dir.commit(options.overwrite);
+        });
+    }
+    progress.end();
+}
 
 // The shard files of a Hugging Face index, in first-appearance order.
 std::vector<fs::path> shards_of(const fs::path& index) {

@@ -2,6 +2,7 @@
 // so that files are byte-identical run to run and kohya's data-section hash is reproducible.
 #include <algorithm>
 #include <cstring>
+#include <functional>
 #include <future>
 #include <set>
 
@@ -52,17 +53,26 @@ std::string json_string(const std::string& text, std::string_view what) {
 
 }  // namespace
 
-void sort_for_safetensors(std::vector<TensorToWrite>& tensors) {
-    std::stable_sort(tensors.begin(), tensors.end(), [](const TensorToWrite& a, const TensorToWrite& b) {
-        const int ra = layout_rank(a.view.dtype()), rb = layout_rank(b.view.dtype());
+namespace {
+
+template <typename T, typename Type>
+void sort_records(std::vector<T>& items, Type type_of) {
+    std::stable_sort(items.begin(), items.end(), [&](const T& a, const T& b) {
+        const int ra = layout_rank(type_of(a)), rb = layout_rank(type_of(b));
         if (ra != rb) return ra < rb;
         return a.name < b.name;  // std::string compares as unsigned bytes, like Rust's String
     });
 }
 
-std::vector<std::byte> serialize_safetensors_header(std::vector<TensorToWrite>& tensors,
+}  // namespace
+
+void sort_for_safetensors(std::vector<TensorToWrite>& tensors) {
+    sort_records(tensors, [](const TensorToWrite& t) { return t.view.dtype(); });
+}
+
+std::vector<std::byte> serialize_safetensors_header(std::vector<SafetensorsRecord>& tensors,
                                                     const std::map<std::string, std::string>& metadata) {
-    sort_for_safetensors(tensors);
+    sort_records(tensors, [](const SafetensorsRecord& t) { return t.dtype; });
     std::set<std::string_view> names;
     for (const auto& t : tensors)
         if (!names.insert(t.name).second) fail(ErrorCode::internal, "duplicate tensor name {} in output", quote(t.name));
@@ -83,10 +93,9 @@ std::vector<std::byte> serialize_safetensors_header(std::vector<TensorToWrite>& 
     for (const auto& t : tensors) {
         if (!first) header += ',';
         first = false;
-        const std::uint64_t size = t.view.bytes().size();
         header += fmt::format("{}:{{\"dtype\":\"{}\",\"shape\":[{}],\"data_offsets\":[{},{}]}}", json_string(t.name, "tensor name"),
-                              dtype_name(t.view.dtype()), fmt::join(t.view.shape(), ","), offset, offset + size);
-        offset += size;
+                              dtype_name(t.dtype), fmt::join(t.shape, ","), offset, offset + t.size);
+        offset += t.size;
     }
     header += '}';
     header.append((8 - header.size() % 8) % 8, ' ');
@@ -98,6 +107,26 @@ std::vector<std::byte> serialize_safetensors_header(std::vector<TensorToWrite>& 
     for (int i = 0; i < 8; ++i) out[i] = static_cast<std::byte>((n >> (8 * i)) & 0xff);
     std::memcpy(out.data() + 8, header.data(), header.size());
     return out;
+}
+
+std::vector<std::byte> serialize_safetensors_header(std::vector<TensorToWrite>& tensors,
+                                                    const std::map<std::string, std::string>& metadata) {
+    sort_for_safetensors(tensors);
+    std::vector<SafetensorsRecord> records;
+    for (const auto& t : tensors) records.push_back({t.name, t.view.dtype(), t.view.shape(), t.view.bytes().size(), 0});
+    return serialize_safetensors_header(records, metadata);
+}
+
+void write_safetensors_streamed(AtomicFile& out, std::vector<SafetensorsRecord> records,
+                                const std::map<std::string, std::string>& metadata,
+                                const std::function<void(std::size_t, AtomicFile&)>& write_data) {
+    out.write(serialize_safetensors_header(records, metadata));
+    for (const auto& r : records) {
+        const std::uint64_t before = out.size();
+        write_data(r.index, out);
+        if (out.size() - before != r.size)
+            fail(ErrorCode::internal, "tensor {}: {} bytes written for a {}-byte record", quote(r.name), out.size() - before, r.size);
+    }
 }
 
 std::vector<std::byte> serialize_safetensors(std::vector<TensorToWrite> tensors,

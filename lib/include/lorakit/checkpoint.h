@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "lorakit/adapter.h"
+#include "lorakit/progress.h"
 #include "lorakit/registry.h"
 
 namespace lorakit {
@@ -29,6 +30,22 @@ struct WeightLocation {
     std::string describe() const;  // "name" or "name rows a..b"
 };
 
+// What a checkpoint writer asks of the operation that changes tensors (lora-bake).
+class TensorSource {
+public:
+    virtual ~TensorSource() = default;
+    // The dtype tensor `entry` of file `file` is written in, or nullopt to copy its bytes as
+    // they are. Called once per tensor before anything is written.
+    virtual std::optional<DType> output_dtype(std::size_t file, const TensorEntry& entry) const = 0;
+    // Appends the tensor's new bytes (in the dtype output_dtype gave) to `bytes` (cleared first).
+    virtual void produce(std::size_t file, const TensorEntry& entry, DType type, std::vector<std::byte>& bytes) const = 0;
+};
+
+struct CheckpointWriteOptions {
+    bool overwrite = false;
+    std::uint64_t shard_size = 0;  // > 0: a sharded output directory with shards of at most this size
+};
+
 class Checkpoint {
 public:
     virtual ~Checkpoint() = default;
@@ -38,6 +55,12 @@ public:
     // Where `module` applies, or nullopt when the checkpoint has no tensor for it. Throws
     // bad_input when the tensor exists but its shape cannot hold the module's ΔW.
     virtual std::optional<WeightLocation> locate(const LoraModule& module) const = 0;
+    // Writes the checkpoint to `target` in its own layout (a single safetensors file, or a
+    // directory of shards and model.safetensors.index.json, written last), one tensor at a time:
+    // tensors `source` leaves alone are copied byte for byte, metadata is kept. Atomic: a failed
+    // run leaves nothing at `target`. Throws unsupported for layouts it cannot write yet.
+    virtual void write(const std::filesystem::path& target, const TensorSource& source,
+                       const CheckpointWriteOptions& options, Progress& progress) const = 0;
 };
 
 // The dense base weight rows a module applies to, as out x flat_in row-major f32 (gathered

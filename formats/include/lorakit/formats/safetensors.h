@@ -5,6 +5,7 @@
 
 #include <cstddef>
 #include <filesystem>
+#include <functional>
 #include <map>
 #include <memory>
 #include <span>
@@ -62,6 +63,23 @@ void write_safetensors(AtomicFile& out, std::vector<TensorToWrite> tensors, std:
 void write_safetensors(const std::filesystem::path& target, std::vector<TensorToWrite> tensors,
                        const std::map<std::string, std::string>& metadata, bool overwrite,
                        const std::string& data_hash_key = {});
+
+// A tensor of a file written in a stream: its data is produced by a callback when its turn
+// comes, so a writer holds one tensor at a time (lora-bake). `index` is the caller's handle.
+struct SafetensorsRecord {
+    std::string name;
+    DType dtype = DType::F32;
+    Shape shape;
+    std::uint64_t size = 0;  // bytes the callback will write
+    std::size_t index = 0;
+};
+std::vector<std::byte> serialize_safetensors_header(std::vector<SafetensorsRecord>& records,
+                                                    const std::map<std::string, std::string>& metadata);
+// Header (records in layout order, as serialize_safetensors_header), then write_data(index, out)
+// for each record in that order; each call must write exactly the record's size.
+void write_safetensors_streamed(AtomicFile& out, std::vector<SafetensorsRecord> records,
+                                const std::map<std::string, std::string>& metadata,
+                                const std::function<void(std::size_t, AtomicFile&)>& write_data);
 
 // SHA-256 of the data section only (everything after the header): kohya's sshs_model_hash
 // and A1111's "addnet" hash. Hex, lower case.

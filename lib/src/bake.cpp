@@ -1,0 +1,258 @@
+// The lora-bake command (see bake.h).
+#include "lorakit/bake.h"
+
+#include <algorithm>
+#include <cmath>
+#include <filesystem>
+#include <map>
+#include <thread>
+
+#include <fmt/format.h>
+#include <nlohmann/json.hpp>
+
+#include "lorakit/checkpoint.h"
+#include "lorakit/error.h"
+#include "lorakit/linalg.h"
+#include "lorakit/stack.h"
+
+extern "C" void cblas_sgemm(int layout, int trans_a, int trans_b, int m, int n, int k, float alpha, const float* a,
+                            int lda, const float* b, int ldb, float beta, float* c, int ldc);
+
+namespace lorakit {
+
+namespace {
+
+struct Contribution {
+    const LoraModule* module;
+    std::size_t adapter;
+    double coefficient;  // weight · scale, negated when subtracting
+    WeightLocation where;
+    bool bias = false;   // adds the module's LoRA bias into this (bias) tensor
+};
+
+bool is_float(DType t) { return t == DType::F32 || t == DType::F16 || t == DType::BF16; }
+
+class BakeSource final : public TensorSource {
+public:
+    BakeSource(std::map<std::pair<std::size_t, std::string>, std::vector<Contribution>> plan, std::optional<DType> dtype)
+        : plan_(std::move(plan)), dtype_(dtype) {}
+
+    std::optional<DType> output_dtype(std::size_t file, const TensorEntry& e) const override {
+        const bool touched = plan_.count({file, e.name}) > 0;
+        if (touched) {
+            if (!e.supported() || !is_float(e.tensor.dtype()))
+                fail(ErrorCode::unsupported, "tensor {} has dtype {}; lorakit bakes into F32, F16 and BF16 tensors",
+                     quote(e.name), e.dtype_name);
+            return dtype_.value_or(e.tensor.dtype());
+        }
+        if (dtype_ && e.supported() && is_float(e.tensor.dtype()) && e.tensor.dtype() != *dtype_) return dtype_;
+        return std::nullopt;
+    }
+
+    void produce(std::size_t file, const TensorEntry& e, DType type, std::vector<std::byte>& bytes) const override {
+        std::vector<float> w = e.tensor.to_f32();
+        if (auto it = plan_.find({file, e.name}); it != plan_.end())
+            for (const auto& c : it->second) apply(c, e, w);
+        const double limit = dtype_finite_limit(dtype_name(type));
+        for (float x : w) {
+            if (!std::isfinite(x)) fail(ErrorCode::bad_input, "the result holds NaN or infinite values");
+            if (limit > 0 && std::abs(x) > limit)
+                fail(ErrorCode::bad_input, "a value of {:g} exceeds the largest finite {} ({:g}); bake to a wider --dtype "
+                     "or lower the weights", static_cast<double>(x), dtype_name(type), limit);
+        }
+        const Tensor t = Tensor::from_f32(type, e.shape, w);
+        bytes.assign(t.bytes().begin(), t.bytes().end());
+    }
+
+private:
+    static void apply(const Contribution& c, const TensorEntry& e, std::vector<float>& w) {
+        const LoraModule& m = *c.module;
+        const std::int64_t out = m.out_features(), in = m.flat_in_features(), r = m.rank();
+        auto row_of = [&](std::int64_t p) { return c.where.rows.empty() ? p : c.where.rows[static_cast<std::size_t>(p)]; };
+        if (c.bias) {
+            const auto b = m.bias->to_f32();
+            for (std::int64_t p = 0; p < out; ++p)
+                w[static_cast<std::size_t>(row_of(p))] += static_cast<float>(c.coefficient * b[static_cast<std::size_t>(p)]);
+            return;
+        }
+        const auto a = m.down.to_f32(), b = m.up.to_f32();
+        std::vector<float> d(static_cast<std::size_t>(out * in));
+        cblas_sgemm(101, 111, 111, static_cast<int>(out), static_cast<int>(in), static_cast<int>(r),
+                    static_cast<float>(c.coefficient), b.data(), static_cast<int>(r), a.data(), static_cast<int>(in), 0.0f,
+                    d.data(), static_cast<int>(in));
+        const std::int64_t rows = c.where.transposed ? e.shape[1] : e.shape[0];
+        auto at = [&](std::int64_t p, std::int64_t q) -> float& {
+            const std::int64_t row = row_of(p);
+            return c.where.transposed ? w[static_cast<std::size_t>(q * rows + row)] : w[static_cast<std::size_t>(row * in + q)];
+        };
+        if (!m.magnitude) {
+            for (std::int64_t p = 0; p < out; ++p)
+                for (std::int64_t q = 0; q < in; ++q) at(p, q) += d[static_cast<std::size_t>(p * in + q)];
+            return;
+        }
+        // DoRA (PEFT's merge): W' = m / ‖W + ΔW‖ · (W + ΔW), the norm over each output row (or
+        // each input column for an input-side magnitude).
+        const auto magnitude = m.magnitude->to_f32();
+        for (std::int64_t p = 0; p < out; ++p)
+            for (std::int64_t q = 0; q < in; ++q) d[static_cast<std::size_t>(p * in + q)] += at(p, q);
+        const bool by_rows = m.magnitude_axis == MagnitudeAxis::output_rows;
+        const std::int64_t groups = by_rows ? out : in;
+        if (static_cast<std::int64_t>(magnitude.size()) != groups)
+            fail(ErrorCode::bad_input, "module {}: DoRA magnitude has {} values, expected {}", quote(m.name), magnitude.size(),
+                 groups);
+        std::vector<double> norm(static_cast<std::size_t>(groups), 0.0);
+        for (std::int64_t p = 0; p < out; ++p)
+            for (std::int64_t q = 0; q < in; ++q) {
+                const double x = d[static_cast<std::size_t>(p * in + q)];
+                norm[static_cast<std::size_t>(by_rows ? p : q)] += x * x;
+            }
+        for (std::int64_t p = 0; p < out; ++p)
+            for (std::int64_t q = 0; q < in; ++q) {
+                const std::size_t g = static_cast<std::size_t>(by_rows ? p : q);
+                const double n = std::sqrt(norm[g]);
+                at(p, q) = static_cast<float>(n > 0 ? magnitude[g] / n * d[static_cast<std::size_t>(p * in + q)] : 0.0);
+            }
+    }
+
+    std::map<std::pair<std::size_t, std::string>, std::vector<Contribution>> plan_;
+    std::optional<DType> dtype_;
+};
+
+}  // namespace
+
+std::uint64_t parse_size(const std::string& text) {
+    std::size_t used = 0;
+    double value = 0;
+    try {
+        value = std::stod(text, &used);
+    } catch (const std::exception&) {
+        fail(ErrorCode::usage, "{} is not a size (e.g. 5GB, 500MB)", quote(text));
+    }
+    std::string unit = text.substr(used);
+    for (char& ch : unit) ch = static_cast<char>(std::toupper(static_cast<unsigned char>(ch)));
+    static const std::pair<const char*, double> units[] = {{"", 1},       {"B", 1},       {"KB", 1e3},        {"MB", 1e6},
+                                                           {"GB", 1e9},   {"TB", 1e12},   {"KIB", 1024.0},    {"MIB", 1048576.0},
+                                                           {"GIB", 1073741824.0}, {"TIB", 1099511627776.0}};
+    for (const auto& [name, factor] : units)
+        if (unit == name) {
+            const double bytes = value * factor;
+            if (!(bytes >= 1) || bytes > 1.8e19) fail(ErrorCode::usage, "{} is not a usable size", quote(text));
+            return static_cast<std::uint64_t>(bytes);
+        }
+    fail(ErrorCode::usage, "{}: unknown size unit {} (B, KB, MB, GB, KiB, MiB, GiB)", quote(text), quote(unit));
+}
+
+ToolResult run_bake(const Registry& registry, const BakeRequest& request, Progress& progress) {
+    ToolResult result;
+    try {
+        if (request.adapters.empty()) fail(ErrorCode::usage, "give at least one adapter");
+        if (request.output.empty()) fail(ErrorCode::usage, "give -o OUT");
+        if (request.dtype && !is_float(*request.dtype)) fail(ErrorCode::usage, "--dtype must be f32, f16 or bf16");
+        std::error_code ec;
+        if (std::filesystem::exists(request.output, ec) && !request.force)
+            fail(ErrorCode::usage, "{} exists (use --force to replace it)", quote(request.output));
+        if (std::filesystem::absolute(request.output) == std::filesystem::absolute(request.base))
+            fail(ErrorCode::usage, "the output would replace the base checkpoint; inputs are never modified");
+        const auto checkpoint = registry.open_checkpoint(request.base);
+        std::vector<Adapter> adapters;
+        std::vector<double> weights;
+        for (const auto& argument : request.adapters) {
+            auto [path, weight] = split_weight(argument);
+            adapters.push_back(registry.load_adapter(path));
+            weights.push_back(weight.value_or(1.0));
+        }
+        std::map<std::pair<std::size_t, std::string>, std::vector<Contribution>> plan;
+        std::vector<std::string> unmatched;
+        std::size_t baked = 0;
+        for (std::size_t i = 0; i < adapters.size(); ++i) {
+            const Adapter& a = adapters[i];
+            if (!a.lycoris_modules.empty())
+                fail(ErrorCode::unsupported, "{} holds LyCORIS modules; convert them to LoRA first (lora-convert --rank)",
+                     quote(request.adapters[i]));
+            for (const auto& m : a.modules) {
+                const auto where = with_context(fmt::format("{}: module {}", quote(a.source), quote(m.name)),
+                                                [&] { return checkpoint->locate(m); });
+                if (!where) {
+                    unmatched.push_back(m.name);
+                    continue;
+                }
+                const double c = (request.subtract ? -1.0 : 1.0) * weights[i] * m.scale();
+                auto& list = plan[{where->file, where->entry->name}];
+                if (m.magnitude && !list.empty())
+                    fail(ErrorCode::unsupported, "module {}: a DoRA module must be the only one baked into {}", quote(m.name),
+                         quote(where->entry->name));
+                if (m.magnitude && request.subtract)
+                    fail(ErrorCode::unsupported, "module {}: DoRA renormalises the weight and cannot be subtracted", quote(m.name));
+                list.push_back({&m, i, c, *where, false});
+                ++baked;
+                if (m.bias) {
+                    std::string bias_name = where->entry->name;
+                    if (bias_name.ends_with(".weight")) bias_name = bias_name.substr(0, bias_name.size() - 7) + ".bias";
+                    const TensorEntry* bias = checkpoint->files()[where->file]->find(bias_name);
+                    if (!bias || bias->shape.size() != 1)
+                        fail(ErrorCode::unsupported, "module {} has a LoRA bias but the base has no tensor {}", quote(m.name),
+                             quote(bias_name));
+                    WeightLocation w = *where;
+                    w.entry = bias;
+                    w.transposed = false;
+                    plan[{where->file, bias_name}].push_back({&m, i, c, w, true});
+                }
+            }
+        }
+        for (const auto& [key, list] : plan)
+            for (const auto& c : list)
+                if (list.size() > 1 && c.module->magnitude)
+                    fail(ErrorCode::unsupported, "module {}: a DoRA module must be the only one baked into {}",
+                         quote(c.module->name), quote(key.second));
+        if (!unmatched.empty()) {
+            std::vector<std::string> shown;
+            for (std::size_t k = 0; k < std::min<std::size_t>(3, unmatched.size()); ++k) shown.push_back(quote(unmatched[k]));
+            const std::string what = fmt::format("{} module(s) have no tensor in the base checkpoint ({}{})", unmatched.size(),
+                                                 fmt::join(shown, ", "), unmatched.size() > 3 ? ", ..." : "");
+            if (!request.allow_unmatched) fail(ErrorCode::bad_input, "{}; --allow-unmatched skips them", what);
+            result.warning(what + "; skipped (--allow-unmatched)");
+        }
+        const int threads = request.threads > 0 ? request.threads : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+        linalg::set_blas_threads(threads);
+        BakeSource source(plan, request.dtype);
+        CheckpointWriteOptions options;
+        options.overwrite = request.force;
+        options.shard_size = request.shard_size;
+        checkpoint->write(request.output, source, options, progress);
+
+        std::size_t tensors = 0;
+        for (const auto& [key, list] : plan) tensors += list.empty() ? 0 : 1;
+        if (request.json) {
+            nlohmann::ordered_json j;
+            j["base"] = request.base;
+            j["layout"] = checkpoint->layout();
+            j["output"] = request.output;
+            nlohmann::ordered_json list = nlohmann::ordered_json::array();
+            for (std::size_t i = 0; i < adapters.size(); ++i)
+                list.push_back({{"path", adapters[i].source}, {"weight", weights[i]}});
+            j["adapters"] = list;
+            j["subtract"] = request.subtract;
+            j["modules_baked"] = baked;
+            j["modules_unmatched"] = unmatched;
+            nlohmann::ordered_json changed = nlohmann::ordered_json::array();
+            for (const auto& [key, l] : plan) {
+                nlohmann::ordered_json modules = nlohmann::ordered_json::array();
+                for (const auto& c : l) modules.push_back({{"adapter", c.adapter + 1}, {"module", c.module->name},
+                                                           {"target", c.where.describe()}, {"bias", c.bias}});
+                changed.push_back({{"tensor", key.second}, {"modules", modules}});
+            }
+            j["tensors"] = changed;
+            result.out = j.dump(2) + "\n";
+        } else {
+            result.out = fmt::format("{} {} module(s) from {} adapter(s) {} {} tensor(s) of {}; wrote {}\n",
+                                     request.subtract ? "subtracted" : "baked", baked, adapters.size(),
+                                     request.subtract ? "from" : "into", tensors, request.base, request.output);
+        }
+    } catch (const Error& e) {
+        result.out.clear();
+        result.error(e.what(), exit_code_for(e.code()));
+    }
+    return result;
+}
+
+}  // namespace lorakit

@@ -1,0 +1,239 @@
+// lora-bake: the baked tensors against W + Σ c·s·B·A computed here, untouched tensors copied
+// byte for byte, determinism, subtract, sharding, DoRA, and the refusals.
+#include <catch2/catch.hpp>
+
+#include <cmath>
+#include <random>
+
+#include <fmt/format.h>
+#include <nlohmann/json.hpp>
+
+#include "lorakit/checkpoint.h"
+#include "lorakit/formats/builtin.h"
+#include "lorakit/formats/safetensors.h"
+#include "support.h"
+
+using namespace lorakit;
+using namespace lorakit::test;
+
+namespace {
+
+const std::string sample = std::string(LORAKIT_SOURCE_DIR) + "/samples/peft-llama";
+
+// A base for the PEFT sample: a weight for every module it targets plus tensors it does not touch.
+void write_base(const std::filesystem::path& path, DType type, float amplitude = 1.0f) {
+    const Adapter in = formats::builtin_registry().load_adapter(sample);
+    std::vector<Tensor> keep;
+    std::vector<formats::TensorToWrite> tensors;
+    std::mt19937 g(1);
+    std::normal_distribution<float> d;
+    auto add = [&](const std::string& name, Shape shape) {
+        std::vector<float> w(static_cast<std::size_t>(checked_element_count(shape)));
+        for (auto& x : w) x = amplitude * d(g);
+        keep.push_back(Tensor::from_f32(type, shape, w));
+        tensors.push_back({name, keep.back().view()});
+    };
+    for (const auto& m : in.modules) add(m.name + ".weight", {m.out_features(), m.in_features()});
+    add("model.norm.weight", {64});
+    add("model.embed_tokens.weight", {100, 64});
+    formats::write_safetensors(path, tensors, {{"format", "pt"}}, false);
+}
+
+std::vector<double> dense_delta(const LoraModule& m, double c) {
+    const auto a = m.down.to_f32(), b = m.up.to_f32();
+    const std::int64_t out = m.out_features(), in = m.flat_in_features(), r = m.rank();
+    std::vector<double> d(static_cast<std::size_t>(out * in), 0.0);
+    for (std::int64_t o = 0; o < out; ++o)
+        for (std::int64_t k = 0; k < r; ++k)
+            for (std::int64_t i = 0; i < in; ++i)
+                d[static_cast<std::size_t>(o * in + i)] += c * m.scale() * b[static_cast<std::size_t>(o * r + k)] * a[static_cast<std::size_t>(k * in + i)];
+    return d;
+}
+
+}  // namespace
+
+TEST_CASE("lora-bake: W + sum of weighted deltas, rounded once; the rest byte for byte", "[bake]") {
+    ScratchDir dir;
+    const auto& registry = formats::builtin_registry();
+    for (DType type : {DType::F32, DType::F16}) {
+        const auto base = dir / fmt::format("base-{}.safetensors", dtype_name(type));
+        write_base(base, type);
+        const auto out = dir / fmt::format("baked-{}.safetensors", dtype_name(type));
+        auto r = run_tool("lora-bake", {base.string(), sample + ":0.7", sample + ":-0.2", "-o", out.string()});
+        REQUIRE(r.exit_code == 0);
+        CHECK_THAT(r.out, Catch::Contains("baked 28 module(s) from 2 adapter(s) into 14 tensor(s)"));
+        const auto in = registry.open_tensor_file(base), baked = registry.open_tensor_file(out);
+        CHECK(baked->metadata() == in->metadata());
+        REQUIRE(baked->entries().size() == in->entries().size());
+        const Adapter adapter = registry.load_adapter(sample);
+        double worst = 0;
+        for (const auto& m : adapter.modules) {
+            const auto w = in->tensor(m.name + ".weight").to_f32();
+            const auto got = baked->tensor(m.name + ".weight");
+            CHECK(got.dtype() == type);
+            const auto d = dense_delta(m, 0.5);
+            // Expected: the exact sum rounded once to the dtype.
+            std::vector<float> expected(w.size());
+            for (std::size_t i = 0; i < w.size(); ++i) expected[i] = static_cast<float>(w[i] + d[i]);
+            const auto rounded = Tensor::from_f32(type, got.shape(), expected).to_f32(), values = got.to_f32();
+            for (std::size_t i = 0; i < values.size(); ++i) {
+                const double ulp = type == DType::F16 ? std::abs(rounded[i]) * 1e-3 + 1e-7 : std::abs(rounded[i]) * 2e-7 + 1e-9;
+                worst = std::max(worst, std::abs(values[i] - rounded[i]) / ulp);
+            }
+        }
+        CHECK(worst <= 1.0);  // at most one unit of rounding from the reference
+        for (const char* untouched : {"model.norm.weight", "model.embed_tokens.weight"}) {
+            const auto a = in->tensor(untouched).bytes(), b = baked->tensor(untouched).bytes();
+            CHECK(std::equal(a.begin(), a.end(), b.begin(), b.end()));
+        }
+        // Same inputs, same bytes.
+        const auto again = dir / "again.safetensors";
+        REQUIRE(run_tool("lora-bake", {base.string(), sample + ":0.7", sample + ":-0.2", "-o", again.string()}).exit_code == 0);
+        CHECK(read_file(again) == read_file(out));
+        std::filesystem::remove(again);
+        if (type == DType::F32) {
+            // --subtract undoes the bake (to f32 rounding).
+            const auto undone = dir / "undone.safetensors";
+            REQUIRE(run_tool("lora-bake", {out.string(), sample + ":0.5", "--subtract", "-o", undone.string()}).exit_code == 0);
+            const auto u = registry.open_tensor_file(undone);
+            for (const auto& m : adapter.modules) {
+                const auto w = in->tensor(m.name + ".weight").to_f32(), back = u->tensor(m.name + ".weight").to_f32();
+                for (std::size_t i = 0; i < w.size(); ++i) REQUIRE(back[i] == Approx(w[i]).margin(1e-5));
+            }
+        }
+    }
+}
+
+TEST_CASE("lora-bake: sharded output, --dtype, JSON", "[bake]") {
+    ScratchDir dir;
+    const auto base = dir / "base.safetensors";
+    write_base(base, DType::F32);
+    const auto single = dir / "single.safetensors", sharded = dir / "sharded";
+    REQUIRE(run_tool("lora-bake", {base.string(), sample, "-o", single.string(), "--dtype", "bf16"}).exit_code == 0);
+    auto r = run_tool("lora-bake", {base.string(), sample, "-o", sharded.string(), "--dtype", "bf16", "--shard-size", "40KB", "--json"});
+    REQUIRE(r.exit_code == 0);
+    const auto j = nlohmann::json::parse(r.out);
+    CHECK(j["modules_baked"] == 14);
+    CHECK(j["tensors"].size() == 14);
+    const auto index = nlohmann::json::parse(read_file(sharded / "model.safetensors.index.json"));
+    CHECK(index["weight_map"].size() == 16);
+    const auto& registry = formats::builtin_registry();
+    const auto c = registry.open_checkpoint(sharded);
+    CHECK(c->files().size() > 1);
+    std::uint64_t total = 0;
+    for (const auto& f : c->files())
+        for (const auto& e : f->entries()) total += e.size;
+    CHECK(index["metadata"]["total_size"] == total);
+    const auto one = registry.open_tensor_file(single);
+    for (const auto& e : one->entries()) {
+        CHECK(e.tensor.dtype() == DType::BF16);
+        bool found = false;
+        for (const auto& f : c->files())
+            if (const auto* other = f->find(e.name)) {
+                found = true;
+                CHECK(std::equal(e.tensor.bytes().begin(), e.tensor.bytes().end(), other->tensor.bytes().begin(), other->tensor.bytes().end()));
+            }
+        CHECK(found);
+    }
+    // Baking into the sharded checkpoint keeps its shard names.
+    const auto twice = dir / "twice";
+    REQUIRE(run_tool("lora-bake", {sharded.string(), sample, "-o", twice.string()}).exit_code == 0);
+    CHECK(std::filesystem::exists(twice / "model-00001-of-00002.safetensors") == std::filesystem::exists(sharded / "model-00001-of-00002.safetensors"));
+    CHECK(std::filesystem::exists(twice / "model.safetensors.index.json"));
+}
+
+TEST_CASE("lora-bake refuses clearly and leaves nothing behind", "[bake]") {
+    ScratchDir dir;
+    const auto base = dir / "base.safetensors";
+    write_base(base, DType::F16);
+    const auto out = dir / "out.safetensors";
+    SECTION("a module with no tensor") {
+        // A base without one of the module's tensors.
+        const auto& registry = formats::builtin_registry();
+        const auto full = registry.open_tensor_file(base);
+        std::vector<formats::TensorToWrite> t;
+        for (const auto& e : full->entries())
+            if (e.name != "model.layers.1.mlp.up_proj.weight") t.push_back({e.name, e.tensor.view()});
+        formats::write_safetensors(dir / "partial.safetensors", t, {}, false);
+        auto r = run_tool("lora-bake", {(dir / "partial.safetensors").string(), sample, "-o", out.string()});
+        CHECK(r.exit_code == 3);
+        CHECK_THAT(r.err, Catch::Contains("1 module(s) have no tensor") && Catch::Contains("model.layers.1.mlp.up_proj"));
+        CHECK_FALSE(std::filesystem::exists(out));
+        r = run_tool("lora-bake", {(dir / "partial.safetensors").string(), sample, "-o", out.string(), "--allow-unmatched"});
+        CHECK(r.exit_code == 0);
+        CHECK_THAT(r.err, Catch::Contains("skipped"));
+    }
+    SECTION("a result beyond the f16 range") {
+        auto r = run_tool("lora-bake", {base.string(), sample + ":1e8", "-o", out.string()});
+        CHECK(r.exit_code == 3);
+        CHECK_THAT(r.err, Catch::Contains("exceeds the largest finite F16") && Catch::Contains("tensor"));
+        CHECK(dir.list() == std::vector<std::string>{"base.safetensors"});
+        r = run_tool("lora-bake", {base.string(), sample + ":1e8", "-o", (dir / "sharded").string(), "--shard-size", "30KB"});
+        CHECK(r.exit_code == 3);
+        CHECK(dir.list() == std::vector<std::string>{"base.safetensors"});
+    }
+    SECTION("shape mismatch, existing output, the base itself, GGUF bases") {
+        const auto other = dir / "other.safetensors";
+        const Tensor wrong = Tensor::from_f32(DType::F32, {8, 8}, std::vector<float>(64, 0.0f));
+        formats::write_safetensors(other, {{"model.layers.0.self_attn.q_proj.weight", wrong.view()}}, {}, false);
+        auto r = run_tool("lora-bake", {other.string(), sample, "-o", out.string(), "--allow-unmatched"});
+        CHECK(r.exit_code == 3);
+        CHECK_THAT(r.err, Catch::Contains("does not fit base tensor"));
+        write_file(out, "x");
+        r = run_tool("lora-bake", {base.string(), sample, "-o", out.string()});
+        CHECK(r.exit_code == 2);
+        CHECK(read_file(out) == "x");
+        r = run_tool("lora-bake", {base.string(), sample, "-o", base.string(), "--force"});
+        CHECK(r.exit_code == 2);
+        if (!real_testdata_dir().empty()) {
+            // An adapter that fits the real tiny llama GGUF: matched (llama.cpp names), then refused.
+            Adapter tiny = formats::builtin_registry().load_adapter(sample);
+            tiny.modules.resize(1);
+            auto& m = tiny.modules[0];
+            m.name = m.source_name = "model.layers.0.self_attn.v_proj";
+            m.down = Tensor::from_f32(DType::F32, {2, 8}, std::vector<float>(16, 0.1f));
+            m.up = Tensor::from_f32(DType::F32, {8, 2}, std::vector<float>(16, 0.1f));
+            std::vector<std::string> notes;
+            formats::builtin_registry().write_adapter(tiny, "peft", dir / "tiny", write_options(false), notes);
+            r = run_tool("lora-bake", {(real_testdata_dir() / "ollama" / "llama-2-tiny-random.gguf").string(),
+                                       (dir / "tiny").string(), "-o", (dir / "x.gguf").string()});
+            CHECK(r.exit_code == 3);
+            CHECK_THAT(r.err, Catch::Contains("gguf checkpoint is not implemented yet"));
+        }
+    }
+}
+
+TEST_CASE("lora-bake merges DoRA as PEFT does", "[bake]") {
+    ScratchDir dir;
+    const auto& registry = formats::builtin_registry();
+    Adapter a = registry.load_adapter(sample);
+    std::mt19937 g(3);
+    std::uniform_real_distribution<float> u(0.5f, 2.0f);
+    a.modules.resize(2);
+    for (auto& m : a.modules) {
+        std::vector<float> mag(static_cast<std::size_t>(m.out_features()));
+        for (auto& x : mag) x = u(g);
+        m.magnitude = Tensor::from_f32(DType::F32, {m.out_features()}, mag);
+    }
+    std::vector<std::string> notes;
+    registry.write_adapter(a, "peft", dir / "dora", write_options(false), notes);
+    const auto base = dir / "base.safetensors";
+    write_base(base, DType::F32);
+    REQUIRE(run_tool("lora-bake", {base.string(), (dir / "dora").string(), "-o", (dir / "out.safetensors").string()}).exit_code == 0);
+    const Adapter dora = registry.load_adapter(dir / "dora");
+    const auto in = registry.open_tensor_file(base), out = registry.open_tensor_file(dir / "out.safetensors");
+    for (const auto& m : dora.modules) {
+        REQUIRE(m.magnitude);
+        const auto w = in->tensor(m.name + ".weight").to_f32(), got = out->tensor(m.name + ".weight").to_f32();
+        const auto d = dense_delta(m, 1.0);
+        const auto mag = m.magnitude->to_f32();
+        const std::int64_t rows = m.out_features(), cols = m.in_features();
+        for (std::int64_t p = 0; p < rows; ++p) {
+            double norm = 0;
+            for (std::int64_t q = 0; q < cols; ++q) norm += std::pow(w[p * cols + q] + d[p * cols + q], 2);
+            norm = std::sqrt(norm);
+            for (std::int64_t q = 0; q < cols; ++q)
+                REQUIRE(got[p * cols + q] == Approx(mag[p] / norm * (w[p * cols + q] + d[p * cols + q])).epsilon(1e-5).margin(1e-6));
+        }
+    }
+}
