@@ -9,17 +9,14 @@
 #include "lorakit/error.h"
 #include "lorakit/names.h"
 #include "merge_math.h"
+#include "module_groups.h"
 #include "parallel.h"
 
 namespace lorakit {
 
 namespace {
 
-struct Term {
-    const LoraModule* module;
-    double weight;
-    std::size_t input;
-};
+using Term = detail::ModuleRef;
 
 bool is_svd_method(MergeMethod m) {
     return m == MergeMethod::svd || m == MergeMethod::ties_svd || m == MergeMethod::dare_linear_svd ||
@@ -241,29 +238,9 @@ Factors kohya_merge(const std::vector<Term>& terms, bool concat) {
 
 // ---- one module -----------------------------------------------------------------------------
 
-void check_compatible(const std::vector<Term>& terms) {
-    const LoraModule& first = *terms[0].module;
-    for (const auto& t : terms) {
-        const LoraModule& m = *t.module;
-        if (m.out_features() != first.out_features() || m.in_features() != first.in_features() ||
-            m.kernel_size() != first.kernel_size() || m.kind != first.kind)
-            fail(ErrorCode::bad_input,
-                 "input {} has a {} {} -> {} (kernel {}) but input {} a {} {} -> {} (kernel {}): adapters for "
-                 "different base models?",
-                 t.input + 1, module_kind_name(m.kind), m.in_features(), m.out_features(),
-                 format_shape(m.kernel_size()), terms[0].input + 1, module_kind_name(first.kind), first.in_features(),
-                 first.out_features(), format_shape(first.kernel_size()));
-        if (m.fan_in_fan_out != first.fan_in_fan_out)
-            fail(ErrorCode::bad_input, "inputs disagree on fan_in_fan_out");
-        if (m.magnitude)
-            fail(ErrorCode::unsupported, "input {} has a DoRA magnitude here, which no merge method combines",
-                 t.input + 1);
-    }
-}
-
 LoraModule merge_module(const std::vector<Term>& terms, const MergeOptions& o, std::uint64_t seed, DType type,
                         bool keep_source_name, ModuleMerge& report) {
-    check_compatible(terms);
+    detail::check_same_base(terms, "no merge method combines DoRA magnitudes");
     const LoraModule& first = *terms[0].module;
     std::vector<double> coefficients;  // w_i · s_i
     for (const auto& t : terms) {
@@ -357,14 +334,9 @@ MergeResult merge_adapters(const std::vector<Adapter>& inputs, const MergeOption
                  i + 1);
 
     // Modules by canonical name, in the first input's order, then new ones as they appear.
-    std::vector<std::string> order;
-    std::map<std::string, std::vector<Term>> by_name;
-    for (std::size_t i = 0; i < inputs.size(); ++i)
-        for (const auto& m : inputs[i].modules) {
-            auto& terms = by_name[m.name];
-            if (terms.empty()) order.push_back(m.name);
-            terms.push_back({&m, weights[i], i});
-        }
+    const detail::ModuleGroups groups = detail::group_modules(inputs, weights);
+    const auto& order = groups.order;
+    const auto& by_name = groups.by_name;
     // Output dtype: the inputs' common dtype, F32 when they differ.
     std::optional<DType> common;
     bool mixed = false;
@@ -383,14 +355,14 @@ MergeResult merge_adapters(const std::vector<Adapter>& inputs, const MergeOption
     std::size_t partial = 0;
     for (std::size_t i = 0; i < order.size(); ++i) {
         result.modules[i].name = order[i];
-        for (const auto& t : by_name[order[i]]) result.modules[i].inputs.push_back(t.input);
+        for (const auto& t : by_name.at(order[i])) result.modules[i].inputs.push_back(t.adapter);
         partial += result.modules[i].inputs.size() < inputs.size() ? 1 : 0;
     }
     progress.begin("merge", order.size(), 0);
     detail::parallel_for(order.size(), o.threads, progress, [&](std::size_t i) -> std::uint64_t {
         const auto& terms = by_name.at(order[i]);
         // The first input's keys are reused when the output is in its convention.
-        const bool keep_name = terms[0].input == 0;
+        const bool keep_name = terms[0].adapter == 0;
         result.adapter.modules[i] = with_context(fmt::format("module {}", quote(order[i])), [&] {
             return merge_module(terms, o, o.seed + 0x632be59bd9b4e019ULL * (i + 1), type, keep_name, result.modules[i]);
         });

@@ -13,6 +13,7 @@
 #include "lorakit/error.h"
 #include "lorakit/linalg.h"
 #include "lorakit/random.h"
+#include "module_groups.h"
 #include "parallel.h"
 
 extern "C" {
@@ -30,11 +31,7 @@ constexpr int col_major = 102, no_trans = 111, trans = 112;
 
 using Matrix = std::vector<double>;  // column-major
 
-struct Member {
-    const LoraModule* module;
-    std::size_t adapter;
-    double weight;
-};
+using Member = detail::ModuleRef;
 
 // Column-major block of an R x R matrix: rows [r0, r0 + m), columns [c0, c0 + n).
 Matrix block(const Matrix& g, std::int64_t R, std::int64_t r0, std::int64_t m, std::int64_t c0, std::int64_t n) {
@@ -268,28 +265,9 @@ void check_overflow(BaseStats& stats, const std::vector<float>& w, const std::ve
     }
 }
 
-void check_members(const std::vector<Member>& members) {
-    const LoraModule& first = *members[0].module;
-    for (const auto& mb : members) {
-        const LoraModule& m = *mb.module;
-        if (m.out_features() != first.out_features() || m.in_features() != first.in_features() ||
-            m.kernel_size() != first.kernel_size() || m.kind != first.kind || m.fan_in_fan_out != first.fan_in_fan_out)
-            fail(ErrorCode::bad_input,
-                 "adapter {} has a {} {} -> {} (kernel {}) but adapter {} a {} {} -> {} (kernel {}): adapters for "
-                 "different base models?",
-                 mb.adapter + 1, module_kind_name(m.kind), m.in_features(), m.out_features(),
-                 format_shape(m.kernel_size()), members[0].adapter + 1, module_kind_name(first.kind),
-                 first.in_features(), first.out_features(), format_shape(first.kernel_size()));
-        if (m.magnitude)
-            fail(ErrorCode::unsupported,
-                 "adapter {} is a DoRA module here: its delta depends on the base weight, which stacking does not model",
-                 mb.adapter + 1);
-    }
-}
-
 ModuleStack analyse_module(const std::vector<Member>& members, const StackOptions& o, const BaseWeights* base,
                            std::uint64_t seed) {
-    check_members(members);
+    detail::check_same_base(members, "its delta depends on the base weight, which stacking does not model");
     const LoraModule& first = *members[0].module;
     const std::int64_t out = first.out_features(), in = first.flat_in_features();
     const std::size_t n = members.size();
@@ -472,14 +450,9 @@ ModuleStack analyse_module(const std::vector<Member>& members, const StackOption
 
 StackReport analyse_once(const std::vector<Adapter>& adapters, const std::vector<double>& weights, const StackOptions& o,
                          const BaseWeights* base, Progress& progress) {
-    std::vector<std::string> order;
-    std::map<std::string, std::vector<Member>> by_name;
-    for (std::size_t i = 0; i < adapters.size(); ++i)
-        for (const auto& m : adapters[i].modules) {
-            auto& members = by_name[m.name];
-            if (members.empty()) order.push_back(m.name);
-            members.push_back({&m, i, weights[i]});
-        }
+    const detail::ModuleGroups groups = detail::group_modules(adapters, weights);
+    const auto& order = groups.order;
+    const auto& by_name = groups.by_name;
     StackReport report;
     report.weights = weights;
     for (double w : weights) report.total_weight += std::abs(w);

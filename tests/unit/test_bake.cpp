@@ -11,6 +11,7 @@
 #include "lorakit/checkpoint.h"
 #include "lorakit/formats/builtin.h"
 #include "lorakit/formats/safetensors.h"
+#include "lora_helpers.h"
 #include "support.h"
 
 using namespace lorakit;
@@ -37,17 +38,6 @@ void write_base(const std::filesystem::path& path, DType type, float amplitude =
     add("model.norm.weight", {64});
     add("model.embed_tokens.weight", {100, 64});
     formats::write_safetensors(path, tensors, {{"format", "pt"}}, false);
-}
-
-std::vector<double> dense_delta(const LoraModule& m, double c) {
-    const auto a = m.down.to_f32(), b = m.up.to_f32();
-    const std::int64_t out = m.out_features(), in = m.flat_in_features(), r = m.rank();
-    std::vector<double> d(static_cast<std::size_t>(out * in), 0.0);
-    for (std::int64_t o = 0; o < out; ++o)
-        for (std::int64_t k = 0; k < r; ++k)
-            for (std::int64_t i = 0; i < in; ++i)
-                d[static_cast<std::size_t>(o * in + i)] += c * m.scale() * b[static_cast<std::size_t>(o * r + k)] * a[static_cast<std::size_t>(k * in + i)];
-    return d;
 }
 
 }  // namespace

@@ -7,9 +7,12 @@
 #include "lorakit/error.h"
 #include "lorakit/linalg.h"
 #include "lorakit/merge.h"
+#include "lora_helpers.h"
 #include "support.h"
 
 using namespace lorakit;
+using test::adapter_of;
+using test::random_module;
 
 namespace {
 
@@ -18,28 +21,6 @@ using Matrix = std::vector<double>;  // row-major
 struct Shape2 {
     std::int64_t out, in;
 };
-
-LoraModule random_module(std::mt19937& g, std::int64_t out, std::int64_t in, std::int64_t r, double alpha,
-                         const std::string& name = "model.layers.0.self_attn.q_proj") {
-    std::normal_distribution<float> d;
-    std::vector<float> a(static_cast<std::size_t>(r * in)), b(static_cast<std::size_t>(out * r));
-    for (auto& x : a) x = d(g);
-    for (auto& x : b) x = d(g);
-    LoraModule m;
-    m.name = name;
-    m.source_name = name;
-    m.down = Tensor::from_f32(DType::F32, {r, in}, a);
-    m.up = Tensor::from_f32(DType::F32, {out, r}, b);
-    m.alpha = alpha;
-    return m;
-}
-
-Adapter adapter_of(std::vector<LoraModule> modules) {
-    Adapter a;
-    a.convention = "peft";
-    a.modules = std::move(modules);
-    return a;
-}
 
 Matrix product(const std::vector<float>& b, const std::vector<float>& a, std::int64_t out, std::int64_t r, std::int64_t in,
                double c = 1.0) {
@@ -50,9 +31,7 @@ Matrix product(const std::vector<float>& b, const std::vector<float>& a, std::in
     return m;
 }
 
-Matrix delta(const LoraModule& m) {
-    return product(m.up.to_f32(), m.down.to_f32(), m.out_features(), m.rank(), m.flat_in_features(), m.scale());
-}
+Matrix delta(const LoraModule& m) { return test::dense_delta(m); }
 
 Matrix add(const Matrix& x, const Matrix& y, double c = 1.0) {
     Matrix z = x;

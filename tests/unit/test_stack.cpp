@@ -14,52 +14,19 @@
 #include "lorakit/formats/safetensors.h"
 #include "lorakit/linalg.h"
 #include "lorakit/stack.h"
+#include "lora_helpers.h"
 #include "support.h"
 
 using namespace lorakit;
+using test::adapter_of;
+using test::module_of;
+using test::random_module;
 
 namespace {
 
 using Dense = std::vector<double>;  // row-major
 
-LoraModule module_of(const std::vector<float>& b, const std::vector<float>& a, std::int64_t out, std::int64_t r,
-                     std::int64_t in, double alpha, const std::string& name = "model.layers.0.mlp.up_proj") {
-    LoraModule m;
-    m.name = name;
-    m.source_name = name;
-    m.down = Tensor::from_f32(DType::F32, {r, in}, a);
-    m.up = Tensor::from_f32(DType::F32, {out, r}, b);
-    m.alpha = alpha;
-    return m;
-}
-
-LoraModule random_module(std::mt19937& g, std::int64_t out, std::int64_t in, std::int64_t r, double alpha,
-                         const std::string& name = "model.layers.0.mlp.up_proj") {
-    std::normal_distribution<float> d;
-    std::vector<float> a(static_cast<std::size_t>(r * in)), b(static_cast<std::size_t>(out * r));
-    for (auto& x : a) x = d(g);
-    for (auto& x : b) x = d(g);
-    return module_of(b, a, out, r, in, alpha, name);
-}
-
-Adapter adapter_of(std::vector<LoraModule> modules, const std::string& source = "memory") {
-    Adapter a;
-    a.source = source;
-    a.convention = "peft";
-    a.modules = std::move(modules);
-    return a;
-}
-
-Dense delta(const LoraModule& m, double w = 1.0) {
-    const auto a = m.down.to_f32(), b = m.up.to_f32();
-    const std::int64_t out = m.out_features(), in = m.flat_in_features(), r = m.rank();
-    Dense d(static_cast<std::size_t>(out * in), 0.0);
-    for (std::int64_t o = 0; o < out; ++o)
-        for (std::int64_t k = 0; k < r; ++k)
-            for (std::int64_t i = 0; i < in; ++i)
-                d[static_cast<std::size_t>(o * in + i)] += w * m.scale() * b[static_cast<std::size_t>(o * r + k)] * a[static_cast<std::size_t>(k * in + i)];
-    return d;
-}
+Dense delta(const LoraModule& m, double w = 1.0) { return test::dense_delta(m, w); }
 
 double dot(const Dense& x, const Dense& y) {
     double s = 0;
@@ -343,7 +310,7 @@ TEST_CASE("stack refuses what it cannot model, naming it", "[stack]") {
         FAIL("mismatched shapes accepted");
     } catch (const Error& e) {
         CHECK(e.code() == ErrorCode::bad_input);
-        CHECK_THAT(e.what(), Catch::Contains("model.layers.0.mlp.up_proj") && Catch::Contains("different base models"));
+        CHECK_THAT(e.what(), Catch::Contains("model.layers.0.self_attn.q_proj") && Catch::Contains("different base models"));
     }
     auto dora = m;
     dora.magnitude = Tensor::from_f32(DType::F32, {10}, std::vector<float>(10, 1.0f));
