@@ -34,9 +34,9 @@ int main(int argc, char** argv) {
     app.add_flag("--strict", request.strict, "exit 1 (and write nothing) when the verdict is unstable");
     app.add_option("--top", request.top, "modules in the table, worst first (0: all; default 15)");
     app.add_option("--strength-warn", th.strength_warn, "strength above which a module warns (default 1.5)");
-    app.add_option("--strength-unstable", th.strength_unstable, "strength above which a module is unstable (default 2)");
+    app.add_option("--strength-unstable", th.strength_unstable, "strength from which a module is unstable (default 2)");
     app.add_option("--base-warn", th.base_warn, "|dW|/|W| above which a module warns (default 0.5)");
-    app.add_option("--base-unstable", th.base_unstable, "|dW|/|W| above which a module is unstable (default 1)");
+    app.add_option("--base-unstable", th.base_unstable, "|dW|/|W| from which a module is unstable (default 1)");
     app.add_option("--subspace-energy", request.options.subspace_energy,
                    "share of each adapter's energy whose singular vectors form its subspace (default 0.9)");
     app.add_option("--samples", request.options.samples, "entries sampled per module for sign conflicts (default 8192)")
