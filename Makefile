@@ -71,8 +71,13 @@ demo: build
 	$(BUILD_DIR)/bin/lora-stack samples/peft-llama:0.8 $(BUILD_DIR)/demo/peft-llama-r2:0.8 --top 5 --auto-scale \
 	  -o $(BUILD_DIR)/demo/peft-llama-stacked --force
 	@echo
-	@echo "== lora-convert: the PEFT sample to a llama.cpp GGUF adapter (its tiny base: 4 heads, 2 KV heads) =="
-	$(BUILD_DIR)/bin/lora-convert samples/peft-llama --to gguf --head-count 4 --head-count-kv 2 \
+	@echo "== lora-stack against the tiny base model, then lora-bake the stack into it =="
+	$(BUILD_DIR)/bin/lora-stack samples/peft-llama:0.8 $(BUILD_DIR)/demo/peft-llama-r2:0.5 --base samples/base-llama --top 3
+	$(BUILD_DIR)/bin/lora-bake samples/base-llama samples/peft-llama:0.8 $(BUILD_DIR)/demo/peft-llama-r2:0.5 \
+	  -o $(BUILD_DIR)/demo/base-llama-baked.safetensors --force
+	@echo
+	@echo "== lora-convert: the PEFT sample to a llama.cpp GGUF adapter (head counts from the base's config.json) =="
+	$(BUILD_DIR)/bin/lora-convert samples/peft-llama --to gguf --base samples/base-llama/config.json \
 	  -o $(BUILD_DIR)/demo/peft-llama.gguf --force
 	$(BUILD_DIR)/bin/lora-inspect $(BUILD_DIR)/demo/peft-llama.gguf
 

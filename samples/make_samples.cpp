@@ -205,6 +205,45 @@ void cloneofsimo_sd15(const fs::path& path) {
     b.write(path);
 }
 
+// A tiny Llama-shaped base model for the PEFT sample (hidden 64, 4 heads of 16, 2 KV heads, MLP
+// 172, 2 layers, vocabulary 100) in the Hugging Face transformers layout, F16 as published
+// checkpoints are: model.safetensors + config.json. For lora-bake and lora-stack --base demos.
+void base_llama(const fs::path& dir) {
+    fs::create_directories(dir);
+    Builder b(7);
+    const std::int64_t hidden = 64, kv = 16, mlp = 172, vocab = 100;
+    b.add("model.embed_tokens.weight", b.random_tensor(DType::F16, {vocab, hidden}, 0.1f));
+    for (int layer = 0; layer < 2; ++layer) {
+        const std::string p = fmt::format("model.layers.{}.", layer);
+        b.add(p + "self_attn.q_proj.weight", b.random_tensor(DType::F16, {hidden, hidden}, 0.2f));
+        b.add(p + "self_attn.k_proj.weight", b.random_tensor(DType::F16, {kv, hidden}, 0.2f));
+        b.add(p + "self_attn.v_proj.weight", b.random_tensor(DType::F16, {kv, hidden}, 0.2f));
+        b.add(p + "self_attn.o_proj.weight", b.random_tensor(DType::F16, {hidden, hidden}, 0.2f));
+        b.add(p + "mlp.gate_proj.weight", b.random_tensor(DType::F16, {mlp, hidden}, 0.2f));
+        b.add(p + "mlp.up_proj.weight", b.random_tensor(DType::F16, {mlp, hidden}, 0.2f));
+        b.add(p + "mlp.down_proj.weight", b.random_tensor(DType::F16, {hidden, mlp}, 0.1f));
+        b.add(p + "input_layernorm.weight", Tensor::from_f32(DType::F16, {hidden}, std::vector<float>(hidden, 1.0f)));
+        b.add(p + "post_attention_layernorm.weight", Tensor::from_f32(DType::F16, {hidden}, std::vector<float>(hidden, 1.0f)));
+    }
+    b.add("model.norm.weight", Tensor::from_f32(DType::F16, {hidden}, std::vector<float>(hidden, 1.0f)));
+    b.add("lm_head.weight", b.random_tensor(DType::F16, {vocab, hidden}, 0.1f));
+    b.metadata["format"] = "pt";
+    b.write(dir / "model.safetensors");
+    write_text(dir / "config.json", R"({
+  "architectures": ["LlamaForCausalLM"],
+  "hidden_size": 64,
+  "intermediate_size": 172,
+  "model_type": "llama",
+  "num_attention_heads": 4,
+  "num_hidden_layers": 2,
+  "num_key_value_heads": 2,
+  "rms_norm_eps": 1e-05,
+  "torch_dtype": "float16",
+  "vocab_size": 100
+}
+)");
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -216,6 +255,7 @@ int main(int argc, char** argv) {
         const fs::path out = argv[1];
         fs::create_directories(out);
         peft_llama(out / "peft-llama");
+        base_llama(out / "base-llama");
         kohya_sdxl(out / "kohya-sdxl.safetensors");
         diffusers_sd15(out / "diffusers-sd15.safetensors");
         mlx_qwen(out / "mlx-qwen");

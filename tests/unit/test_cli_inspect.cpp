@@ -180,7 +180,8 @@ TEST_CASE("the committed samples are what lorakit-make-samples writes", "[sample
     REQUIRE(r.exit_code == 0);
     for (const char* file : {"peft-llama/adapter_model.safetensors", "peft-llama/adapter_config.json",
                              "kohya-sdxl.safetensors", "diffusers-sd15.safetensors", "mlx-qwen/adapters.safetensors",
-                             "mlx-qwen/adapter_config.json", "cloneofsimo-sd15.safetensors"}) {
+                             "mlx-qwen/adapter_config.json", "cloneofsimo-sd15.safetensors",
+                             "base-llama/model.safetensors", "base-llama/config.json"}) {
         INFO(file);
         const std::string generated = read_file(dir / file);
         CHECK(generated.size() < 1000000);
