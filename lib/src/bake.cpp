@@ -151,9 +151,13 @@ ToolResult run_bake(const Registry& registry, const BakeRequest& request, Progre
         std::error_code ec;
         if (std::filesystem::exists(request.output, ec) && !request.force)
             fail(ErrorCode::usage, "{} exists (use --force to replace it)", quote(request.output));
-        if (std::filesystem::absolute(request.output) == std::filesystem::absolute(request.base))
-            fail(ErrorCode::usage, "the output would replace the base checkpoint; inputs are never modified");
         const auto checkpoint = registry.open_checkpoint(request.base);
+        // The output may not replace the base or any file of it (inputs are never modified).
+        const auto target = std::filesystem::weakly_canonical(request.output, ec);
+        bool replaces = target == std::filesystem::weakly_canonical(request.base, ec);
+        for (const auto& f : checkpoint->files()) replaces |= target == std::filesystem::weakly_canonical(f->name(), ec);
+        if (replaces) fail(ErrorCode::usage, "the output {} would replace the base checkpoint; inputs are never modified",
+                           quote(request.output));
         std::vector<Adapter> adapters;
         std::vector<double> weights;
         for (const auto& argument : request.adapters) {

@@ -125,6 +125,12 @@ TEST_CASE("lora-bake: sharded output, --dtype, JSON", "[bake]") {
             }
         CHECK(found);
     }
+    // No output may replace one of the base's shards.
+    const auto shard = c->files()[0]->name();
+    const std::string before = read_file(shard);
+    r = run_tool("lora-bake", {sharded.string(), sample, "-o", shard, "--force"});
+    CHECK(r.exit_code == 2);
+    CHECK(read_file(shard) == before);
     // Baking into the sharded checkpoint keeps its shard names.
     const auto twice = dir / "twice";
     REQUIRE(run_tool("lora-bake", {sharded.string(), sample, "-o", twice.string()}).exit_code == 0);
@@ -175,6 +181,7 @@ TEST_CASE("lora-bake refuses clearly and leaves nothing behind", "[bake]") {
         CHECK(read_file(out) == "x");
         r = run_tool("lora-bake", {base.string(), sample, "-o", base.string(), "--force"});
         CHECK(r.exit_code == 2);
+        CHECK_THAT(r.err, Catch::Contains("would replace the base"));
         if (!real_testdata_dir().empty()) {
             // An adapter that fits the real tiny llama GGUF: matched (llama.cpp names), then refused.
             Adapter tiny = formats::builtin_registry().load_adapter(sample);
