@@ -16,18 +16,8 @@ namespace fs = std::filesystem;
 using namespace lorakit::bench;
 
 int main(int argc, char** argv) {
-    const fs::path dir = argc > 1 ? fs::path(argv[1]) : fs::path("/tmp/lorakit-bench");
-    const int repeats = argc > 2 ? std::max(1, std::atoi(argv[2])) : 3;
-    fs::create_directories(dir);
-    const fs::path llama = dir / "llama7b-r128-peft", sdxl = dir / "sdxl-r32-kohya.safetensors";
-    if (!fs::exists(llama / "adapter_model.safetensors")) {
-        std::fprintf(stderr, "generating %s ...\n", llama.c_str());
-        make_llama7b_peft(llama);
-    }
-    if (!fs::exists(sdxl)) {
-        std::fprintf(stderr, "generating %s ...\n", sdxl.c_str());
-        make_sdxl_kohya(sdxl, 32, lorakit::DType::F16, 42);
-    }
+    const auto [dir, repeats] = bench_arguments(argc, argv);
+    const fs::path llama = llama7b_peft_in(dir), sdxl = sdxl_kohya_in(dir);
     const std::string convert = tool(argv[0], "lora-convert");
     const fs::path copy = dir / "out-copy", diffusers = dir / "out-diffusers.safetensors",
                    kohya = dir / "out-kohya.safetensors", gguf = dir / "out-llama.gguf", peft = dir / "out-peft";

@@ -28,19 +28,8 @@ namespace fs = std::filesystem;
 using namespace lorakit::bench;
 
 int main(int argc, char** argv) {
-    const fs::path dir = argc > 1 ? fs::path(argv[1]) : fs::path("/tmp/lorakit-bench");
-    const int repeats = argc > 2 ? std::max(1, std::atoi(argv[2])) : 3;
-    fs::create_directories(dir);
-    const fs::path llama = dir / "llama7b-r128-peft";
-    const fs::path sdxl = dir / "sdxl-r32-kohya.safetensors";
-    if (!fs::exists(llama / "adapter_model.safetensors")) {
-        std::fprintf(stderr, "generating %s ...\n", llama.c_str());
-        lorakit::bench::make_llama7b_peft(llama);
-    }
-    if (!fs::exists(sdxl)) {
-        std::fprintf(stderr, "generating %s ...\n", sdxl.c_str());
-        lorakit::bench::make_sdxl_kohya(sdxl);
-    }
+    const auto [dir, repeats] = bench_arguments(argc, argv);
+    const fs::path llama = llama7b_peft_in(dir), sdxl = sdxl_kohya_in(dir);
     const std::string inspect = tool(argv[0], "lora-inspect");
     struct Case {
         std::string label;

@@ -44,23 +44,10 @@ double dense_route_seconds(std::int64_t out, std::int64_t in, std::int64_t r, in
 }  // namespace
 
 int main(int argc, char** argv) {
-    const fs::path dir = argc > 1 ? fs::path(argv[1]) : fs::path("/tmp/lorakit-bench");
-    const int repeats = argc > 2 ? std::max(1, std::atoi(argv[2])) : 3;
-    fs::create_directories(dir);
-    const fs::path llama = dir / "llama7b-r128-peft";
-    if (!fs::exists(llama / "adapter_model.safetensors")) {
-        std::fprintf(stderr, "generating %s ...\n", llama.c_str());
-        make_llama7b_peft(llama);
-    }
+    const auto [dir, repeats] = bench_arguments(argc, argv);
+    const fs::path llama = llama7b_peft_in(dir);
     std::vector<fs::path> sdxl;
-    for (std::uint64_t seed : {42, 43, 44}) {
-        const fs::path p = seed == 42 ? dir / "sdxl-r32-kohya.safetensors" : dir / fmt::format("sdxl-r32-kohya-{}.safetensors", seed);
-        if (!fs::exists(p)) {
-            std::fprintf(stderr, "generating %s ...\n", p.c_str());
-            make_sdxl_kohya(p, 32, lorakit::DType::F16, seed);
-        }
-        sdxl.push_back(p);
-    }
+    for (std::uint64_t seed : {42, 43, 44}) sdxl.push_back(sdxl_kohya_in(dir, seed));
     const std::string resize = tool(argv[0], "lora-resize"), merge = tool(argv[0], "lora-merge");
     const fs::path resized = dir / "out-resized", merged = dir / "out-merged.safetensors", copy = dir / "out-copy";
 

@@ -85,23 +85,11 @@ void make_sdxl_base(const fs::path& lora, const fs::path& path) {
 }  // namespace
 
 int main(int argc, char** argv) {
-    const fs::path dir = argc > 1 ? fs::path(argv[1]) : fs::path("/tmp/lorakit-bench");
-    const int repeats = argc > 2 ? std::max(1, std::atoi(argv[2])) : 3;
-    fs::create_directories(dir);
+    const auto [dir, repeats] = bench_arguments(argc, argv);
     std::vector<std::string> loras;
-    for (std::uint64_t seed : {42, 43, 44, 45, 46}) {
-        const fs::path p = seed == 42 ? dir / "sdxl-r32-kohya.safetensors" : dir / fmt::format("sdxl-r32-kohya-{}.safetensors", seed);
-        if (!fs::exists(p)) {
-            std::fprintf(stderr, "generating %s ...\n", p.c_str());
-            make_sdxl_kohya(p, 32, DType::F16, seed);
-        }
-        loras.push_back(p.string());
-    }
+    for (std::uint64_t seed : {42, 43, 44, 45, 46}) loras.push_back(sdxl_kohya_in(dir, seed).string());
     const fs::path base = dir / "sdxl-base-targets.safetensors";
-    if (!fs::exists(base)) {
-        std::fprintf(stderr, "generating %s ...\n", base.c_str());
-        make_sdxl_base(loras[0], base);
-    }
+    generate_once(base, base, [&] { make_sdxl_base(loras[0], base); });
     const std::string stack = tool(argv[0], "lora-stack");
     std::vector<std::string> cat = {"cat"}, report = {stack, "-q"};
     for (const auto& l : loras) cat.push_back(l), report.push_back(l);

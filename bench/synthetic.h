@@ -6,7 +6,10 @@
 // Values come from a fixed-seed generator so files are identical run to run.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
+#include <cstdio>
+#include <cstdlib>
 #include <cstdint>
 #include <filesystem>
 #include <map>
@@ -129,6 +132,42 @@ inline void make_sdxl_kohya(const std::filesystem::path& path, std::int64_t rank
                   {"ss_network_dim", std::to_string(rank)},
                   {"ss_network_alpha", fmt::format("{}", double(rank) / 2)}};
     a.write(path);
+}
+
+// The benchmarks' common arguments: [DIR] [REPEATS] (DIR default /tmp/lorakit-bench, created;
+// REPEATS default 3).
+struct BenchArguments {
+    std::filesystem::path dir;
+    int repeats = 3;
+};
+inline BenchArguments bench_arguments(int argc, char** argv) {
+    BenchArguments a;
+    a.dir = argc > 1 ? std::filesystem::path(argv[1]) : std::filesystem::path("/tmp/lorakit-bench");
+    a.repeats = argc > 2 ? std::max(1, std::atoi(argv[2])) : 3;
+    std::filesystem::create_directories(a.dir);
+    return a;
+}
+
+// Runs `generate` unless `marker` exists (generated inputs are shared by the benchmarks).
+template <typename Generate>
+void generate_once(const std::filesystem::path& marker, const std::filesystem::path& shown, Generate&& generate) {
+    if (std::filesystem::exists(marker)) return;
+    std::fprintf(stderr, "generating %s ...\n", shown.c_str());
+    generate();
+}
+
+// DIR/llama7b-r128-peft, generated on first use.
+inline std::filesystem::path llama7b_peft_in(const std::filesystem::path& dir) {
+    const auto path = dir / "llama7b-r128-peft";
+    generate_once(path / "adapter_model.safetensors", path, [&] { make_llama7b_peft(path); });
+    return path;
+}
+
+// DIR/sdxl-r32-kohya.safetensors (seed 42) or DIR/sdxl-r32-kohya-SEED.safetensors, generated on first use.
+inline std::filesystem::path sdxl_kohya_in(const std::filesystem::path& dir, std::uint64_t seed = 42) {
+    const auto path = seed == 42 ? dir / "sdxl-r32-kohya.safetensors" : dir / fmt::format("sdxl-r32-kohya-{}.safetensors", seed);
+    generate_once(path, path, [&] { make_sdxl_kohya(path, 32, DType::F16, seed); });
+    return path;
 }
 
 }  // namespace lorakit::bench
