@@ -13,7 +13,6 @@
 #include "lorakit/checkpoint.h"
 #include "lorakit/error.h"
 #include "lorakit/linalg.h"
-#include "lorakit/stack.h"
 
 extern "C" void cblas_sgemm(int layout, int trans_a, int trans_b, int m, int n, int k, float alpha, const float* a,
                             int lda, const float* b, int ldb, float beta, float* c, int ldc);
@@ -158,13 +157,9 @@ ToolResult run_bake(const Registry& registry, const BakeRequest& request, Progre
         for (const auto& f : checkpoint->files()) replaces |= target == std::filesystem::weakly_canonical(f->name(), ec);
         if (replaces) fail(ErrorCode::usage, "the output {} would replace the base checkpoint; inputs are never modified",
                            quote(request.output));
-        std::vector<Adapter> adapters;
+        const auto [adapters, given] = load_weighted_adapters(registry, request.adapters);
         std::vector<double> weights;
-        for (const auto& argument : request.adapters) {
-            auto [path, weight] = split_weight(argument);
-            adapters.push_back(registry.load_adapter(path));
-            weights.push_back(weight.value_or(1.0));
-        }
+        for (const auto& weight : given) weights.push_back(weight.value_or(1.0));
         std::map<std::pair<std::size_t, std::string>, std::vector<Contribution>> plan;
         std::vector<std::string> unmatched;
         std::size_t baked = 0;
@@ -182,9 +177,6 @@ ToolResult run_bake(const Registry& registry, const BakeRequest& request, Progre
                 }
                 const double c = (request.subtract ? -1.0 : 1.0) * weights[i] * m.scale();
                 auto& list = plan[{where->file, where->entry->name}];
-                if (m.magnitude && !list.empty())
-                    fail(ErrorCode::unsupported, "module {}: a DoRA module must be the only one baked into {}", quote(m.name),
-                         quote(where->entry->name));
                 if (m.magnitude && request.subtract)
                     fail(ErrorCode::unsupported, "module {}: DoRA renormalises the weight and cannot be subtracted", quote(m.name));
                 list.push_back({&m, i, c, *where, false});

@@ -16,8 +16,7 @@ std::string WeightLocation::describe() const {
     return fmt::format("{} ({} rows, permuted)", name, rows.size());
 }
 
-std::vector<float> gather_weight(const Checkpoint& checkpoint, const WeightLocation& where, const LoraModule& module) {
-    (void)checkpoint;
+std::vector<float> gather_weight(const WeightLocation& where, const LoraModule& module) {
     const TensorEntry& e = *where.entry;
     if (!e.supported())
         fail(ErrorCode::unsupported, "base tensor {} has type {}, which lorakit cannot compute with", quote(e.name),

@@ -3,6 +3,8 @@
 #include "lorakit/atomic_file.h"
 
 #include <algorithm>
+#include <cstdlib>
+#include <cmath>
 #include <fstream>
 #include <sstream>
 
@@ -127,6 +129,27 @@ std::optional<SidecarConfig> Registry::find_sidecar(const fs::path& weights) con
 std::unique_ptr<Checkpoint> Registry::open_checkpoint(const fs::path& path) const {
     if (!checkpoint_opener_) fail(ErrorCode::usage, "no checkpoint layouts are registered");
     return with_context(quote(path.string()), [&] { return checkpoint_opener_(*this, path); });
+}
+
+std::pair<std::string, std::optional<double>> split_weight(const std::string& argument) {
+    const auto colon = argument.rfind(':');
+    if (colon == std::string::npos || colon + 1 == argument.size()) return {argument, std::nullopt};
+    const std::string tail = argument.substr(colon + 1);
+    char* end = nullptr;
+    const double w = std::strtod(tail.c_str(), &end);
+    if (*end != '\0' || !std::isfinite(w) || tail.find_first_not_of("+-0123456789.eE") != std::string::npos)
+        return {argument, std::nullopt};
+    return {argument.substr(0, colon), w};
+}
+
+WeightedAdapters load_weighted_adapters(const Registry& registry, const std::vector<std::string>& arguments) {
+    WeightedAdapters result;
+    for (const auto& argument : arguments) {
+        auto [path, weight] = split_weight(argument);
+        result.adapters.push_back(registry.load_adapter(path));
+        result.weights.push_back(weight);
+    }
+    return result;
 }
 
 Adapter Registry::load_adapter(const fs::path& path, const ModelHints& hints) const {

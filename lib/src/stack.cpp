@@ -104,13 +104,11 @@ Spectrum adapter_spectrum(const Matrix& gb, const Matrix& ga, std::int64_t r, do
 
 // Singular values of a small column-major m x n matrix (through the eigenvalues of its Gram).
 std::vector<double> small_singular_values(const Matrix& m, std::int64_t rows, std::int64_t cols) {
-    Matrix g = sandwich(m, rows, cols, [&] {
-        Matrix identity(static_cast<std::size_t>(rows * rows), 0.0);
-        for (std::int64_t i = 0; i < rows; ++i) identity[static_cast<std::size_t>(i + i * rows)] = 1;
-        return identity;
-    }(), rows, m, cols);
     std::vector<double> values(static_cast<std::size_t>(cols));
-    if (cols == 0) return values;
+    if (cols == 0 || rows == 0) return values;
+    Matrix g(static_cast<std::size_t>(cols * cols));  // mᵀm
+    cblas_dgemm(col_major, trans, no_trans, static_cast<int>(cols), static_cast<int>(cols), static_cast<int>(rows), 1.0,
+                m.data(), static_cast<int>(rows), m.data(), static_cast<int>(rows), 0.0, g.data(), static_cast<int>(cols));
     const lapack_int info = LAPACKE_dsyevd(LAPACK_COL_MAJOR, 'N', 'U', static_cast<lapack_int>(cols), g.data(),
                                            static_cast<lapack_int>(cols), values.data());
     if (info != 0) fail(ErrorCode::internal, "dsyevd failed (info {})", info);

@@ -25,7 +25,7 @@ public:
         const auto where = checkpoint_.locate(module);
         if (!where) return std::nullopt;
         BaseWeight w;
-        w.values = gather_weight(checkpoint_, *where, module);
+        w.values = gather_weight(*where, module);
         w.tensor = where->describe();
         w.dtype = where->entry->dtype_name;
         w.limit = dtype_finite_limit(w.dtype);
@@ -165,33 +165,17 @@ std::string report_text(const StackReport& r, const StackRequest& request) {
 
 }  // namespace
 
-std::pair<std::string, std::optional<double>> split_weight(const std::string& argument) {
-    const auto colon = argument.rfind(':');
-    if (colon == std::string::npos || colon + 1 == argument.size()) return {argument, std::nullopt};
-    const std::string tail = argument.substr(colon + 1);
-    char* end = nullptr;
-    const double w = std::strtod(tail.c_str(), &end);
-    if (*end != '\0' || !std::isfinite(w) || tail.find_first_not_of("+-0123456789.eE") != std::string::npos)
-        return {argument, std::nullopt};
-    return {argument.substr(0, colon), w};
-}
-
 ToolResult run_stack(const Registry& registry, const StackRequest& request, Progress& progress) {
     ToolResult result;
     try {
         if (request.inputs.empty()) fail(ErrorCode::usage, "give at least one adapter");
-        std::vector<Adapter> adapters;
+        auto [adapters, given] = load_weighted_adapters(registry, request.inputs);
         StackOptions options = request.options;
         const bool explicit_weights = !options.weights.empty();
-        std::vector<double> weights;
-        for (const auto& argument : request.inputs) {
-            auto [path, weight] = split_weight(argument);
+        for (const auto& weight : given)
             if (weight && explicit_weights) fail(ErrorCode::usage, "give weights either as PATH:W or with --weights, not both");
-            adapters.push_back(registry.load_adapter(path));
-            adapters.back().source = path;
-            weights.push_back(weight.value_or(1.0));
-        }
-        if (!explicit_weights) options.weights = weights;
+        if (!explicit_weights)
+            for (const auto& weight : given) options.weights.push_back(weight.value_or(1.0));
         const std::string convention = request.to.empty() ? adapters[0].convention : request.to;
         if (!request.output.empty()) registry.check_output(convention, request.output, request.force);
         std::unique_ptr<Checkpoint> checkpoint;

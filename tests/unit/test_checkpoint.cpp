@@ -40,7 +40,7 @@ LoraModule module(const std::string& name, std::int64_t out, std::int64_t in, st
 std::vector<std::int64_t> source_rows(const Checkpoint& c, const LoraModule& m) {
     const auto where = c.locate(m);
     REQUIRE(where);
-    const auto w = gather_weight(c, *where, m);
+    const auto w = gather_weight(*where, m);
     std::vector<std::int64_t> rows;
     for (std::int64_t p = 0; p < m.out_features(); ++p) rows.push_back(static_cast<std::int64_t>(w[static_cast<std::size_t>(p * m.flat_in_features())]));
     return rows;
@@ -143,7 +143,7 @@ TEST_CASE("Hugging Face checkpoints: sharded index, prefixes, GPT-2 Conv1D, diff
         const auto where = c->locate(m);
         REQUIRE(where);
         CHECK(where->transposed);
-        const auto w = gather_weight(*c, *where, m);
+        const auto w = gather_weight(*where, m);
         CHECK(w[static_cast<std::size_t>(0 * 6 + 5)] == 5.0f);  // ΔW[0, 5] adds to stored [5, 0]
     }
     SECTION("diffusers folder: one folder per component") {

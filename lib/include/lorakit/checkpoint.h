@@ -65,7 +65,7 @@ public:
 
 // The dense base weight rows a module applies to, as out x flat_in row-major f32 (gathered
 // through the location's rows, transposed back when the tensor holds ΔWᵀ's layout).
-std::vector<float> gather_weight(const Checkpoint& checkpoint, const WeightLocation& where, const LoraModule& module);
+std::vector<float> gather_weight(const WeightLocation& where, const LoraModule& module);
 
 // The largest finite value of a dtype, by its container spelling ("F16": 65504), or 0 when the
 // dtype is not a plain float type (quantized blocks: no simple range to check).

@@ -183,6 +183,17 @@ private:
     CheckpointOpener checkpoint_opener_ = nullptr;
 };
 
+// "path:0.8" -> {"path", 0.8}; a suffix that is not a number stays part of the path.
+std::pair<std::string, std::optional<double>> split_weight(const std::string& argument);
+
+// Adapters given as "PATH" or "PATH:WEIGHT" (lora-stack, lora-bake), loaded in order; `weights`
+// holds each argument's weight, nullopt where none was given.
+struct WeightedAdapters {
+    std::vector<Adapter> adapters;
+    std::vector<std::optional<double>> weights;
+};
+WeightedAdapters load_weighted_adapters(const Registry& registry, const std::vector<std::string>& arguments);
+
 // Reads a whole (small) text file such as a JSON config. Throws io on failure and bad_input
 // above `max_bytes`.
 std::string read_text_file(const std::filesystem::path& path, std::size_t max_bytes = 64u << 20);

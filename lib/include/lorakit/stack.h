@@ -145,7 +145,4 @@ struct StackRequest {
 };
 ToolResult run_stack(const Registry& registry, const StackRequest& request, Progress& progress);
 
-// "path:0.8" -> {"path", 0.8}; a suffix that is not a number stays part of the path.
-std::pair<std::string, std::optional<double>> split_weight(const std::string& argument);
-
 }  // namespace lorakit
