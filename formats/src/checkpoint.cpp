@@ -79,7 +79,116 @@ public:
     void write(const fs::path& target, const TensorSource& source, const CheckpointWriteOptions& options,
                Progress& progress) const override;
 
+    std::vector<LoraModule> modules_at(std::size_t file, const TensorEntry& e) const override {
+        std::vector<LoraModule> found;
+        const Shape& s = e.shape;
+        if (s.size() != 2 && s.size() != 4) return found;
+        for (const auto& [name, part, parts] : names_at(file, e.name)) {
+            LoraModule m;
+            m.name = name;
+            std::int64_t out = s[0], in = s[1];
+            Shape kernel;
+            if (s.size() == 4) {
+                m.kind = ModuleKind::conv;
+                kernel = {s[2], s[3]};
+            } else if (is_embedding(name)) {
+                m.kind = ModuleKind::embedding;  // stored [num_embeddings, dim]: in = num_embeddings
+                std::swap(out, in);
+            } else if (!sd_ && is_conv1d(name)) {
+                m.fan_in_fan_out = true;  // GPT-2 Conv1D stores [in, out]
+                std::swap(out, in);
+            }
+            if (parts > 1) {
+                if (out % parts != 0) continue;
+                out /= parts;
+            }
+            (void)part;
+            Shape down{1, in}, up{out, 1};
+            if (m.kind == ModuleKind::conv) down = {1, in, kernel[0], kernel[1]}, up = {out, 1, 1, 1};
+            m.down = Tensor::zeros(DType::F32, down);
+            m.up = Tensor::zeros(DType::F32, up);
+            // Only what locate() maps back to this very tensor (and, for a part, to its rows).
+            const auto where = find(m);
+            if (!where || where->file != file || where->entry != &e) continue;
+            if (parts > 1 && (where->rows.empty() || where->rows.front() != part * out)) continue;
+            found.push_back(std::move(m));
+        }
+        return found;
+    }
+
+    BaseModelHint model_hint() const override { return hint_; }
+    void set_hint(BaseModelHint hint) { hint_ = std::move(hint); }
+
 private:
+    struct Candidate {
+        std::string name;
+        std::int64_t part = 0, parts = 1;  // row block `part` of `parts` equal blocks
+    };
+    // Canonical module names tensor `key` may hold (checked against find() by the caller).
+    std::vector<Candidate> names_at(std::size_t file, const std::string& key) const {
+        std::vector<Candidate> c;
+        std::string stem = key;
+        if (stem.ends_with(".weight")) stem.resize(stem.size() - 7);
+        else if (!(sd_ && stem.ends_with(".attn.in_proj_weight"))) return c;
+        if (gguf_) {
+            if (auto hf = gguf_to_hf(stem)) c.push_back({*hf});
+            return c;
+        }
+        if (layout_ == "diffusers") {
+            if (!components_[file].empty()) c.push_back({components_[file] + "." + stem});
+            return c;
+        }
+        if (flux_ && stem.starts_with(flux_prefix_)) {
+            c.push_back({"transformer." + stem.substr(flux_prefix_.size())});
+            return c;
+        }
+        if (sd_) {
+            const std::string unet = "model.diffusion_model.";
+            if (stem.starts_with(unet)) {
+                if (auto d = sgm_to_diffusers_unet(stem.substr(unet.size()))) c.push_back({"unet." + *d});
+                return c;
+            }
+            for (const std::string te : {"cond_stage_model.transformer.", "conditioner.embedders.0.transformer."})
+                if (stem.starts_with(te)) {
+                    c.push_back({"text_encoder." + stem.substr(te.size())});
+                    return c;
+                }
+            const std::string clip = "conditioner.embedders.1.model.transformer.resblocks.";
+            if (stem.starts_with(clip)) {
+                const auto dot = stem.find('.', clip.size());
+                if (dot == std::string::npos) return c;
+                const std::string layer = "text_encoder_2.text_model.encoder.layers." + stem.substr(clip.size(), dot - clip.size()) + ".";
+                const std::string tail = stem.substr(dot + 1);
+                if (tail == "attn.in_proj_weight")
+                    for (std::int64_t part = 0; part < 3; ++part)
+                        c.push_back({layer + (part == 0 ? "self_attn.q_proj" : part == 1 ? "self_attn.k_proj" : "self_attn.v_proj"), part, 3});
+                else if (tail == "attn.out_proj") c.push_back({layer + "self_attn.out_proj"});
+                else if (tail == "mlp.c_fc") c.push_back({layer + "mlp.fc1"});
+                else if (tail == "mlp.c_proj") c.push_back({layer + "mlp.fc2"});
+            }
+            return c;
+        }
+        c.push_back({stem});
+        return c;
+    }
+
+    static std::string_view last_component(std::string_view name) {
+        const auto dot = name.rfind('.');
+        return dot == std::string_view::npos ? name : name.substr(dot + 1);
+    }
+    static bool is_embedding(std::string_view name) {
+        static const std::string_view names[] = {"embed_tokens", "wte", "wpe", "word_embeddings", "position_embeddings",
+                                                 "token_type_embeddings", "token_embedding", "position_embedding",
+                                                 "embed_positions", "embed_in", "shared"};
+        const auto last = last_component(name);
+        return std::find(std::begin(names), std::end(names), last) != std::end(names);
+    }
+    static bool is_conv1d(std::string_view name) {
+        for (std::string_view tail : {".attn.c_attn", ".attn.c_proj", ".mlp.c_fc", ".mlp.c_proj", ".attn.q_attn"})
+            if (name.ends_with(tail) && (name.find("h.") == 0 || name.find(".h.") != std::string_view::npos)) return true;
+        return false;
+    }
+
     const Found* key(const std::string& k) const {
         auto it = index_.find(k);
         return it == index_.end() ? nullptr : &it->second;
@@ -115,6 +224,16 @@ private:
                 heads_kv_ = number(arch_ + ".attention.head_count_kv");
                 if (heads_kv_ == 0) heads_kv_ = heads_;
             }
+        hint_.evidence = "checkpoint keys";
+        if (flux_) hint_.family = "Flux";
+        else if (sd_) hint_.family = sdxl_ ? "SDXL" : "SD1.5";
+        else if (gguf_) hint_.family = arch_;
+        else if (layout_ == "diffusers") {
+            const auto has = [&](std::string_view component) {
+                return std::find(components_.begin(), components_.end(), component) != components_.end();
+            };
+            hint_.family = has("transformer") ? "Flux" : has("text_encoder_2") ? "SDXL" : has("unet") ? "SD1.5" : "diffusers";
+        } else hint_.family = "transformers";
         if (sd_ && !flux_) {
             // The checkpoint's own UNet keys, by diffusers path: SD1.x and SDXL alike.
             const std::string prefix = "model.diffusion_model.";
@@ -249,6 +368,7 @@ private:
     std::int64_t heads_ = 0, heads_kv_ = 0;
     std::map<std::string, std::string> unet_map_;
     std::map<std::string, std::pair<std::string, std::vector<std::int64_t>>> flux_map_;
+    BaseModelHint hint_;
 };
 
 struct Planned {
@@ -471,7 +591,25 @@ std::unique_ptr<Checkpoint> open_checkpoint(const Registry& registry, const fs::
         open_into(registry, path, "", files, components);
     }
     if (layout == "file") layout = std::string(files[0]->format_name());
-    return std::make_unique<FileCheckpoint>(path.string(), layout, std::move(files), std::move(components));
+    auto checkpoint = std::make_unique<FileCheckpoint>(path.string(), layout, std::move(files), std::move(components));
+    // A transformers model folder: its config names the family, and the folder is what a
+    // loader (PEFT's base_model_name_or_path) takes.
+    const fs::path folder = fs::is_directory(path, ec) ? path : path.parent_path();
+    if (layout != "diffusers" && fs::is_regular_file(folder / "config.json", ec)) {
+        BaseModelHint hint = checkpoint->model_hint();
+        hint.name = folder.empty() ? "." : folder.string();
+        try {
+            const auto config = nlohmann::json::parse(read_text_file(folder / "config.json"));
+            if (config.is_object() && config.contains("model_type") && config["model_type"].is_string()) {
+                hint.family = config["model_type"].get<std::string>();
+                hint.evidence = "config.json model_type";
+            }
+        } catch (const nlohmann::json::exception&) {
+            // A config we cannot read only costs the hint.
+        }
+        checkpoint->set_hint(std::move(hint));
+    }
+    return checkpoint;
 }
 
 }  // namespace

@@ -25,6 +25,8 @@ Registry::CheckpointOpener checkpoint_opener();
 // llama.cpp tensor names of Hugging Face Llama-family modules (gguf_lora.cpp):
 // "model.layers.12.mlp.up_proj" -> "blk.12.ffn_up", or nullopt for a path the map lacks.
 std::optional<std::string> hf_to_gguf(std::string_view hf);
+// The reverse: "blk.12.ffn_up" -> "model.layers.12.mlp.up_proj".
+std::optional<std::string> gguf_to_hf(std::string_view gguf);
 // Whether llama.cpp's converter permutes the q/k rows of this architecture (LlamaModel.permute).
 bool permutes_qk(std::string_view arch);
 // For each Hugging Face row of a q/k projection with `out` rows and `heads` heads, the row it

@@ -59,8 +59,6 @@ std::optional<std::string> map_name(std::string_view name, bool forward) {
     return std::nullopt;
 }
 
-std::optional<std::string> gguf_to_hf(std::string_view gguf) { return map_name(gguf, false); }
-
 bool is_q_or_k(std::string_view gguf_base) {
     return gguf_base.ends_with(".attn_q") || gguf_base.ends_with(".attn_k");
 }
@@ -91,6 +89,7 @@ Tensor permute_rows(const Tensor& b, std::int64_t heads, bool to_gguf, std::stri
 }  // namespace
 
 std::optional<std::string> hf_to_gguf(std::string_view hf) { return map_name(hf, true); }
+std::optional<std::string> gguf_to_hf(std::string_view gguf) { return map_name(gguf, false); }
 bool permutes_qk(std::string_view arch) { return arch == "llama"; }
 
 std::vector<std::int64_t> rotary_rows(std::int64_t out, std::int64_t heads) {

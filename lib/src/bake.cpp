@@ -151,12 +151,7 @@ ToolResult run_bake(const Registry& registry, const BakeRequest& request, Progre
         if (std::filesystem::exists(request.output, ec) && !request.force)
             fail(ErrorCode::usage, "{} exists (use --force to replace it)", quote(request.output));
         const auto checkpoint = registry.open_checkpoint(request.base);
-        // The output may not replace the base or any file of it (inputs are never modified).
-        const auto target = std::filesystem::weakly_canonical(request.output, ec);
-        bool replaces = target == std::filesystem::weakly_canonical(request.base, ec);
-        for (const auto& f : checkpoint->files()) replaces |= target == std::filesystem::weakly_canonical(f->name(), ec);
-        if (replaces) fail(ErrorCode::usage, "the output {} would replace the base checkpoint; inputs are never modified",
-                           quote(request.output));
+        refuse_replacing(*checkpoint, "base", request.output);
         const auto [adapters, given] = load_weighted_adapters(registry, request.adapters);
         std::vector<double> weights;
         for (const auto& weight : given) weights.push_back(weight.value_or(1.0));

@@ -1,5 +1,7 @@
 #include "lorakit/checkpoint.h"
 
+#include <filesystem>
+
 #include <fmt/format.h>
 
 #include "lorakit/error.h"
@@ -38,6 +40,16 @@ std::vector<float> gather_weight(const WeightLocation& where, const LoraModule& 
                 where.transposed ? all[static_cast<std::size_t>(q * tensor_rows + row)] : all[static_cast<std::size_t>(row * in + q)];
     }
     return w;
+}
+
+void refuse_replacing(const Checkpoint& checkpoint, std::string_view role, const std::string& output) {
+    std::error_code ec;
+    const auto target = std::filesystem::weakly_canonical(output, ec);
+    bool replaces = target == std::filesystem::weakly_canonical(checkpoint.name(), ec);
+    for (const auto& f : checkpoint.files()) replaces |= target == std::filesystem::weakly_canonical(f->name(), ec);
+    if (replaces)
+        fail(ErrorCode::usage, "the output {} would replace the {} {}; inputs are never modified", quote(output), role,
+             quote(checkpoint.name()));
 }
 
 double dtype_finite_limit(std::string_view name) noexcept {

@@ -187,3 +187,96 @@ TEST_CASE("GGUF models: llama.cpp names and the rotary row order of q/k (real ti
     CHECK(e->transposed);
     CHECK_FALSE(c->locate(module("model.layers.5.self_attn.q_proj", 8, 8)));
 }
+
+namespace {
+
+// Every module a checkpoint reports for its tensors, as "tensor -> module [rows a..b] (kind)";
+// each must map back to its tensor through locate().
+std::vector<std::string> all_modules(const Checkpoint& c) {
+    std::vector<std::string> found;
+    for (std::size_t f = 0; f < c.files().size(); ++f)
+        for (const auto& e : c.files()[f]->entries())
+            for (const auto& m : c.modules_at(f, e)) {
+                const auto where = c.locate(m);
+                REQUIRE(where);
+                CHECK(where->entry == &e);
+                std::string line = e.name + " -> " + m.name;
+                if (!where->rows.empty())
+                    line += " " + where->describe().substr(e.name.size() + 1);
+                if (m.kind != ModuleKind::linear) line += std::string(" (") + std::string(module_kind_name(m.kind)) + ")";
+                if (m.fan_in_fan_out) line += " (fan_in_fan_out)";
+                found.push_back(line);
+            }
+    return found;
+}
+
+}  // namespace
+
+TEST_CASE("modules_at: the modules each checkpoint tensor holds, the reverse of locate", "[checkpoint]") {
+    ScratchDir dir;
+    const auto& registry = formats::builtin_registry();
+    SECTION("SDXL single file") {
+        write(dir / "sdxl.safetensors",
+              {{"model.diffusion_model.input_blocks.4.1.proj_in.weight", numbered_rows(8, 8)},
+               {"model.diffusion_model.input_blocks.4.1.norm.weight", Tensor::zeros(DType::F32, {8})},
+               {"model.diffusion_model.input_blocks.1.0.in_layers.2.weight", Tensor::zeros(DType::F32, {4, 4, 3, 3})},
+               {"conditioner.embedders.0.transformer.text_model.encoder.layers.0.mlp.fc1.weight", numbered_rows(12, 6)},
+               {"conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight", numbered_rows(50, 6)},
+               {"conditioner.embedders.1.model.transformer.resblocks.3.attn.in_proj_weight", numbered_rows(30, 10)},
+               {"conditioner.embedders.1.model.transformer.resblocks.3.attn.in_proj_bias", Tensor::zeros(DType::F32, {30})},
+               {"conditioner.embedders.1.model.transformer.resblocks.3.mlp.c_proj.weight", numbered_rows(10, 20)}});
+        const auto c = registry.open_checkpoint(dir / "sdxl.safetensors");
+        CHECK(c->model_hint().family == "SDXL");
+        const std::vector<std::string> expected = {
+            "conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight -> "
+            "text_encoder.text_model.embeddings.token_embedding (embedding)",
+            "conditioner.embedders.0.transformer.text_model.encoder.layers.0.mlp.fc1.weight -> "
+            "text_encoder.text_model.encoder.layers.0.mlp.fc1",
+            "conditioner.embedders.1.model.transformer.resblocks.3.attn.in_proj_weight -> "
+            "text_encoder_2.text_model.encoder.layers.3.self_attn.k_proj rows 10..20",
+            "conditioner.embedders.1.model.transformer.resblocks.3.attn.in_proj_weight -> "
+            "text_encoder_2.text_model.encoder.layers.3.self_attn.q_proj rows 0..10",
+            "conditioner.embedders.1.model.transformer.resblocks.3.attn.in_proj_weight -> "
+            "text_encoder_2.text_model.encoder.layers.3.self_attn.v_proj rows 20..30",
+            "conditioner.embedders.1.model.transformer.resblocks.3.mlp.c_proj.weight -> "
+            "text_encoder_2.text_model.encoder.layers.3.mlp.fc2",
+            "model.diffusion_model.input_blocks.1.0.in_layers.2.weight -> unet.down_blocks.0.resnets.0.conv1 (conv)",
+            "model.diffusion_model.input_blocks.4.1.proj_in.weight -> unet.down_blocks.1.attentions.0.proj_in",
+        };
+        auto got = all_modules(*c);
+        std::sort(got.begin(), got.end());
+        CHECK(got == expected);
+    }
+    SECTION("Flux BFL, transformers with GPT-2 Conv1D, a diffusers folder") {
+        write(dir / "flux.safetensors", {{"double_blocks.0.img_attn.qkv.weight", numbered_rows(24, 8)}});
+        CHECK(all_modules(*registry.open_checkpoint(dir / "flux.safetensors")) ==
+              std::vector<std::string>{"double_blocks.0.img_attn.qkv.weight -> transformer.double_blocks.0.img_attn.qkv"});
+        write(dir / "gpt2.safetensors", {{"h.0.attn.c_attn.weight", numbered_rows(8, 24)},
+                                         {"h.0.mlp.c_fc.weight", numbered_rows(8, 32)},
+                                         {"wte.weight", numbered_rows(50, 8)},
+                                         {"lm_head.weight", numbered_rows(50, 8)}});
+        CHECK(all_modules(*registry.open_checkpoint(dir / "gpt2.safetensors")) ==
+              std::vector<std::string>{"h.0.attn.c_attn.weight -> h.0.attn.c_attn (fan_in_fan_out)",
+                                       "h.0.mlp.c_fc.weight -> h.0.mlp.c_fc (fan_in_fan_out)",
+                                       "lm_head.weight -> lm_head", "wte.weight -> wte (embedding)"});
+        std::filesystem::create_directories(dir / "pipe" / "unet");
+        test::write_file(dir / "pipe" / "model_index.json", "{}");
+        write(dir / "pipe" / "unet" / "diffusion_pytorch_model.safetensors",
+              {{"down_blocks.0.attentions.0.proj_in.weight", numbered_rows(8, 8)}});
+        const auto folder = registry.open_checkpoint(dir / "pipe");
+        CHECK(folder->model_hint().family == "SD1.5");
+        CHECK(all_modules(*folder) ==
+              std::vector<std::string>{"down_blocks.0.attentions.0.proj_in.weight -> unet.down_blocks.0.attentions.0.proj_in"});
+    }
+}
+
+TEST_CASE("modules_at on a GGUF model: Hugging Face names, q/k in rotary order (real tiny llama)", "[checkpoint][real]") {
+    LORAKIT_REQUIRE_REAL_TESTDATA();
+    const auto c = formats::builtin_registry().open_checkpoint(lorakit::test::real_testdata_dir() / "ollama" /
+                                                               "llama-2-tiny-random.gguf");
+    CHECK(c->model_hint().family == "llama");
+    const auto got = all_modules(*c);
+    CHECK(std::find(got.begin(), got.end(), "blk.0.attn_q.weight -> model.layers.0.self_attn.q_proj (8 rows, permuted)") != got.end());
+    CHECK(std::find(got.begin(), got.end(), "blk.0.ffn_down.weight -> model.layers.0.mlp.down_proj") != got.end());
+    CHECK(std::find(got.begin(), got.end(), "token_embd.weight -> model.embed_tokens (embedding)") != got.end());
+}

@@ -55,6 +55,15 @@ public:
     // Where `module` applies, or nullopt when the checkpoint has no tensor for it. Throws
     // bad_input when the tensor exists but its shape cannot hold the module's ΔW.
     virtual std::optional<WeightLocation> locate(const LoraModule& module) const = 0;
+    // The reverse of locate(): the adapter modules tensor `entry` of file `file` holds, each as
+    // a rank-1 module with zero factors (canonical name, kind and shape; fan_in_fan_out set for
+    // GPT-2 Conv1D) that locate() maps back to this tensor. A fused tensor gives one module per
+    // part (OpenCLIP's in_proj: q, k, v); tensors no LoRA targets (norms, biases, embeddings,
+    // names the maps lack) give none.
+    virtual std::vector<LoraModule> modules_at(std::size_t file, const TensorEntry& entry) const = 0;
+    // What the checkpoint's keys say about the model: family ("SD1.5", "SDXL", "Flux", the GGUF
+    // architecture, "transformers"), and a name a loader can use (a Hugging Face model folder).
+    virtual BaseModelHint model_hint() const = 0;
     // Writes the checkpoint to `target` in its own layout (a single safetensors file, or a
     // directory of shards and model.safetensors.index.json, written last), one tensor at a time:
     // tensors `source` leaves alone are copied byte for byte, metadata is kept. Atomic: a failed
@@ -66,6 +75,10 @@ public:
 // The dense base weight rows a module applies to, as out x flat_in row-major f32 (gathered
 // through the location's rows, transposed back when the tensor holds ΔWᵀ's layout).
 std::vector<float> gather_weight(const WeightLocation& where, const LoraModule& module);
+
+// Refuses (usage error) an output path that is the checkpoint or any of its files: inputs are
+// never modified.
+void refuse_replacing(const Checkpoint& checkpoint, std::string_view role, const std::string& output);
 
 // The largest finite value of a dtype, by its container spelling ("F16": 65504), or 0 when the
 // dtype is not a plain float type (quantized blocks: no simple range to check).
