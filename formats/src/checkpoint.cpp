@@ -475,6 +475,7 @@ void FileCheckpoint::write(const fs::path& target, const TensorSource& source, c
             } else {
                 file.write(p.entry->tensor.bytes());
             }
+            files_[p.file]->release(*p.entry);  // streamed: the resident set stays one tensor deep
             progress.advance(++items, bytes_done += p.size);
         });
     };

@@ -22,6 +22,7 @@ public:
     const std::string& name() const override { return file_->name(); }
     const std::vector<TensorEntry>& entries() const override { return entries_; }
     const std::map<std::string, std::string>& metadata() const override { return metadata_; }
+    void release(const TensorEntry& entry) const override { file_->release(entry.tensor.bytes()); }
 
 private:
     std::string_view format_;  // a string literal

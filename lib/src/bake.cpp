@@ -48,19 +48,21 @@ public:
         return std::nullopt;
     }
 
+    // Called once per tensor, one at a time: the f32 buffer is reused (no fresh pages per tensor).
     void produce(std::size_t file, const TensorEntry& e, DType type, std::vector<std::byte>& bytes) const override {
-        std::vector<float> w = e.tensor.to_f32();
+        std::vector<float>& w = weight_;
+        w.resize(static_cast<std::size_t>(e.tensor.view().element_count()));
+        e.tensor.view().to_f32(w);
         if (auto it = plan_.find({file, e.name}); it != plan_.end())
             for (const auto& c : it->second) apply(c, e, w);
+        const linalg::DenseStats stats = linalg::dense_stats(w.data(), w.size());
+        if (!stats.finite) fail(ErrorCode::bad_input, "the result holds NaN or infinite values");
         const double limit = dtype_finite_limit(dtype_name(type));
-        for (float x : w) {
-            if (!std::isfinite(x)) fail(ErrorCode::bad_input, "the result holds NaN or infinite values");
-            if (limit > 0 && std::abs(x) > limit)
-                fail(ErrorCode::bad_input, "a value of {:g} exceeds the largest finite {} ({:g}); bake to a wider --dtype "
-                     "or lower the weights", static_cast<double>(x), dtype_name(type), limit);
-        }
-        const Tensor t = Tensor::from_f32(type, e.shape, w);
-        bytes.assign(t.bytes().begin(), t.bytes().end());
+        if (limit > 0 && stats.max_abs > limit)
+            fail(ErrorCode::bad_input, "a value of {:g} exceeds the largest finite {} ({:g}); bake to a wider --dtype "
+                 "or lower the weights", static_cast<double>(stats.max_abs), dtype_name(type), limit);
+        bytes.resize(w.size() * dtype_size(type));
+        convert_from_f32(type, w, bytes);
     }
 
 private:
@@ -75,6 +77,13 @@ private:
             return;
         }
         const auto a = m.down.to_f32(), b = m.up.to_f32();
+        if (c.where.rows.empty() && !c.where.transposed && !m.magnitude) {
+            // W += c·B·A in place: the product accumulates straight into the weight.
+            cblas_sgemm(101, 111, 111, static_cast<int>(out), static_cast<int>(in), static_cast<int>(r),
+                        static_cast<float>(c.coefficient), b.data(), static_cast<int>(r), a.data(), static_cast<int>(in),
+                        1.0f, w.data(), static_cast<int>(in));
+            return;
+        }
         std::vector<float> d(static_cast<std::size_t>(out * in));
         cblas_sgemm(101, 111, 111, static_cast<int>(out), static_cast<int>(in), static_cast<int>(r),
                     static_cast<float>(c.coefficient), b.data(), static_cast<int>(r), a.data(), static_cast<int>(in), 0.0f,
@@ -115,6 +124,7 @@ private:
 
     std::map<std::pair<std::size_t, std::string>, std::vector<Contribution>> plan_;
     std::optional<DType> dtype_;
+    mutable std::vector<float> weight_;
 };
 
 }  // namespace

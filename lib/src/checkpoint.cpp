@@ -18,20 +18,26 @@ std::string WeightLocation::describe() const {
     return fmt::format("{} ({} rows, permuted)", name, rows.size());
 }
 
-std::vector<float> gather_weight(const WeightLocation& where, const LoraModule& module) {
+void gather_weight(const WeightLocation& where, const LoraModule& module, std::vector<float>& w) {
     const TensorEntry& e = *where.entry;
     if (!e.supported())
         fail(ErrorCode::unsupported, "base tensor {} has type {}, which lorakit cannot compute with", quote(e.name),
              e.dtype_name);
     const std::int64_t out = module.out_features(), in = module.flat_in_features();
-    const std::vector<float> all = e.tensor.to_f32();
+    const auto count = e.tensor.view().element_count();
     std::int64_t tensor_rows = e.shape.empty() ? 1 : e.shape[0];
     if (where.transposed) tensor_rows = e.shape.size() == 2 ? e.shape[1] : 0;
-    const std::int64_t tensor_cols = tensor_rows > 0 ? static_cast<std::int64_t>(all.size()) / tensor_rows : 0;
+    const std::int64_t tensor_cols = tensor_rows > 0 ? count / tensor_rows : 0;
     if (tensor_cols != in || (where.rows.empty() ? tensor_rows != out : static_cast<std::int64_t>(where.rows.size()) != out))
         fail(ErrorCode::bad_input, "base tensor {} has shape {}, which cannot take module {} ({} -> {})", quote(e.name),
              format_shape(e.shape), quote(module.name), in, out);
-    std::vector<float> w(static_cast<std::size_t>(out * in));
+    if (where.rows.empty() && !where.transposed) {  // the tensor as it is
+        w.resize(static_cast<std::size_t>(count));
+        e.tensor.view().to_f32(w);
+        return;
+    }
+    const std::vector<float> all = e.tensor.to_f32();
+    w.resize(static_cast<std::size_t>(out * in));
     for (std::int64_t p = 0; p < out; ++p) {
         const std::int64_t row = where.rows.empty() ? p : where.rows[static_cast<std::size_t>(p)];
         if (row < 0 || row >= tensor_rows) fail(ErrorCode::internal, "row {} outside base tensor {}", row, quote(e.name));
@@ -39,6 +45,11 @@ std::vector<float> gather_weight(const WeightLocation& where, const LoraModule& 
             w[static_cast<std::size_t>(p * in + q)] =
                 where.transposed ? all[static_cast<std::size_t>(q * tensor_rows + row)] : all[static_cast<std::size_t>(row * in + q)];
     }
+}
+
+std::vector<float> gather_weight(const WeightLocation& where, const LoraModule& module) {
+    std::vector<float> w;
+    gather_weight(where, module, w);
     return w;
 }
 

@@ -3,7 +3,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <exception>
 #include <filesystem>
+#include <future>
 #include <thread>
 
 #include <fmt/format.h>
@@ -230,6 +232,7 @@ ToolResult run_extract(const Registry& registry, const ExtractRequest& request, 
         progress.begin("extract", plan.size(), total_bytes);
         std::uint64_t done_bytes = 0;
         std::size_t done = 0;
+        std::vector<float> delta, base_weight;
         for (const auto& p : plan) {
             const LoraModule& m = p.probe;
             Extracted x;
@@ -238,18 +241,27 @@ ToolResult run_extract(const Registry& registry, const ExtractRequest& request, 
             x.in = m.in_features();
             x.kernel = m.kernel_size();
             const std::int64_t rows = m.out_features(), cols = m.flat_in_features();
-            std::vector<float> delta = with_context(fmt::format("{}: module {}", quote(request.tuned), quote(m.name)),
-                                                    [&] { return gather_weight(p.tuned, m); });
-            {
-                const std::vector<float> w = with_context(fmt::format("{}: module {}", quote(request.base), quote(m.name)),
-                                                          [&] { return gather_weight(p.base, m); });
-                for (std::size_t i = 0; i < delta.size(); ++i) {
-                    delta[i] -= w[i];
-                    if (!std::isfinite(delta[i]))
-                        fail(ErrorCode::bad_input, "module {}: the difference holds NaN or infinite values", quote(m.name));
-                    x.max_diff = std::max(x.max_diff, static_cast<double>(std::abs(delta[i])));
-                }
+            // Both weights at once (the base on a second thread), into buffers reused throughout.
+            auto base_done = std::async(std::launch::async, [&] {
+                with_context(fmt::format("{}: module {}", quote(request.base), quote(m.name)),
+                             [&] { gather_weight(p.base, m, base_weight); });
+            });
+            std::exception_ptr failure;
+            try {
+                with_context(fmt::format("{}: module {}", quote(request.tuned), quote(m.name)),
+                             [&] { gather_weight(p.tuned, m, delta); });
+            } catch (...) {
+                failure = std::current_exception();
             }
+            base_done.get();
+            if (failure) std::rethrow_exception(failure);
+            for (std::size_t i = 0; i < delta.size(); ++i) delta[i] -= base_weight[i];
+            const linalg::DenseStats stats = linalg::dense_stats(delta.data(), delta.size());
+            if (!stats.finite) fail(ErrorCode::bad_input, "module {}: the difference holds NaN or infinite values", quote(m.name));
+            x.max_diff = stats.max_abs;
+            // Done with both tensors' mapped pages (a fused tensor's later parts map them again).
+            tuned->files()[p.tuned.file]->release(*p.tuned.entry);
+            base->files()[p.base.file]->release(*p.base.entry);
             const bool wide_kernel = m.kind == ModuleKind::conv && m.kernel_size() != Shape{1, 1};
             if (x.max_diff == 0) x.status = "unchanged";
             else if (x.max_diff <= request.min_diff) x.status = "below min-diff";

@@ -6,6 +6,7 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <cstdint>
 #include <cstring>
 #include <vector>
 
@@ -103,6 +104,15 @@ void MappedFile::prefetch(std::size_t offset, std::size_t length) const noexcept
     const auto page = static_cast<std::size_t>(::sysconf(_SC_PAGESIZE));
     const std::size_t start = offset / page * page;
     ::madvise(const_cast<std::byte*>(data_) + start, length + (offset - start), MADV_WILLNEED);
+}
+
+void MappedFile::release(std::span<const std::byte> bytes) const noexcept {
+    if (!mapped_ || bytes.empty() || bytes.data() < data_ || bytes.data() + bytes.size() > data_ + size_) return;
+    const auto page = static_cast<std::uintptr_t>(::sysconf(_SC_PAGESIZE));
+    const auto begin = reinterpret_cast<std::uintptr_t>(bytes.data());
+    const auto end = begin + bytes.size();
+    const std::uintptr_t first = (begin + page - 1) / page * page, last = end / page * page;  // whole pages only
+    if (last > first) ::madvise(reinterpret_cast<void*>(first), last - first, MADV_DONTNEED);
 }
 
 }  // namespace lorakit

@@ -31,6 +31,11 @@ public:
     // Hints that [offset, offset + length) will be read soon (madvise WILLNEED). No-op for
     // in-memory data.
     void prefetch(std::size_t offset, std::size_t length) const noexcept;
+    // Drops the whole pages of `bytes` (a range inside this file's mapping) from the process's
+    // memory once they have been used (madvise DONTNEED: the page cache keeps them, a later read
+    // maps them again), so that streaming a large file keeps the resident set small. No-op for
+    // in-memory data or a range outside the mapping.
+    void release(std::span<const std::byte> bytes) const noexcept;
 
 private:
     MappedFile() = default;

@@ -46,6 +46,10 @@ public:
     virtual const std::vector<TensorEntry>& entries() const = 0;
     virtual const std::map<std::string, std::string>& metadata() const = 0;
 
+    // Drops the entry's mapped pages from the process's memory after use (MappedFile::release);
+    // a no-op for files whose tensors are not mapped.
+    virtual void release(const TensorEntry&) const {}
+
     const TensorEntry* find(std::string_view tensor_name) const;
     // The tensor named `tensor_name`; throws bad_input if absent and unsupported if its dtype
     // is one lorakit does not compute with.
