@@ -104,6 +104,15 @@ void symmetric_eigen(std::vector<double>& matrix, std::int64_t n, std::vector<do
 double spectral_norm(const float* matrix, std::int64_t rows, std::int64_t cols, int iterations = 8,
                      std::uint64_t seed = 0x5eed);
 
+// One pass over dense values: ‖x‖², max |x| and whether all are finite (vectorised; the sum in
+// double).
+struct DenseStats {
+    double sum_squares = 0;
+    float max_abs = 0;  // meaningful only when finite
+    bool finite = true;
+};
+DenseStats dense_stats(const float* values, std::size_t count) noexcept;
+
 // Truncated SVD of a dense row-major rows x cols f32 matrix, for deltas with no low-rank
 // structure (merges after TIES/DARE pruning, extraction from two checkpoints).
 //   exact:      LAPACK dgesdd on a double copy (reference; used for min(rows, cols) <= exact_below)
@@ -117,7 +126,7 @@ struct DenseSvdOptions {
     enum class Method { automatic, exact, randomized };
     Method method = Method::automatic;
     int power_iterations = 2;
-    std::int64_t oversample = -1;  // -1: k (measured ≤ 1.001x the optimal error, research/performance.md §1.2)
+    std::int64_t oversample = 10;  // extra sketch columns; -1: k (≤ 1.007x optimal at p=10, q=2: docs/benchmarks.md)
     std::uint64_t seed = 0x10ca;
     std::int64_t exact_below = 512;
 };
