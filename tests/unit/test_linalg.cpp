@@ -1,11 +1,15 @@
 // The factored SVD against dense LAPACK on the formed product, for random small cases.
 #include <catch2/catch.hpp>
 
+#include <algorithm>
 #include <cmath>
+#include <limits>
 #include <random>
 
 #include "lorakit/error.h"
 #include "lorakit/linalg.h"
+#include "lorakit/mapped_file.h"
+#include "support.h"
 
 using namespace lorakit;
 using namespace lorakit::linalg;
@@ -159,4 +163,47 @@ TEST_CASE("zero factors and mismatched terms", "[linalg]") {
     nan_b[0] = std::numeric_limits<float>::quiet_NaN();
     const LowRankTerm bad{nan_b.data(), f1.a.data(), 8, 2, 5, 1.0};
     CHECK_THROWS_AS(factored_singular_values({&bad, 1}, workspace), Error);
+}
+
+TEST_CASE("dense_stats: energy, max |x| and finiteness in one pass", "[linalg]") {
+    std::vector<float> v(1000);
+    double energy = 0;
+    for (std::size_t i = 0; i < v.size(); ++i) {
+        v[i] = (i % 7 == 0 ? -1.0f : 1.0f) * static_cast<float>(i) * 0.01f;
+        energy += double(v[i]) * v[i];
+    }
+    auto s = linalg::dense_stats(v.data(), v.size());
+    CHECK(s.finite);
+    CHECK(s.max_abs == Approx(9.99f));
+    CHECK(s.sum_squares == Approx(energy).epsilon(1e-6));
+    for (std::size_t count : {std::size_t(0), std::size_t(1), std::size_t(63), std::size_t(65)}) {
+        const auto t = linalg::dense_stats(v.data(), count);
+        float expected = 0;
+        for (std::size_t i = 0; i < count; ++i) expected = std::max(expected, std::abs(v[i]));
+        CHECK(t.finite);
+        CHECK(t.max_abs == expected);
+    }
+    v[997] = std::numeric_limits<float>::infinity();
+    CHECK_FALSE(linalg::dense_stats(v.data(), v.size()).finite);
+    v[997] = -std::numeric_limits<float>::quiet_NaN();
+    CHECK_FALSE(linalg::dense_stats(v.data(), v.size()).finite);
+    CHECK(linalg::dense_stats(v.data(), 997).finite);
+}
+
+TEST_CASE("MappedFile::release drops pages but never the data", "[core]") {
+    lorakit::test::ScratchDir dir;
+    std::string bytes(3 * 4096 + 100, '\0');
+    for (std::size_t i = 0; i < bytes.size(); ++i) bytes[i] = static_cast<char>(i * 31 + 7);
+    lorakit::test::write_file(dir / "f", bytes);
+    const auto file = MappedFile::open(dir / "f");
+    file->release(file->bytes().subspan(10, 3 * 4096));
+    file->release(file->bytes());
+    CHECK(std::equal(bytes.begin(), bytes.end(), reinterpret_cast<const char*>(file->bytes().data())));
+    // Bytes that are not a mapping are left alone.
+    std::vector<std::byte> memory(8192, std::byte{5});
+    const auto in_memory = MappedFile::from_bytes("memory", memory);
+    in_memory->release(in_memory->bytes());
+    CHECK(in_memory->bytes()[100] == std::byte{5});
+    file->release(std::span<const std::byte>(memory));  // outside the mapping: no-op
+    CHECK(memory[4096] == std::byte{5});
 }
