@@ -6,6 +6,9 @@
 // Values come from a fixed-seed generator so files are identical run to run.
 #pragma once
 
+#include <sys/wait.h>
+#include <unistd.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -149,11 +152,25 @@ inline BenchArguments bench_arguments(int argc, char** argv) {
 }
 
 // Runs `generate` unless `marker` exists (generated inputs are shared by the benchmarks).
+// The generator runs in a child process, so that the memory it used never inflates the peak
+// RSS the benchmark measures (a forked child starts with its parent's resident pages).
 template <typename Generate>
 void generate_once(const std::filesystem::path& marker, const std::filesystem::path& shown, Generate&& generate) {
     if (std::filesystem::exists(marker)) return;
     std::fprintf(stderr, "generating %s ...\n", shown.c_str());
-    generate();
+    std::fflush(nullptr);
+    const pid_t pid = ::fork();
+    if (pid == 0) {
+        generate();
+        std::fflush(nullptr);
+        ::_exit(0);
+    }
+    int status = 0;
+    ::waitpid(pid, &status, 0);
+    if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) {
+        std::fprintf(stderr, "generating %s failed\n", shown.c_str());
+        std::exit(1);
+    }
 }
 
 // DIR/llama7b-r128-peft, generated on first use.
