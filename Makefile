@@ -16,7 +16,7 @@ PACKAGES  := cmake make g++ libeigen3-dev liblapacke-dev libopenblas-dev libcli1
 VENV      := $(BUILD_DIR)/venv
 PYPI_PACKAGES := safetensors numpy gguf
 
-.PHONY: demo test deps build interop-env clean
+.PHONY: demo test deps build interop-env install package clean
 
 deps:
 	@missing=""; \
@@ -76,10 +76,26 @@ demo: build
 	$(BUILD_DIR)/bin/lora-bake samples/base-llama samples/peft-llama:0.8 $(BUILD_DIR)/demo/peft-llama-r2:0.5 \
 	  -o $(BUILD_DIR)/demo/base-llama-baked.safetensors --force
 	@echo
+	@echo "== lora-extract: the baked difference back as a rank-8 PEFT adapter (the F16 base rounds it: see the error column) =="
+	$(BUILD_DIR)/bin/lora-extract samples/base-llama $(BUILD_DIR)/demo/base-llama-baked.safetensors --rank 8 \
+	  -o $(BUILD_DIR)/demo/peft-llama-extracted --force
+	@echo
 	@echo "== lora-convert: the PEFT sample to a llama.cpp GGUF adapter (head counts from the base's config.json) =="
 	$(BUILD_DIR)/bin/lora-convert samples/peft-llama --to gguf --base samples/base-llama/config.json \
 	  -o $(BUILD_DIR)/demo/peft-llama.gguf --force
 	$(BUILD_DIR)/bin/lora-inspect $(BUILD_DIR)/demo/peft-llama.gguf
+	@echo
+	@echo "== samples/pipeline: a Makefile batch job (convert, resize, stack check, merge, bake, extract, compare) =="
+	$(MAKE) --no-print-directory -C samples/pipeline -j2 LORAKIT=$(abspath $(BUILD_DIR))/bin OUT=$(abspath $(BUILD_DIR))/pipeline
+
+# The tools, the library, headers, CMake package, pkg-config file, man pages and bash completion.
+PREFIX ?= /usr/local
+install: build
+	cmake --install $(BUILD_DIR) --prefix $(PREFIX)
+
+# A Debian package (build/lorakit_<version>_<arch>.deb).
+package: build
+	cd $(BUILD_DIR) && cpack -G DEB
 
 clean:
 	rm -rf $(BUILD_DIR)

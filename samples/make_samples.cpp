@@ -4,6 +4,7 @@
 //
 // Shapes are miniatures of real models (hidden sizes divided down) so the files stay tiny,
 // while the key names are exactly what each trainer writes.
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -16,6 +17,7 @@
 
 #include "lorakit/atomic_file.h"
 #include "lorakit/random.h"
+#include "lorakit/formats/builtin.h"
 #include "lorakit/formats/safetensors.h"
 
 namespace fs = std::filesystem;
@@ -244,6 +246,52 @@ void base_llama(const fs::path& dir) {
 )");
 }
 
+// Three adapters for the tiny Llama base, as three different tools would have left them, for the
+// batch pipeline in samples/pipeline: "style" (PEFT, rank 4 on attention), "detail" (llama.cpp
+// GGUF, rank 8 on the MLP) and "tone" (mlx-lm, rank 2 on q and v, with its own scale).
+void pipeline_adapters(const fs::path& dir) {
+    fs::create_directories(dir);
+    struct Target {
+        const char* name;
+        std::int64_t in, out;
+    };
+    const Target targets[] = {{"self_attn.q_proj", 64, 64},  {"self_attn.k_proj", 64, 16}, {"self_attn.v_proj", 64, 16},
+                              {"self_attn.o_proj", 64, 64},  {"mlp.gate_proj", 64, 172},  {"mlp.up_proj", 64, 172},
+                              {"mlp.down_proj", 172, 64}};
+    auto adapter = [&](std::uint64_t seed, std::int64_t rank, double alpha, const std::vector<std::string>& which) {
+        Builder b(seed);
+        Adapter a;
+        a.source = "lorakit-make-samples";
+        a.base_model = {"Llama", "samples/base-llama", "generated"};
+        for (int layer = 0; layer < 2; ++layer)
+            for (const auto& t : targets) {
+                if (std::find(which.begin(), which.end(), std::string(t.name)) == which.end()) continue;
+                LoraModule m;
+                m.name = fmt::format("model.layers.{}.{}", layer, t.name);
+                m.down = b.random_tensor(DType::F32, {rank, t.in}, 1.0f / std::sqrt(static_cast<float>(t.in)));
+                m.up = b.random_tensor(DType::F32, {t.out, rank}, 0.05f);
+                m.alpha = alpha;
+                a.modules.push_back(std::move(m));
+            }
+        return a;
+    };
+    const Registry& registry = formats::builtin_registry();
+    std::vector<std::string> notes;
+    WriteOptions options = write_options(true);
+    registry.write_adapter(adapter(21, 4, 8, {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"}),
+                           "peft", dir / "style", options, notes);
+    options.hints = {"llama", 4, 2};  // the base's head counts: llama.cpp's q/k row order
+    registry.write_adapter(adapter(22, 8, 16, {"mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"}), "gguf", dir / "detail.gguf",
+                           options, notes);
+    Adapter tone = adapter(23, 2, 0, {"self_attn.q_proj", "self_attn.v_proj"});
+    for (auto& m : tone.modules) {
+        m.alpha.reset();
+        m.scale_rule = ScaleRule::fixed;
+        m.fixed_scale = 4.0;  // mlx-lm's `scale`
+    }
+    registry.write_adapter(tone, "mlx", dir / "tone", write_options(true), notes);
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -260,6 +308,7 @@ int main(int argc, char** argv) {
         diffusers_sd15(out / "diffusers-sd15.safetensors");
         mlx_qwen(out / "mlx-qwen");
         cloneofsimo_sd15(out / "cloneofsimo-sd15.safetensors");
+        pipeline_adapters(out / "pipeline" / "adapters");
     } catch (const std::exception& e) {
         std::fprintf(stderr, "lorakit-make-samples: error: %s\n", e.what());
         return 1;

@@ -181,7 +181,10 @@ TEST_CASE("the committed samples are what lorakit-make-samples writes", "[sample
     for (const char* file : {"peft-llama/adapter_model.safetensors", "peft-llama/adapter_config.json",
                              "kohya-sdxl.safetensors", "diffusers-sd15.safetensors", "mlx-qwen/adapters.safetensors",
                              "mlx-qwen/adapter_config.json", "cloneofsimo-sd15.safetensors",
-                             "base-llama/model.safetensors", "base-llama/config.json"}) {
+                             "base-llama/model.safetensors", "base-llama/config.json",
+                             "pipeline/adapters/style/adapter_model.safetensors", "pipeline/adapters/style/adapter_config.json",
+                             "pipeline/adapters/detail.gguf", "pipeline/adapters/tone/adapters.safetensors",
+                             "pipeline/adapters/tone/adapter_config.json"}) {
         INFO(file);
         const std::string generated = read_file(dir / file);
         CHECK(generated.size() < 1000000);
