@@ -152,8 +152,7 @@ std::uint64_t parse_size(const std::string& text) {
 }
 
 ToolResult run_bake(const Registry& registry, const BakeRequest& request, Progress& progress) {
-    ToolResult result;
-    try {
+    return guarded([&](ToolResult& result) {
         if (request.adapters.empty()) fail(ErrorCode::usage, "give at least one adapter");
         if (request.output.empty()) fail(ErrorCode::usage, "give -o OUT");
         if (request.dtype && !is_float(*request.dtype)) fail(ErrorCode::usage, "--dtype must be f32, f16 or bf16");
@@ -249,11 +248,7 @@ ToolResult run_bake(const Registry& registry, const BakeRequest& request, Progre
                                      request.subtract ? "subtracted" : "baked", baked, adapters.size(),
                                      request.subtract ? "from" : "into", tensors, request.base, request.output);
         }
-    } catch (const Error& e) {
-        result.out.clear();
-        result.error(e.what(), exit_code_for(e.code()));
-    }
-    return result;
+    });
 }
 
 }  // namespace lorakit

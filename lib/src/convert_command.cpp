@@ -86,8 +86,7 @@ Adapter with_factor_dtype(Adapter adapter, DType dtype) {
 }
 
 ToolResult run_convert(const Registry& registry, const ConvertRequest& request, Progress& progress) {
-    ToolResult result;
-    try {
+    return guarded([&](ToolResult& result) {
         ModelHints hints = request.hints;
         if (hints.head_count && *hints.head_count <= 0) fail(ErrorCode::usage, "--head-count must be positive");
         if (!request.base.empty()) hints = hints_from_base(registry, request.base, hints);
@@ -173,11 +172,7 @@ ToolResult run_convert(const Registry& registry, const ConvertRequest& request, 
         if (!request.json)
             result.note(fmt::format("wrote {} module(s) from {} as {} to {}", adapter.modules.size(), adapter.convention,
                                     convention, quote(request.output)));
-    } catch (const Error& e) {
-        result.out.clear();
-        result.error(e.what(), exit_code_for(e.code()));
-    }
-    return result;
+    });
 }
 
 }  // namespace lorakit

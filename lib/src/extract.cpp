@@ -166,8 +166,7 @@ std::string shape_text(const Extracted& e) {
 }  // namespace
 
 ToolResult run_extract(const Registry& registry, const ExtractRequest& request, Progress& progress) {
-    ToolResult result;
-    try {
+    return guarded([&](ToolResult& result) {
         if (request.output.empty()) fail(ErrorCode::usage, "give -o OUT");
         if (request.dtype && !is_float(*request.dtype)) fail(ErrorCode::usage, "--dtype must be f32, f16 or bf16");
         if (!(request.min_diff >= 0)) fail(ErrorCode::usage, "--min-diff must be at least 0");
@@ -379,11 +378,7 @@ ToolResult run_extract(const Registry& registry, const ExtractRequest& request, 
                                request.output, convention);
         }
         for (const auto& note : notes) result.note(note);
-    } catch (const Error& e) {
-        result.out.clear();
-        result.error(e.what(), exit_code_for(e.code()));
-    }
-    return result;
+    });
 }
 
 }  // namespace lorakit

@@ -12,8 +12,7 @@ namespace lorakit {
 
 ToolResult run_merge(const Registry& registry, const MergeRequest& request, Progress& progress) {
     using Json = nlohmann::ordered_json;
-    ToolResult result;
-    try {
+    return guarded([&](ToolResult& result) {
         if (request.inputs.size() < 2 && request.options.method != MergeMethod::svd)
             fail(ErrorCode::usage, "give at least two adapters to merge (or one with --method svd to re-factor it)");
         std::vector<Adapter> inputs;
@@ -68,11 +67,7 @@ ToolResult run_merge(const Registry& registry, const MergeRequest& request, Prog
                                       merged.modules.empty() ? 0.0 : error_sum / static_cast<double>(merged.modules.size()));
         }
         for (const auto& note : notes) result.note(note);
-    } catch (const Error& e) {
-        result.out.clear();
-        result.error(e.what(), exit_code_for(e.code()));
-    }
-    return result;
+    });
 }
 
 }  // namespace lorakit

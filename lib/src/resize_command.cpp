@@ -19,8 +19,7 @@ Json finite_or_null(double v) { return std::isfinite(v) ? Json(v) : Json(nullptr
 }  // namespace
 
 ToolResult run_resize(const Registry& registry, const ResizeRequest& request, Progress& progress) {
-    ToolResult result;
-    try {
+    return guarded([&](ToolResult& result) {
         const Adapter input = registry.load_adapter(request.input);
         const std::string convention = request.to.empty() ? input.convention : request.to;
         if (!request.output.empty()) {
@@ -94,11 +93,7 @@ ToolResult run_resize(const Registry& registry, const ResizeRequest& request, Pr
                                mean_error);
         }
         for (const auto& note : notes) result.note(note);
-    } catch (const Error& e) {
-        result.out.clear();
-        result.error(e.what(), exit_code_for(e.code()));
-    }
-    return result;
+    });
 }
 
 }  // namespace lorakit

@@ -26,6 +26,7 @@ public:
         if (!where) return std::nullopt;
         BaseWeight w;
         w.values = gather_weight(*where, module);
+        checkpoint_.files()[where->file]->release(*where->entry);  // resident: one tensor, not the base
         w.tensor = where->describe();
         w.dtype = where->entry->dtype_name;
         w.limit = dtype_finite_limit(w.dtype);
@@ -166,8 +167,7 @@ std::string report_text(const StackReport& r, const StackRequest& request) {
 }  // namespace
 
 ToolResult run_stack(const Registry& registry, const StackRequest& request, Progress& progress) {
-    ToolResult result;
-    try {
+    return guarded([&](ToolResult& result) {
         if (request.inputs.empty()) fail(ErrorCode::usage, "give at least one adapter");
         auto [adapters, given] = load_weighted_adapters(registry, request.inputs);
         StackOptions options = request.options;
@@ -220,11 +220,7 @@ ToolResult run_stack(const Registry& registry, const StackRequest& request, Prog
             result.error(fmt::format("the stack is unstable ({} module(s)){}", report.counts[2],
                                      request.output.empty() ? "" : "; nothing written (--strict)"),
                          exit_codes::check_failed);
-    } catch (const Error& e) {
-        result.out.clear();
-        result.error(e.what(), exit_code_for(e.code()));
-    }
-    return result;
+    });
 }
 
 }  // namespace lorakit

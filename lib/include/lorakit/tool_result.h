@@ -29,4 +29,18 @@ struct ToolResult {
     void note(std::string message) { diagnostics.push_back({Diagnostic::Severity::note, std::move(message)}); }
 };
 
+// The common shape of every command: runs body(result), and a lorakit::Error thrown on the way
+// becomes the result's error (stdout cleared, the exit code of the error's kind).
+template <typename Body>
+ToolResult guarded(Body&& body) {
+    ToolResult result;
+    try {
+        body(result);
+    } catch (const Error& e) {
+        result.out.clear();
+        result.error(e.what(), exit_code_for(e.code()));
+    }
+    return result;
+}
+
 }  // namespace lorakit
