@@ -117,6 +117,8 @@ public:
     }
 
     BaseModelHint model_hint() const override { return hint_; }
+    void write_gguf_model(const fs::path& target, const TensorSource& source, const CheckpointWriteOptions& options,
+                          Progress& progress) const;
     void set_hint(BaseModelHint hint) { hint_ = std::move(hint); }
 
 private:
@@ -416,8 +418,71 @@ private:
     bool committed_ = false;
 };
 
+// A GGUF model: the same key-value pairs and tensor order; untouched tensors copied as stored
+// (any ggml type), changed ones encoded in the dtype the source asks for, and Q8_0 tensors
+// requantized to Q8_0 when the source keeps dtypes (the blocks' f16 scales recomputed).
+void FileCheckpoint::write_gguf_model(const fs::path& target, const TensorSource& source,
+                                      const CheckpointWriteOptions& options, Progress& progress) const {
+    if (options.shard_size > 0)
+        fail(ErrorCode::usage, "a GGUF model is written as one file; --shard-size is for safetensors checkpoints");
+    const auto& g = static_cast<const GgufFile&>(*files_[0]);
+    std::vector<GgufTensorToWrite> infos;
+    std::vector<std::optional<DType>> produced;
+    std::uint64_t total = 0;
+    for (std::size_t i = 0; i < g.entries().size(); ++i) {
+        const TensorEntry& e = g.entries()[i];
+        GgufTensorToWrite t;
+        t.name = e.name;
+        t.shape = e.shape;
+        std::optional<DType> type = source.output_dtype(0, e);
+        const std::uint64_t elements = static_cast<std::uint64_t>(checked_element_count(e.shape));
+        if (!type) {
+            t.type = g.ggml_type(i);
+            t.streamed_size = g.raw(i).size();
+        } else if (g.ggml_type(i) == ggml_q8_0 && options.keep_quantized) {
+            t.type = ggml_q8_0;
+            t.streamed_size = elements / 32 * 34;
+            type = DType::F32;  // produced in f32, then quantized
+        } else {
+            if (*type != DType::F32 && *type != DType::F16 && *type != DType::BF16)
+                fail(ErrorCode::unsupported, "tensor {}: GGUF output takes F32, F16, BF16 or Q8_0", quote(e.name));
+            t.type = *type == DType::F32 ? ggml_f32 : *type == DType::F16 ? ggml_f16 : ggml_bf16;
+            t.streamed_size = elements * dtype_size(*type);
+        }
+        total += t.size();
+        infos.push_back(std::move(t));
+        produced.push_back(type);
+    }
+    progress.begin("bake", infos.size(), total);
+    std::uint64_t items = 0, bytes_done = 0;
+    std::vector<std::byte> buffer;
+    with_context(quote(target.string()), [&] {
+        AtomicFile out(target, options.overwrite);
+        write_gguf_streamed(out, g.kv(), infos, [&](std::size_t i, AtomicFile& file) {
+            const TensorEntry& e = g.entries()[i];
+            if (!produced[i]) {
+                file.write(g.raw(i));
+            } else {
+                with_context(fmt::format("tensor {}", quote(e.name)), [&] { source.produce(0, e, *produced[i], buffer); });
+                if (infos[i].type == ggml_q8_0)
+                    file.write(quantize_q8_0(reinterpret_cast<const float*>(buffer.data()), buffer.size() / sizeof(float)));
+                else
+                    file.write(buffer);
+            }
+            g.release(e);
+            progress.advance(++items, bytes_done += infos[i].size());
+        });
+        out.commit();
+    });
+    progress.end();
+}
+
 void FileCheckpoint::write(const fs::path& target, const TensorSource& source, const CheckpointWriteOptions& options,
                            Progress& progress) const {
+    if (gguf_) {
+        write_gguf_model(target, source, options, progress);
+        return;
+    }
     for (const auto& f : files_)
         if (f->format_name() != "safetensors")
             fail(ErrorCode::unsupported, "writing a {} checkpoint is not implemented yet (safetensors files and sharded "

@@ -547,15 +547,15 @@ std::string gguf_header(const std::vector<std::pair<std::string, GgufValue>>& kv
         if (!info) fail(ErrorCode::internal, "unknown ggml type {}", t.type);
         std::uint64_t elements = 1;
         for (auto d : t.shape) elements *= static_cast<std::uint64_t>(d);
-        if (elements / info->block_elements * info->block_bytes != t.bytes().size())
-            fail(ErrorCode::internal, "tensor {}: {} bytes for {} elements of {}", quote(t.name), t.bytes().size(), elements,
+        if (elements / info->block_elements * info->block_bytes != t.size())
+            fail(ErrorCode::internal, "tensor {}: {} bytes for {} elements of {}", quote(t.name), t.size(), elements,
                  info->name);
         append_string(out, t.name);
         append<std::uint32_t>(out, static_cast<std::uint32_t>(t.shape.size()));
         for (auto d = t.shape.size(); d-- > 0;) append<std::uint64_t>(out, static_cast<std::uint64_t>(t.shape[d]));
         append<std::uint32_t>(out, t.type);
         append<std::uint64_t>(out, offset);
-        offset = pad_to(offset + t.bytes().size(), alignment);
+        offset = pad_to(offset + t.size(), alignment);
     }
     if (!tensors.empty()) out.resize(static_cast<std::size_t>(pad_to(out.size(), alignment)), '\0');
     return out;
@@ -563,21 +563,29 @@ std::string gguf_header(const std::vector<std::pair<std::string, GgufValue>>& kv
 
 }  // namespace
 
-void write_gguf(AtomicFile& out, const std::vector<std::pair<std::string, GgufValue>>& kv,
-                const std::vector<GgufTensorToWrite>& tensors) {
+void write_gguf_streamed(AtomicFile& out, const std::vector<std::pair<std::string, GgufValue>>& kv,
+                         const std::vector<GgufTensorToWrite>& tensors,
+                         const std::function<void(std::size_t, AtomicFile&)>& write_data) {
     std::uint32_t alignment = 0;
     out.write(gguf_header(kv, tensors, alignment));
     static const std::vector<std::byte> zeros(4096);
-    for (const auto& t : tensors) {
-        const auto data = t.bytes();
-        out.write(data);
-        std::uint64_t padding = pad_to(data.size(), alignment) - data.size();
+    for (std::size_t i = 0; i < tensors.size(); ++i) {
+        const std::uint64_t start = out.size(), size = tensors[i].size();
+        write_data(i, out);
+        if (out.size() - start != size)
+            fail(ErrorCode::internal, "tensor {}: {} bytes written, {} announced", quote(tensors[i].name), out.size() - start, size);
+        std::uint64_t padding = pad_to(size, alignment) - size;
         while (padding > 0) {
             const std::size_t n = static_cast<std::size_t>(std::min<std::uint64_t>(padding, zeros.size()));
             out.write(std::span(zeros.data(), n));
             padding -= n;
         }
     }
+}
+
+void write_gguf(AtomicFile& out, const std::vector<std::pair<std::string, GgufValue>>& kv,
+                const std::vector<GgufTensorToWrite>& tensors) {
+    write_gguf_streamed(out, kv, tensors, [&](std::size_t i, AtomicFile& file) { file.write(tensors[i].bytes()); });
 }
 
 std::vector<std::byte> serialize_gguf(const std::vector<std::pair<std::string, GgufValue>>& kv,

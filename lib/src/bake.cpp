@@ -44,7 +44,7 @@ public:
                      quote(e.name), e.dtype_name);
             return dtype_.value_or(e.tensor.dtype());
         }
-        if (dtype_ && e.supported() && is_float(e.tensor.dtype()) && e.tensor.dtype() != *dtype_) return dtype_;
+        if (dtype_ && e.supported() && is_float(e.tensor.dtype()) && e.dtype_name != dtype_name(*dtype_)) return dtype_;
         return std::nullopt;
     }
 
@@ -218,6 +218,7 @@ ToolResult run_bake(const Registry& registry, const BakeRequest& request, Progre
         CheckpointWriteOptions options;
         options.overwrite = request.force;
         options.shard_size = request.shard_size;
+        options.keep_quantized = !request.dtype;
         checkpoint->write(request.output, source, options, progress);
 
         std::size_t tensors = 0;

@@ -10,6 +10,7 @@
 
 #include "lorakit/checkpoint.h"
 #include "lorakit/formats/builtin.h"
+#include "lorakit/formats/gguf.h"
 #include "lorakit/formats/safetensors.h"
 #include "lora_helpers.h"
 #include "support.h"
@@ -183,7 +184,7 @@ TEST_CASE("lora-bake refuses clearly and leaves nothing behind", "[bake]") {
         CHECK(r.exit_code == 2);
         CHECK_THAT(r.err, Catch::Contains("would replace the base"));
         if (!real_testdata_dir().empty()) {
-            // An adapter that fits the real tiny llama GGUF: matched (llama.cpp names), then refused.
+            // An adapter that fits the real tiny llama GGUF: matched (llama.cpp names) and baked.
             Adapter tiny = formats::builtin_registry().load_adapter(sample);
             tiny.modules.resize(1);
             auto& m = tiny.modules[0];
@@ -194,8 +195,19 @@ TEST_CASE("lora-bake refuses clearly and leaves nothing behind", "[bake]") {
             formats::builtin_registry().write_adapter(tiny, "peft", dir / "tiny", write_options(false), notes);
             r = run_tool("lora-bake", {(real_testdata_dir() / "ollama" / "llama-2-tiny-random.gguf").string(),
                                        (dir / "tiny").string(), "-o", (dir / "x.gguf").string()});
-            CHECK(r.exit_code == 3);
-            CHECK_THAT(r.err, Catch::Contains("gguf checkpoint is not implemented yet"));
+            INFO(r.err);
+            CHECK(r.exit_code == 0);
+            const auto in = formats::read_gguf(MappedFile::open(real_testdata_dir() / "ollama" / "llama-2-tiny-random.gguf"));
+            const auto out = formats::read_gguf(MappedFile::open(dir / "x.gguf"));
+            CHECK(out->kv() == in->kv());
+            REQUIRE(out->entries().size() == in->entries().size());
+            std::size_t changed = 0;
+            for (std::size_t i = 0; i < in->entries().size(); ++i) {
+                CHECK(out->ggml_type(i) == in->ggml_type(i));
+                const auto x = in->raw(i), y = out->raw(i);
+                changed += std::equal(x.begin(), x.end(), y.begin(), y.end()) ? 0 : 1;
+            }
+            CHECK(changed == 1);  // blk.0.attn_v.weight
         }
     }
 }
@@ -233,4 +245,101 @@ TEST_CASE("lora-bake merges DoRA as PEFT does", "[bake]") {
                 REQUIRE(got[p * cols + q] == Approx(mag[p] / norm * (w[p * cols + q] + d[p * cols + q])).epsilon(1e-5).margin(1e-6));
         }
     }
+}
+
+TEST_CASE("lora-bake into a GGUF model: q/k rows in llama.cpp's order, Q8_0 requantized, the rest as stored", "[bake][gguf]") {
+    ScratchDir dir;
+    const auto& registry = formats::builtin_registry();
+    // A GGUF twin of samples/base-llama's first layer (4 heads, 2 KV heads), with mixed types.
+    std::mt19937 g(3);
+    std::normal_distribution<float> d;
+    auto random = [&](Shape shape) {
+        std::vector<float> v(static_cast<std::size_t>(checked_element_count(shape)));
+        for (auto& x : v) x = 0.2f * d(g);
+        return Tensor::from_f32(DType::F32, shape, v);
+    };
+    const Tensor q = random({64, 64}), k = random({16, 64}), up = random({172, 64}), norm = random({64}), embd = random({100, 64});
+    std::vector<formats::GgufTensorToWrite> tensors;
+    tensors.push_back(formats::gguf_tensor("token_embd.weight", embd.view(), formats::ggml_q8_0));
+    tensors.push_back(formats::gguf_tensor("blk.0.attn_norm.weight", norm.view(), formats::ggml_f32));
+    tensors.push_back(formats::gguf_tensor("blk.0.attn_q.weight", q.view(), formats::ggml_q8_0));
+    tensors.push_back(formats::gguf_tensor("blk.0.attn_k.weight", k.view(), formats::ggml_f16));
+    tensors.push_back(formats::gguf_tensor("blk.0.ffn_up.weight", up.view(), formats::ggml_bf16));
+    const std::vector<std::pair<std::string, formats::GgufValue>> kv = {
+        {"general.architecture", formats::GgufValue::string("llama")},
+        {"general.name", formats::GgufValue::string("tiny")},
+        {"llama.attention.head_count", formats::GgufValue::u32(4)},
+        {"llama.attention.head_count_kv", formats::GgufValue::u32(2)},
+    };
+    formats::write_gguf(dir / "base.gguf", kv, tensors, false);
+
+    // An adapter on q, k and up (Hugging Face names and row order).
+    std::mt19937 ga(8);
+    Adapter a = test::adapter_of({test::random_module(ga, 64, 64, 4, 4, "model.layers.0.self_attn.q_proj"),
+                                  test::random_module(ga, 16, 64, 2, 2, "model.layers.0.self_attn.k_proj"),
+                                  test::random_module(ga, 172, 64, 4, 4, "model.layers.0.mlp.up_proj")});
+    for (auto& m : a.modules) m.up = Tensor::from_f32(DType::F32, m.up.shape(), [&] {
+        auto v = m.up.to_f32();
+        for (auto& x : v) x *= 0.01f;
+        return v;
+    }());
+    std::vector<std::string> notes;
+    registry.write_adapter(a, "peft", dir / "lora", write_options(false), notes);
+
+    auto r = test::run_tool("lora-bake", {(dir / "base.gguf").string(), (dir / "lora").string(), "-o", (dir / "out.gguf").string()});
+    INFO(r.err);
+    REQUIRE(r.exit_code == 0);
+    const auto base = registry.open_checkpoint(dir / "base.gguf");
+    const auto out = registry.open_checkpoint(dir / "out.gguf");
+    const auto& in_file = dynamic_cast<const formats::GgufFile&>(*base->files()[0]);
+    const auto& out_file = dynamic_cast<const formats::GgufFile&>(*out->files()[0]);
+    CHECK(out_file.kv() == in_file.kv());
+    REQUIRE(out_file.entries().size() == 5);
+    for (std::size_t i = 0; i < 5; ++i) CHECK(out_file.ggml_type(i) == in_file.ggml_type(i));  // types kept
+    // Untouched: the stored bytes, Q8_0 blocks included.
+    for (std::size_t i : {0u, 1u}) {
+        const auto x = in_file.raw(i), y = out_file.raw(i);
+        CHECK(std::equal(x.begin(), x.end(), y.begin(), y.end()));
+    }
+    // Changed: W + ΔW with ΔW's rows where locate() puts them, rounded once to the tensor's type.
+    for (const auto& m : a.modules) {
+        const auto where = base->locate(m);
+        REQUIRE(where);
+        const auto w = gather_weight(*where, m);
+        const auto delta = test::dense_delta(m);
+        const auto got = gather_weight(*out->locate(m), m);
+        const bool q8 = m.name.ends_with("q_proj"), f16 = m.name.ends_with("k_proj");
+        double worst = 0;
+        for (std::size_t i = 0; i < w.size(); ++i) {
+            const double exact = double(w[i]) + delta[i];
+            const double err = std::abs(got[i] - exact);
+            // Q8_0: half a step of the element's block (32 consecutive values of a row; rows move
+            // whole under the q/k permutation, so blocks are the same in either order), plus the
+            // f16 rounding of the block scale; f16 and bf16: half an ulp.
+            double bound = 0;
+            if (q8) {
+                const std::size_t first = i / 32 * 32;
+                double block_max = 0;
+                for (std::size_t j = first; j < first + 32; ++j) block_max = std::max(block_max, std::abs(double(w[j]) + delta[j]));
+                // |q·fp16(d) - x| <= d/2 + 127·|fp16(d) - d| <= d/2 + 127·d·2^-11
+                bound = block_max / 127 * (0.5 + 127.0 / 2048) + 1e-6;
+            } else {
+                bound = std::abs(exact) * (f16 ? 4.9e-4 : 3.9e-3) + 1e-7;
+            }
+            worst = std::max(worst, err / bound);
+        }
+        INFO(m.name << ": worst error / bound " << worst);
+        CHECK(worst <= 1.0);
+    }
+    // --dtype f16 turns every float tensor (Q8_0 included) into F16.
+    r = test::run_tool("lora-bake", {(dir / "base.gguf").string(), (dir / "lora").string(), "-o", (dir / "f16.gguf").string(),
+                                     "--dtype", "f16"});
+    REQUIRE(r.exit_code == 0);
+    const auto f16 = formats::read_gguf(MappedFile::open(dir / "f16.gguf"));
+    for (std::size_t i = 0; i < 5; ++i) CHECK(f16->ggml_type(i) == formats::ggml_f16);
+    // --shard-size has no meaning for one GGUF file.
+    r = test::run_tool("lora-bake", {(dir / "base.gguf").string(), (dir / "lora").string(), "-o", (dir / "s.gguf").string(),
+                                     "--shard-size", "1MB"});
+    CHECK(r.exit_code == 2);
+    CHECK_FALSE(std::filesystem::exists(dir / "s.gguf"));
 }

@@ -44,6 +44,8 @@ public:
 struct CheckpointWriteOptions {
     bool overwrite = false;
     std::uint64_t shard_size = 0;  // > 0: a sharded output directory with shards of at most this size
+    // GGUF: a changed Q8_0 tensor is requantized to Q8_0 (false: written in the dtype the source gives).
+    bool keep_quantized = true;
 };
 
 class Checkpoint {
@@ -64,7 +66,7 @@ public:
     // What the checkpoint's keys say about the model: family ("SD1.5", "SDXL", "Flux", the GGUF
     // architecture, "transformers"), and a name a loader can use (a Hugging Face model folder).
     virtual BaseModelHint model_hint() const = 0;
-    // Writes the checkpoint to `target` in its own layout (a single safetensors file, or a
+    // Writes the checkpoint to `target` in its own layout (a single safetensors or GGUF file, or a
     // directory of shards and model.safetensors.index.json, written last), one tensor at a time:
     // tensors `source` leaves alone are copied byte for byte, metadata is kept. Atomic: a failed
     // run leaves nothing at `target`. Throws unsupported for layouts it cannot write yet.

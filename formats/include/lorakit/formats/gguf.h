@@ -7,6 +7,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <filesystem>
 #include <map>
 #include <memory>
@@ -124,7 +125,9 @@ struct GgufTensorToWrite {
     Shape shape;                    // NumPy order (ne reversed)
     std::vector<std::byte> owned;   // the data, encoded in `type` (or empty and `view` used)
     std::span<const std::byte> view;
+    std::uint64_t streamed_size = 0;  // write_gguf_streamed: the bytes its callback will write
     std::span<const std::byte> bytes() const { return owned.empty() ? view : std::span<const std::byte>(owned); }
+    std::uint64_t size() const { return streamed_size ? streamed_size : bytes().size(); }
 };
 
 // A tensor for the writer from an f32/f16/bf16 lorakit tensor, encoded as `type` (F32, F16,
@@ -145,5 +148,11 @@ void write_gguf(AtomicFile& out, const std::vector<std::pair<std::string, GgufVa
                 const std::vector<GgufTensorToWrite>& tensors);
 void write_gguf(const std::filesystem::path& target, const std::vector<std::pair<std::string, GgufValue>>& kv,
                 const std::vector<GgufTensorToWrite>& tensors, bool overwrite);
+// The same layout with each tensor's data written by write_data(index, out) when its turn comes
+// (tensors carry name, type, shape and streamed_size only), so a writer holds one tensor at a
+// time; each call must write exactly streamed_size bytes.
+void write_gguf_streamed(AtomicFile& out, const std::vector<std::pair<std::string, GgufValue>>& kv,
+                         const std::vector<GgufTensorToWrite>& tensors,
+                         const std::function<void(std::size_t, AtomicFile&)>& write_data);
 
 }  // namespace lorakit::formats
