@@ -280,3 +280,39 @@ TEST_CASE("gguf (Python) reads lora-convert's GGUF adapters with identical value
         }
     }
 }
+
+TEST_CASE("gguf (Python) reads a GGUF model lora-bake wrote (real tiny llama), values identical", "[interop][gguf][bake]") {
+    LORAKIT_REQUIRE_INTEROP();
+    LORAKIT_REQUIRE_REAL_TESTDATA();
+    test::ScratchDir dir;
+    Adapter a = formats::builtin_registry().load_adapter(std::string(LORAKIT_SOURCE_DIR) + "/samples/peft-llama");
+    a.modules.resize(1);
+    auto& m = a.modules[0];
+    m.name = m.source_name = "model.layers.0.self_attn.q_proj";  // q: rows in llama.cpp's rotary order
+    m.down = Tensor::from_f32(DType::F32, {2, 8}, std::vector<float>{0.1f, -0.2f, 0.3f, 0.1f, 0.0f, 0.5f, -0.1f, 0.2f,
+                                                                       0.2f, 0.1f, -0.3f, 0.4f, 0.1f, 0.0f, 0.2f, -0.5f});
+    m.up = Tensor::from_f32(DType::F32, {8, 2}, std::vector<float>{1, 0, 0, 1, 1, 1, -1, 0, 0, -1, 2, 0, 0, 2, 1, -1});
+    std::vector<std::string> notes;
+    formats::builtin_registry().write_adapter(a, "peft", dir / "lora", write_options(false), notes);
+    const fs::path out = dir / "baked.gguf";
+    const auto r = test::run_tool("lora-bake", {(test::real_testdata_dir() / "ollama" / "llama-2-tiny-random.gguf").string(),
+                                                (dir / "lora").string(), "-o", out.string()});
+    INFO(r.err);
+    REQUIRE(r.exit_code == 0);
+    const Json seen = gguf_python("read", out);
+    CHECK(seen["kv"]["general.architecture"]["value"] == "llama");
+    const auto ours = formats::read_gguf(MappedFile::open(out));
+    REQUIRE(seen["tensors"].size() == ours->entries().size());
+    for (std::size_t i = 0; i < ours->entries().size(); ++i) {
+        const Json& t = seen["tensors"][i];
+        INFO(t["name"]);
+        CHECK(t["name"] == ours->entries()[i].name);
+        if (!ours->entries()[i].supported()) continue;
+        const auto values = ours->entries()[i].tensor.to_f32();
+        const auto theirs = t["values"].get<std::vector<double>>();
+        REQUIRE(theirs.size() == values.size());
+        std::size_t wrong = 0;
+        for (std::size_t j = 0; j < values.size(); ++j) wrong += theirs[j] != static_cast<double>(values[j]);
+        CHECK(wrong == 0);
+    }
+}
