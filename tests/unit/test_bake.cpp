@@ -2,13 +2,19 @@
 // byte for byte, determinism, subtract, sharding, DoRA, and the refusals.
 #include <catch2/catch.hpp>
 
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
 #include <cmath>
 #include <random>
 
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
 
+#include "lorakit/bake.h"
 #include "lorakit/checkpoint.h"
+#include "lorakit/extract.h"
 #include "lorakit/formats/builtin.h"
 #include "lorakit/formats/gguf.h"
 #include "lorakit/formats/safetensors.h"
@@ -342,4 +348,84 @@ TEST_CASE("lora-bake into a GGUF model: q/k rows in llama.cpp's order, Q8_0 requ
                                      "--shard-size", "1MB"});
     CHECK(r.exit_code == 2);
     CHECK_FALSE(std::filesystem::exists(dir / "s.gguf"));
+}
+
+namespace {
+
+// Reports through a pipe once `after` items of a stage are done, then lets the parent kill us.
+class SignallingProgress final : public Progress {
+public:
+    SignallingProgress(int fd, std::uint64_t after) : fd_(fd), after_(after) {}
+    void begin(std::string_view, std::uint64_t, std::uint64_t) override {}
+    void advance(std::uint64_t items, std::uint64_t) override {
+        if (items == after_) {
+            [[maybe_unused]] auto n = ::write(fd_, "r", 1);
+            for (;;) ::pause();  // mid-write: the output is open and partly written
+        }
+    }
+    void end() override {}
+
+private:
+    int fd_;
+    std::uint64_t after_;
+};
+
+// Runs `command` (a lora-bake or lora-extract request) in a child and SIGKILLs it once it has
+// streamed `after` tensors; returns how the child ended (128 + signal, or its exit status).
+template <typename Command>
+int kill_after(std::uint64_t after, Command command) {
+    int ready[2];
+    REQUIRE(::pipe(ready) == 0);
+    const pid_t pid = ::fork();
+    REQUIRE(pid >= 0);
+    if (pid == 0) {
+        ::close(ready[0]);
+        SignallingProgress progress(ready[1], after);
+        command(progress);
+        ::_exit(3);  // finished before being killed: the test fails on the exit status
+    }
+    ::close(ready[1]);
+    char c = 0;
+    const bool started = ::read(ready[0], &c, 1) == 1;
+    ::close(ready[0]);
+    ::kill(pid, SIGKILL);
+    int status = 0;
+    ::waitpid(pid, &status, 0);
+    CHECK(started);
+    return WIFSIGNALED(status) ? 128 + WTERMSIG(status) : WEXITSTATUS(status);
+}
+
+}  // namespace
+
+TEST_CASE("lora-bake and lora-extract killed with SIGKILL mid-write leave nothing behind", "[bake][extract][atomic]") {
+    ScratchDir dir;
+    const auto& registry = formats::builtin_registry();
+    const std::string base = std::string(LORAKIT_SOURCE_DIR) + "/samples/base-llama";
+    std::filesystem::create_directory(dir / "out");
+    SECTION("bake, a single output file") {
+        const int ended = kill_after(5, [&](Progress& progress) {
+            BakeRequest request;
+            request.base = base;
+            request.adapters = {sample};
+            request.output = (dir / "out" / "baked.safetensors").string();
+            run_bake(registry, request, progress);
+        });
+        CHECK(ended == 128 + SIGKILL);
+        CHECK(std::filesystem::is_empty(dir / "out"));
+    }
+    SECTION("extract, killed mid-run (its output is written at the end)") {
+        auto r = run_tool("lora-bake", {base, sample, "-o", (dir / "tuned.safetensors").string()});
+        REQUIRE(r.exit_code == 0);
+        const int ended = kill_after(5, [&](Progress& progress) {
+            ExtractRequest request;
+            request.base = base;
+            request.tuned = (dir / "tuned.safetensors").string();
+            request.output = (dir / "out" / "x.safetensors").string();
+            request.to = "peft";
+            request.fit.rank.rank = 4;
+            run_extract(registry, request, progress);
+        });
+        CHECK(ended == 128 + SIGKILL);
+        CHECK(std::filesystem::is_empty(dir / "out"));
+    }
 }
