@@ -1,5 +1,7 @@
 #include "support.h"
 
+#include <catch2/catch.hpp>
+
 #include <fcntl.h>
 #include <poll.h>
 #include <signal.h>
@@ -18,6 +20,32 @@
 namespace lorakit::test {
 
 namespace fs = std::filesystem;
+
+int kill_when_ready(const std::function<void(const std::function<void()>& ready)>& body, int signal_number) {
+    int pipe_fds[2];
+    REQUIRE(::pipe(pipe_fds) == 0);
+    const pid_t pid = ::fork();
+    REQUIRE(pid >= 0);
+    if (pid == 0) {
+        ::close(pipe_fds[0]);
+        ::signal(SIGTERM, SIG_DFL);
+        ::signal(SIGINT, SIG_DFL);
+        try {
+            body([fd = pipe_fds[1]] { [[maybe_unused]] auto n = ::write(fd, "r", 1); });
+        } catch (...) {
+        }
+        ::_exit(3);
+    }
+    ::close(pipe_fds[1]);
+    char c = 0;
+    const bool ready = ::read(pipe_fds[0], &c, 1) == 1;
+    ::close(pipe_fds[0]);
+    ::kill(pid, signal_number);
+    int status = 0;
+    ::waitpid(pid, &status, 0);
+    REQUIRE(ready);
+    return WIFSIGNALED(status) ? 128 + WTERMSIG(status) : WEXITSTATUS(status);
+}
 
 ProcessResult run_process(const std::string& program, const std::vector<std::string>& arguments,
                           const std::string& input, int timeout_seconds, const fs::path& working_directory) {

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <filesystem>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -20,6 +21,12 @@ struct ProcessResult {
 ProcessResult run_process(const std::string& program, const std::vector<std::string>& arguments,
                           const std::string& input = {}, int timeout_seconds = 120,
                           const std::filesystem::path& working_directory = {});
+
+// Forks a child that runs body(ready) with the runner's SIGTERM/SIGINT handlers reset (it behaves
+// like a tool). The body calls ready() once it is mid-work and goes on working; the parent then
+// sends `signal_number`. Returns how the child ended: 128 + the signal, or its exit status (3
+// when the body returned). REQUIREs that ready() was called.
+int kill_when_ready(const std::function<void(const std::function<void()>& ready)>& body, int signal_number);
 
 // The path of a built tool, e.g. tool_path("lora-inspect").
 std::string tool_path(const std::string& name);

@@ -32,40 +32,18 @@ public:
 // Forks a child that starts writing `target` and reports when it is mid-write; the parent
 // then sends `signal_number`. Returns the child's exit status (128 + signal).
 int kill_mid_write(const std::filesystem::path& target, int signal_number) {
-    int ready[2];
-    REQUIRE(::pipe(ready) == 0);
-    const pid_t pid = ::fork();
-    REQUIRE(pid >= 0);
-    if (pid == 0) {
-        ::close(ready[0]);
-        // The test runner's own handlers do not belong in the child: it behaves like a tool.
-        ::signal(SIGTERM, SIG_DFL);
-        ::signal(SIGINT, SIG_DFL);
-        try {
+    return test::kill_when_ready(
+        [&](const std::function<void()>& ready) {
             AtomicFile out(target, false);
             const std::string chunk(1 << 20, 'x');
-            out.write(bytes_of(chunk));
-            out.write(bytes_of(chunk));
-            out.write(bytes_of(chunk));
-            out.write(bytes_of(chunk));
-            out.write(bytes_of(chunk));
-            [[maybe_unused]] auto n = ::write(ready[1], "r", 1);
+            for (int i = 0; i < 5; ++i) out.write(bytes_of(chunk));
+            ready();
             for (;;) {
                 out.write(bytes_of(chunk));
                 ::usleep(1000);
             }
-        } catch (...) {
-        }
-        ::_exit(3);
-    }
-    ::close(ready[1]);
-    char c = 0;
-    REQUIRE(::read(ready[0], &c, 1) == 1);
-    ::close(ready[0]);
-    ::kill(pid, signal_number);
-    int status = 0;
-    ::waitpid(pid, &status, 0);
-    return WIFSIGNALED(status) ? 128 + WTERMSIG(status) : WEXITSTATUS(status);
+        },
+        signal_number);
 }
 
 }  // namespace

@@ -352,21 +352,21 @@ TEST_CASE("lora-bake into a GGUF model: q/k rows in llama.cpp's order, Q8_0 requ
 
 namespace {
 
-// Reports through a pipe once `after` items of a stage are done, then lets the parent kill us.
+// Calls ready() once `after` items of a stage are done, then waits to be killed mid-write.
 class SignallingProgress final : public Progress {
 public:
-    SignallingProgress(int fd, std::uint64_t after) : fd_(fd), after_(after) {}
+    SignallingProgress(const std::function<void()>& ready, std::uint64_t after) : ready_(ready), after_(after) {}
     void begin(std::string_view, std::uint64_t, std::uint64_t) override {}
     void advance(std::uint64_t items, std::uint64_t) override {
         if (items == after_) {
-            [[maybe_unused]] auto n = ::write(fd_, "r", 1);
+            ready_();
             for (;;) ::pause();  // mid-write: the output is open and partly written
         }
     }
     void end() override {}
 
 private:
-    int fd_;
+    const std::function<void()>& ready_;
     std::uint64_t after_;
 };
 
@@ -374,25 +374,12 @@ private:
 // streamed `after` tensors; returns how the child ended (128 + signal, or its exit status).
 template <typename Command>
 int kill_after(std::uint64_t after, Command command) {
-    int ready[2];
-    REQUIRE(::pipe(ready) == 0);
-    const pid_t pid = ::fork();
-    REQUIRE(pid >= 0);
-    if (pid == 0) {
-        ::close(ready[0]);
-        SignallingProgress progress(ready[1], after);
-        command(progress);
-        ::_exit(3);  // finished before being killed: the test fails on the exit status
-    }
-    ::close(ready[1]);
-    char c = 0;
-    const bool started = ::read(ready[0], &c, 1) == 1;
-    ::close(ready[0]);
-    ::kill(pid, SIGKILL);
-    int status = 0;
-    ::waitpid(pid, &status, 0);
-    CHECK(started);
-    return WIFSIGNALED(status) ? 128 + WTERMSIG(status) : WEXITSTATUS(status);
+    return test::kill_when_ready(
+        [&](const std::function<void()>& ready) {
+            SignallingProgress progress(ready, after);
+            command(progress);
+        },
+        SIGKILL);
 }
 
 }  // namespace

@@ -150,6 +150,25 @@ Json gguf_python(const std::string& command, const fs::path& file) {
     return Json::parse(r.out);
 }
 
+// gguf-py's description of a file (gguf_python "read") against lorakit's reading of it: the same
+// tensor names and shapes in the same order, and identical values wherever lorakit computes.
+void check_same_tensors(const Json& seen, const formats::GgufFile& ours) {
+    REQUIRE(seen["tensors"].size() == ours.entries().size());
+    for (std::size_t i = 0; i < ours.entries().size(); ++i) {
+        const Json& t = seen["tensors"][i];
+        INFO(t["name"]);
+        CHECK(t["name"] == ours.entries()[i].name);
+        CHECK(t["shape"].get<std::vector<std::int64_t>>() == ours.entries()[i].shape);
+        if (!ours.entries()[i].supported()) continue;
+        const auto values = ours.entries()[i].tensor.to_f32();
+        const auto theirs = t["values"].get<std::vector<double>>();
+        REQUIRE(theirs.size() == values.size());
+        std::size_t wrong = 0;
+        for (std::size_t j = 0; j < values.size(); ++j) wrong += theirs[j] != static_cast<double>(values[j]);
+        CHECK(wrong == 0);
+    }
+}
+
 }  // namespace
 
 TEST_CASE("gguf (Python) reads every value and tensor lorakit writes", "[interop][gguf]") {
@@ -264,20 +283,7 @@ TEST_CASE("gguf (Python) reads lora-convert's GGUF adapters with identical value
         CHECK(seen["kv"]["adapter.type"]["value"] == "lora");
         CHECK(seen["kv"]["adapter.lora.alpha"]["type"] == "FLOAT32");
         CHECK(seen["kv"]["llama.attention.head_count"]["value"] == 4);
-        const auto ours = formats::read_gguf(MappedFile::open(out));
-        REQUIRE(seen["tensors"].size() == ours->entries().size());
-        for (std::size_t i = 0; i < ours->entries().size(); ++i) {
-            const Json& t = seen["tensors"][i];
-            INFO(t["name"]);
-            CHECK(t["name"] == ours->entries()[i].name);
-            CHECK(t["shape"].get<std::vector<std::int64_t>>() == ours->entries()[i].shape);
-            const auto values = ours->entries()[i].tensor.to_f32();
-            const auto theirs = t["values"].get<std::vector<double>>();
-            REQUIRE(theirs.size() == values.size());
-            std::size_t wrong = 0;
-            for (std::size_t j = 0; j < values.size(); ++j) wrong += theirs[j] != static_cast<double>(values[j]);
-            CHECK(wrong == 0);
-        }
+        check_same_tensors(seen, *formats::read_gguf(MappedFile::open(out)));
     }
 }
 
@@ -301,18 +307,5 @@ TEST_CASE("gguf (Python) reads a GGUF model lora-bake wrote (real tiny llama), v
     REQUIRE(r.exit_code == 0);
     const Json seen = gguf_python("read", out);
     CHECK(seen["kv"]["general.architecture"]["value"] == "llama");
-    const auto ours = formats::read_gguf(MappedFile::open(out));
-    REQUIRE(seen["tensors"].size() == ours->entries().size());
-    for (std::size_t i = 0; i < ours->entries().size(); ++i) {
-        const Json& t = seen["tensors"][i];
-        INFO(t["name"]);
-        CHECK(t["name"] == ours->entries()[i].name);
-        if (!ours->entries()[i].supported()) continue;
-        const auto values = ours->entries()[i].tensor.to_f32();
-        const auto theirs = t["values"].get<std::vector<double>>();
-        REQUIRE(theirs.size() == values.size());
-        std::size_t wrong = 0;
-        for (std::size_t j = 0; j < values.size(); ++j) wrong += theirs[j] != static_cast<double>(values[j]);
-        CHECK(wrong == 0);
-    }
+    check_same_tensors(seen, *formats::read_gguf(MappedFile::open(out)));
 }
