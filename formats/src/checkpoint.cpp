@@ -579,24 +579,8 @@ void FileCheckpoint::write(const fs::path& target, const TensorSource& source, c
 
 // The shard files of a Hugging Face index, in first-appearance order.
 std::vector<fs::path> shards_of(const fs::path& index) {
-    const std::string text = read_text_file(index);
-    nlohmann::json j;
-    try {
-        j = nlohmann::json::parse(text);
-    } catch (const nlohmann::json::exception& e) {
-        fail(ErrorCode::bad_input, "{}: not JSON ({})", quote(index.string()), e.what());
-    }
-    if (!j.is_object() || !j.contains("weight_map") || !j["weight_map"].is_object())
-        fail(ErrorCode::bad_input, "{}: no \"weight_map\" object", quote(index.string()));
     std::vector<fs::path> shards;
-    for (const auto& [tensor, file] : j["weight_map"].items()) {
-        if (!file.is_string()) fail(ErrorCode::bad_input, "{}: weight_map[{}] is not a file name", quote(index.string()), quote(tensor));
-        const fs::path shard = file.get<std::string>();
-        if (shard.has_parent_path() || shard.is_absolute() || shard.filename() == ".." )
-            fail(ErrorCode::bad_input, "{}: shard {} is not a file beside the index", quote(index.string()), quote(shard.string()));
-        const fs::path full = index.parent_path() / shard;
-        if (std::find(shards.begin(), shards.end(), full) == shards.end()) shards.push_back(full);
-    }
+    for (const auto& name : parse_shard_index(read_text_file(index), index.string())) shards.push_back(index.parent_path() / name);
     return shards;
 }
 
@@ -681,5 +665,27 @@ std::unique_ptr<Checkpoint> open_checkpoint(const Registry& registry, const fs::
 }  // namespace
 
 Registry::CheckpointOpener checkpoint_opener() { return &open_checkpoint; }
+
+std::vector<std::string> parse_shard_index(std::string_view text, const std::string& name) {
+    nlohmann::json j;
+    try {
+        j = nlohmann::json::parse(text);
+    } catch (const nlohmann::json::exception& e) {
+        fail(ErrorCode::bad_input, "{}: not JSON ({})", quote(name), e.what());
+    }
+    if (!j.is_object() || !j.contains("weight_map") || !j["weight_map"].is_object())
+        fail(ErrorCode::bad_input, "{}: no \"weight_map\" object", quote(name));
+    std::vector<std::string> shards;
+    for (const auto& [tensor, file] : j["weight_map"].items()) {
+        if (!file.is_string()) fail(ErrorCode::bad_input, "{}: weight_map[{}] is not a file name", quote(name), quote(tensor));
+        const std::string shard = file.get<std::string>();
+        const fs::path path = shard;
+        if (shard.empty() || path.has_parent_path() || path.is_absolute() || shard == "." || shard == ".." ||
+            shard.find('\0') != std::string::npos)
+            fail(ErrorCode::bad_input, "{}: shard {} is not a file beside the index", quote(name), quote(shard));
+        if (std::find(shards.begin(), shards.end(), shard) == shards.end()) shards.push_back(shard);
+    }
+    return shards;
+}
 
 }  // namespace lorakit::formats

@@ -21,6 +21,10 @@ std::unique_ptr<ConventionDriver> make_gguf_lora_driver();
 
 // Opens base model checkpoints (checkpoint.cpp), for Registry::set_checkpoint_opener.
 Registry::CheckpointOpener checkpoint_opener();
+// The shard file names of a Hugging Face model.safetensors.index.json ("weight_map": tensor ->
+// file), each once, in first-seen order; every name must be a plain file name beside the index.
+// Throws bad_input naming `name` (the index's path) otherwise.
+std::vector<std::string> parse_shard_index(std::string_view text, const std::string& name);
 
 // llama.cpp tensor names of Hugging Face Llama-family modules (gguf_lora.cpp):
 // "model.layers.12.mlp.up_proj" -> "blk.12.ffn_up", or nullopt for a path the map lacks.

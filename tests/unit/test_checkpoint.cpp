@@ -3,6 +3,7 @@
 
 #include <fstream>
 
+#include "conventions.h"
 #include "lorakit/checkpoint.h"
 #include "lorakit/error.h"
 #include "lorakit/formats/builtin.h"
@@ -279,4 +280,35 @@ TEST_CASE("modules_at on a GGUF model: Hugging Face names, q/k in rotary order (
     CHECK(std::find(got.begin(), got.end(), "blk.0.attn_q.weight -> model.layers.0.self_attn.q_proj (8 rows, permuted)") != got.end());
     CHECK(std::find(got.begin(), got.end(), "blk.0.ffn_down.weight -> model.layers.0.mlp.down_proj") != got.end());
     CHECK(std::find(got.begin(), got.end(), "token_embd.weight -> model.embed_tokens (embedding)") != got.end());
+}
+
+TEST_CASE("model.safetensors.index.json: shard names, each once; malformed indexes refused by name", "[checkpoint][malformed]") {
+    using formats::parse_shard_index;
+    CHECK(parse_shard_index(R"({"metadata": {"total_size": 8}, "weight_map": {"a": "s2.safetensors", "b": "s1.safetensors",
+                                "c": "s2.safetensors"}})", "i.json") == std::vector<std::string>{"s2.safetensors", "s1.safetensors"});
+    CHECK(parse_shard_index(R"({"weight_map": {}})", "i.json").empty());
+    const std::pair<const char*, const char*> bad[] = {
+        {"", "not JSON"},
+        {"{\"weight_map\": ", "not JSON"},
+        {"[]", "no \"weight_map\" object"},
+        {R"({"metadata": {}})", "no \"weight_map\" object"},
+        {R"({"weight_map": []})", "no \"weight_map\" object"},
+        {R"({"weight_map": {"a": 3}})", "weight_map['a'] is not a file name"},
+        {R"({"weight_map": {"a": "../up.safetensors"}})", "is not a file beside the index"},
+        {R"({"weight_map": {"a": "sub/s.safetensors"}})", "is not a file beside the index"},
+        {R"({"weight_map": {"a": "/etc/passwd"}})", "is not a file beside the index"},
+        {R"({"weight_map": {"a": ""}})", "is not a file beside the index"},
+        {R"({"weight_map": {"a": ".."}})", "is not a file beside the index"},
+        {R"({"weight_map": {"a": "."}})", "is not a file beside the index"},
+    };
+    for (const auto& [text, message] : bad) {
+        INFO(text);
+        try {
+            parse_shard_index(text, "dir/model.safetensors.index.json");
+            FAIL("accepted");
+        } catch (const Error& e) {
+            CHECK(e.code() == ErrorCode::bad_input);
+            CHECK_THAT(e.what(), Catch::Contains("dir/model.safetensors.index.json") && Catch::Contains(message));
+        }
+    }
 }
