@@ -44,7 +44,7 @@ int main(int argc, char** argv) {
     app.add_option("--power-iters", request.fit.svd.power_iterations, "power iterations of the randomized SVD (default 2)")
         ->type_name("Q")->check(CLI::Range(0, 20));
     app.add_option("--oversample", request.fit.svd.oversample,
-                   "extra sketch columns of the randomized SVD (default: as many as the rank)")
+                   "extra sketch columns of the randomized SVD (default 10)")
         ->type_name("P")->check(CLI::NonNegativeNumber);
     app.add_flag("--allow-unmatched", request.allow_unmatched,
                  "skip tuned weights with no counterpart in the base (a warning) instead of failing");
