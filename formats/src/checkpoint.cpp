@@ -102,7 +102,6 @@ public:
                 if (out % parts != 0) continue;
                 out /= parts;
             }
-            (void)part;
             Shape down{1, in}, up{out, 1};
             if (m.kind == ModuleKind::conv) down = {1, in, kernel[0], kernel[1]}, up = {out, 1, 1, 1};
             m.down = Tensor::zeros(DType::F32, down);

@@ -5,7 +5,6 @@
 #include <cmath>
 #include <filesystem>
 #include <map>
-#include <thread>
 
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
@@ -212,8 +211,7 @@ ToolResult run_bake(const Registry& registry, const BakeRequest& request, Progre
             if (!request.allow_unmatched) fail(ErrorCode::bad_input, "{}; --allow-unmatched skips them", what);
             result.warning(what + "; skipped (--allow-unmatched)");
         }
-        const int threads = request.threads > 0 ? request.threads : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
-        linalg::set_blas_threads(threads);
+        linalg::set_blas_threads(request.threads);
         BakeSource source(plan, request.dtype);
         CheckpointWriteOptions options;
         options.overwrite = request.force;

@@ -6,7 +6,6 @@
 #include <exception>
 #include <filesystem>
 #include <future>
-#include <thread>
 
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
@@ -221,8 +220,7 @@ ToolResult run_extract(const Registry& registry, const ExtractRequest& request, 
         }
         if (plan.empty()) fail(ErrorCode::bad_input, "{} holds no weight lorakit can extract a LoRA from", quote(request.tuned));
 
-        const int threads = request.threads > 0 ? request.threads : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
-        linalg::set_blas_threads(threads);
+        linalg::set_blas_threads(request.threads);
         Adapter adapter;
         adapter.source = request.tuned;
         adapter.container = "safetensors";
@@ -268,6 +266,7 @@ ToolResult run_extract(const Registry& registry, const ExtractRequest& request, 
             else {
                 FitOptions fit = request.fit;
                 fit.conv = m.kind == ModuleKind::conv;
+                fit.svd.known_frobenius_squared = stats.sum_squares;  // scanned above
                 x.fit = with_context(fmt::format("module {}", quote(m.name)), [&] { return fit_low_rank(delta.data(), rows, cols, fit); });
                 x.status = "extracted";
                 const DType type = request.dtype.value_or(is_float(p.tuned.entry->tensor.dtype()) ? p.tuned.entry->tensor.dtype()

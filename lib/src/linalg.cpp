@@ -10,6 +10,7 @@
 #include <lapacke.h>
 
 #include <algorithm>
+#include <thread>
 #include <cmath>
 #include <cstring>
 
@@ -500,7 +501,9 @@ std::vector<double> dense_singular_values(const float* matrix, std::int64_t rows
     return s;
 }
 
-void set_blas_threads(int threads) noexcept { openblas_set_num_threads(std::max(1, threads)); }
+void set_blas_threads(int threads) noexcept {
+    openblas_set_num_threads(threads > 0 ? threads : static_cast<int>(std::max(1u, std::thread::hardware_concurrency())));
+}
 int blas_threads() noexcept { return openblas_get_num_threads(); }
 
 }  // namespace lorakit::linalg

@@ -202,9 +202,14 @@ DenseStats dense_stats(const float* values, std::size_t count) noexcept {
 DenseSvd truncated_svd(const float* matrix, std::int64_t rows, std::int64_t cols, std::int64_t k,
                        const DenseSvdOptions& options) {
     if (rows <= 0 || cols <= 0 || k <= 0) fail(ErrorCode::internal, "truncated_svd of {}x{} at rank {}", rows, cols, k);
-    const DenseStats stats = dense_stats(matrix, static_cast<std::size_t>(rows * cols));
-    if (!stats.finite) fail(ErrorCode::bad_input, "the matrix holds NaN or infinite values");
-    const double energy = stats.sum_squares;
+    double energy = 0;
+    if (options.known_frobenius_squared) {
+        energy = *options.known_frobenius_squared;
+    } else {
+        const DenseStats stats = dense_stats(matrix, static_cast<std::size_t>(rows * cols));
+        if (!stats.finite) fail(ErrorCode::bad_input, "the matrix holds NaN or infinite values");
+        energy = stats.sum_squares;
+    }
     using Method = DenseSvdOptions::Method;
     const bool exact = options.method == Method::exact ||
                        (options.method == Method::automatic && std::min(rows, cols) <= options.exact_below) ||

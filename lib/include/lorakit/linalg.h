@@ -11,6 +11,7 @@
 #pragma once
 
 #include <cstdint>
+#include <optional>
 #include <functional>
 #include <span>
 #include <vector>
@@ -129,6 +130,9 @@ struct DenseSvdOptions {
     std::int64_t oversample = 10;  // extra sketch columns; -1: k (≤ 1.007x optimal at p=10, q=2: docs/benchmarks.md)
     std::uint64_t seed = 0x10ca;
     std::int64_t exact_below = 512;
+    // ‖M‖_F² when the caller has already scanned the matrix with dense_stats and found it
+    // finite: truncated_svd then skips its own pass over it.
+    std::optional<double> known_frobenius_squared;
 };
 struct DenseSvd {
     std::int64_t rows = 0, cols = 0, kept = 0;
@@ -145,7 +149,8 @@ DenseSvd truncated_svd(const float* matrix, std::int64_t rows, std::int64_t cols
 // computed in double internally). For tests and small matrices only.
 std::vector<double> dense_singular_values(const float* matrix, std::int64_t rows, std::int64_t cols);
 
-// Sets the number of threads BLAS/LAPACK may use (OpenBLAS); 1 inside our own parallel loops.
+// Sets the number of threads BLAS/LAPACK may use (OpenBLAS); 1 inside our own parallel loops,
+// 0 (or less) for all cores.
 void set_blas_threads(int threads) noexcept;
 int blas_threads() noexcept;
 
