@@ -417,12 +417,19 @@ std::unique_ptr<GgufFile> read_gguf(std::shared_ptr<const MappedFile> file) {
         if (n_dims > max_dims) fail(ErrorCode::bad_input, "{} has {} dimensions, above ggml's 4", who, n_dims);
         std::array<std::uint64_t, max_dims> ne{1, 1, 1, 1};
         for (std::uint32_t d = 0; d < n_dims; ++d) ne[d] = c.read<std::uint64_t>("a dimension");
-        std::uint64_t elements = 1;
+        // The product of the non-zero dimensions must fit too: a zero dimension makes the
+        // tensor empty, but code that multiplies the shape in another order must not overflow.
+        std::uint64_t elements = 1, nonzero = 1;
         for (std::uint32_t d = 0; d < n_dims; ++d) {
             if (ne[d] > static_cast<std::uint64_t>(std::numeric_limits<std::int64_t>::max()))
                 fail(ErrorCode::bad_input, "{} has a negative dimension", who);
-            if (ne[d] != 0 && elements > static_cast<std::uint64_t>(std::numeric_limits<std::int64_t>::max()) / ne[d])
+            if (ne[d] == 0) {
+                elements = 0;
+                continue;
+            }
+            if (nonzero > static_cast<std::uint64_t>(std::numeric_limits<std::int64_t>::max()) / ne[d])
                 fail(ErrorCode::bad_input, "{} has more elements than 64 bits can count", who);
+            nonzero *= ne[d];
             elements *= ne[d];
         }
         for (std::uint32_t d = n_dims; d-- > 0;) info.shape.push_back(static_cast<std::int64_t>(ne[d]));

@@ -459,19 +459,24 @@ struct Flattener {
             fail(ErrorCode::bad_input, "tensor {}: storage {} holds {} bytes, not {} elements of {}", quote(name), quote(s.key),
                  z.size, s.numel, dtype_name(s.dtype));
         // Bounds: the largest element index the view reaches must lie in the storage.
-        std::int64_t count = 1, last = t.offset;
+        // Every size is bounded, zero or not: an empty tensor's other dimensions are still
+        // multiplied by code downstream.
+        std::int64_t nonzero = 1, last = t.offset;
+        bool empty = false;
         if (t.offset < 0) fail(ErrorCode::bad_input, "tensor {}: negative storage offset", quote(name));
         for (std::size_t i = 0; i < t.size.size(); ++i) {
             if (t.size[i] < 0 || t.stride[i] < 0) fail(ErrorCode::bad_input, "tensor {}: negative size or stride", quote(name));
-            if (t.size[i] == 0) count = 0;
-            else if (count) {
-                if (t.size[i] > (std::int64_t{1} << 48) || t.stride[i] > (std::int64_t{1} << 48))
-                    fail(ErrorCode::bad_input, "tensor {}: implausible size or stride", quote(name));
-                count *= t.size[i];
-                last += (t.size[i] - 1) * t.stride[i];
-                if (count > (std::int64_t{1} << 48)) fail(ErrorCode::bad_input, "tensor {}: too many elements", quote(name));
+            if (t.size[i] > (std::int64_t{1} << 48) || t.stride[i] > (std::int64_t{1} << 48))
+                fail(ErrorCode::bad_input, "tensor {}: implausible size or stride", quote(name));
+            if (t.size[i] == 0) {
+                empty = true;
+                continue;
             }
+            nonzero *= t.size[i];
+            last += (t.size[i] - 1) * t.stride[i];
+            if (nonzero > (std::int64_t{1} << 48)) fail(ErrorCode::bad_input, "tensor {}: too many elements", quote(name));
         }
+        const std::int64_t count = empty ? 0 : nonzero;
         if (count && last >= s.numel)
             fail(ErrorCode::bad_input, "tensor {}: reaches element {} of a storage of {}", quote(name), last, s.numel);
         TensorEntry e;

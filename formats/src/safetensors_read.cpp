@@ -431,12 +431,19 @@ std::unique_ptr<TensorFile> read_safetensors(std::shared_ptr<const MappedFile> f
             fail(ErrorCode::bad_input, "tensor {}: data_offsets [{}, {}] end before they begin", quote(e.name), e.begin,
                  e.end);
         const unsigned bits = e.dtype_bits;
-        std::uint64_t elements = 1;
+        // Like the reference, but the non-zero dimensions of an empty tensor must not overflow
+        // either (code downstream multiplies them in any order, in int64).
+        std::uint64_t elements = 1, nonzero = 1;
         for (std::int64_t d : e.shape) {
             const auto dim = static_cast<std::uint64_t>(d);
-            if (dim != 0 && elements > std::numeric_limits<std::uint64_t>::max() / dim)
+            if (dim == 0) {
+                elements = 0;
+                continue;
+            }
+            if (nonzero > static_cast<std::uint64_t>(std::numeric_limits<std::int64_t>::max()) / dim)
                 fail(ErrorCode::bad_input, "tensor {}: shape {} overflows the element count", quote(e.name),
                      format_shape(e.shape));
+            nonzero *= dim;
             elements *= dim;
         }
         if (elements > std::numeric_limits<std::uint64_t>::max() / bits)

@@ -11,14 +11,21 @@
 namespace lorakit {
 
 std::int64_t checked_element_count(const Shape& shape) {
-    std::int64_t count = 1;
+    // The product of the non-zero dimensions must fit as well, so that no subset of an
+    // empty tensor's dimensions overflows when code multiplies them.
+    std::int64_t nonzero = 1;
+    bool empty = false;
     for (std::int64_t dim : shape) {
         if (dim < 0) fail(ErrorCode::bad_input, "negative dimension {} in shape {}", dim, format_shape(shape));
-        if (dim != 0 && count > std::numeric_limits<std::int64_t>::max() / dim)
+        if (dim == 0) {
+            empty = true;
+            continue;
+        }
+        if (nonzero > std::numeric_limits<std::int64_t>::max() / dim)
             fail(ErrorCode::bad_input, "shape {} has too many elements", format_shape(shape));
-        count *= dim;
+        nonzero *= dim;
     }
-    return count;
+    return empty ? 0 : nonzero;
 }
 
 std::uint64_t checked_byte_count(const Shape& shape, DType type) {

@@ -229,6 +229,14 @@ TEST_CASE("GGUF: a valid hand-made file parses, and each of ggml's rules is enfo
             .put<std::uint64_t>(1ull << 32).put<std::uint32_t>(0).put<std::uint64_t>(0);
         expect_error(f.b, "more elements than 64 bits");
     }
+    {
+        // Regression (found by fuzz_gguf in CI): a zero dimension first used to hide the
+        // overflow of the others, and reading a Q8_0 tensor then multiplied them in int64.
+        Bytes f = header(3, 1, 0);
+        f.str("t").put<std::uint32_t>(3).put<std::uint64_t>(0).put<std::uint64_t>(1ull << 40)
+            .put<std::uint64_t>(1ull << 40).put<std::uint32_t>(8).put<std::uint64_t>(0);
+        expect_error(f.b, "more elements than 64 bits");
+    }
     expect_error(one_tensor_file(4).b, "ggml type 4", ErrorCode::unsupported);
     expect_error(one_tensor_file(99).b, "ggml type 99", ErrorCode::unsupported);
     expect_error(one_tensor_file(8, 33).b, "not a multiple of the Q8_0 block size 32");

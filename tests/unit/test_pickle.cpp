@@ -65,15 +65,22 @@ struct P {
         s += static_cast<char>(v);
         return *this;
     }
-    P& ints(std::initializer_list<std::uint8_t> v) {
+    P& ints(std::initializer_list<std::int64_t> v) {
         s += '(';
-        for (auto x : v) int1(x);
+        for (auto x : v) {
+            if (x >= 0 && x < 256) {
+                int1(static_cast<std::uint8_t>(x));
+                continue;
+            }
+            s += "\x8a\x08";  // LONG1 of 8 little-endian bytes
+            for (int b = 0; b < 8; ++b) s += static_cast<char>((static_cast<std::uint64_t>(x) >> (8 * b)) & 0xff);
+        }
         s += 't';
         return *this;
     }
     // _rebuild_tensor_v2(storage(key, numel), offset, size, stride, False, OrderedDict())
-    P& tensor(std::string_view key, std::uint8_t numel, std::uint8_t offset, std::initializer_list<std::uint8_t> size,
-              std::initializer_list<std::uint8_t> stride, std::string_view storage = "FloatStorage") {
+    P& tensor(std::string_view key, std::uint8_t numel, std::uint8_t offset, std::initializer_list<std::int64_t> size,
+              std::initializer_list<std::int64_t> stride, std::string_view storage = "FloatStorage") {
         global("torch._utils", "_rebuild_tensor_v2");
         s += "((";
         str("storage").global("torch", storage).str(key).str("cpu").int1(numel);
@@ -174,6 +181,16 @@ TEST_CASE("pickle: every rule of the reader, each with its message", "[pickle][m
         P p;
         p.op("}").str("a").tensor("0", 6, 4, {2, 3}, {3, 1}).op("s");
         expect_error(with_pickle(p.done()), "reaches element 9 of a storage of 6");
+    }
+    {
+        // Regression: an empty tensor's other sizes are bounded too (code downstream
+        // multiplies them in int64).
+        P p;
+        p.op("}").str("a").tensor("0", 6, 0, {0, std::int64_t{1} << 40, std::int64_t{1} << 40}, {1, 1, 1}).op("s");
+        expect_error(with_pickle(p.done()), "too many elements");
+        P q;
+        q.op("}").str("a").tensor("0", 6, 0, {0, std::int64_t{1} << 50}, {1, 1}).op("s");
+        expect_error(with_pickle(q.done()), "implausible size or stride");
     }
     {
         P p;

@@ -81,6 +81,8 @@ TEST_CASE("safetensors rejects each broken layout with its own message", "[safet
         {"trailing bytes", file_of("{" + ok_entry + "}", 12), "4 trailing bytes after the last tensor"},
         {"missing bytes", file_of("{" + ok_entry + "}", 6), "truncated file"},
         {"element count overflow", file_of(R"({"a":{"dtype":"F32","shape":[4294967296,4294967296,2],"data_offsets":[0,8]}})", 8), "overflows the element count"},
+        // Regression: an empty tensor's other dimensions must not overflow either.
+        {"element count overflow behind a zero", file_of(R"({"a":{"dtype":"F32","shape":[0,4294967296,4294967296],"data_offsets":[0,0]}})", 0), "overflows the element count"},
         {"bit count overflow", file_of(R"({"a":{"dtype":"F64","shape":[4611686018427387904],"data_offsets":[0,8]}})", 8), "overflows the bit count"},
         {"non-whole byte count", file_of(R"({"a":{"dtype":"F4","shape":[3],"data_offsets":[0,2]}})", 2), "not a whole number of bytes"},
         {"unknown dtype", file_of(R"({"a":{"dtype":"F128","shape":[1],"data_offsets":[0,16]}})", 16), "unknown dtype 'F128'"},
