@@ -21,7 +21,10 @@ int main(int argc, char** argv) {
     app.add_option("adapters", request.adapters, "adapters, each optionally with its weight: PATH:W")
         ->required()->type_name("ADAPTER[:W]...");
     tool.add_output_option(request.output, "write the baked checkpoint to OUT (a directory when sharded)");
-    app.add_option("--dtype", dtype, "keep (default: every tensor its own dtype), f32, f16 or bf16 (all float tensors)");
+    app.add_option("--dtype", dtype,
+                   "keep (default: every tensor its own dtype), f32, f16 or bf16 (all float tensors), or q8_0 (GGUF\n"
+                   "bases: matrices to Q8_0 as llama.cpp's converter does; GGUF keeps norms and 1-D tensors F32 and\n"
+                   "sets general.file_type)");
     app.add_option("--shard-size", shard_size, "write a sharded checkpoint with shards of at most SIZE (e.g. 5GB)");
     app.add_flag("--subtract", request.subtract, "remove previously baked adapters instead (W - sum)");
     app.add_flag("--allow-unmatched", request.allow_unmatched,
@@ -34,7 +37,8 @@ int main(int argc, char** argv) {
                "a result out of the dtype's range), 4 I/O error. A failed run leaves no output behind.");
     return tool.run(argc, argv, [&] {
         request.adapters = lorakit::cli::Tool::expand_argument_files(request.adapters);
-        if (dtype != "keep") request.dtype = lorakit::cli::parse_output_dtype(dtype);
+        if (dtype == "q8_0" || dtype == "Q8_0") request.q8_0 = true;
+        else if (dtype != "keep") request.dtype = lorakit::cli::parse_output_dtype(dtype);
         if (!shard_size.empty()) request.shard_size = lorakit::parse_size(shard_size);
         return tool.finish(lorakit::run_bake(lorakit::formats::builtin_registry(), request, tool.progress()));
     });

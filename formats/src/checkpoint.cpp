@@ -52,6 +52,15 @@ struct Found {
     const TensorEntry* entry;
 };
 
+// Tensors llama.cpp's converter writes in F32 whatever --outtype says (convert_hf_to_gguf.py,
+// prepare_tensors): 1-D tensors, norms, and a few kinds ggml's kernels read as F32 only.
+bool gguf_keeps_f32(std::string_view name, std::size_t dims) {
+    if (dims <= 1 || name.ends_with("_norm.weight")) return true;
+    for (std::string_view kind : {"ffn_gate_inp.", "position_embd.", "token_types.", "ssm_conv1d."})
+        if (name.find(kind) != std::string_view::npos) return true;
+    return false;
+}
+
 class FileCheckpoint final : public Checkpoint {
 public:
     FileCheckpoint(std::string name, std::string layout, std::vector<std::unique_ptr<TensorFile>> files,
@@ -425,39 +434,64 @@ void FileCheckpoint::write_gguf_model(const fs::path& target, const TensorSource
     if (options.shard_size > 0)
         fail(ErrorCode::usage, "a GGUF model is written as one file; --shard-size is for safetensors checkpoints");
     const auto& g = static_cast<const GgufFile&>(*files_[0]);
+    const std::string& want = options.gguf_type;
+    if (!want.empty() && want != "f32" && want != "f16" && want != "bf16" && want != "q8_0")
+        fail(ErrorCode::usage, "GGUF output type {} (f32, f16, bf16 or q8_0)", quote(want));
     std::vector<GgufTensorToWrite> infos;
     std::vector<std::optional<DType>> produced;
     std::uint64_t total = 0;
     for (std::size_t i = 0; i < g.entries().size(); ++i) {
         const TensorEntry& e = g.entries()[i];
+        const std::uint32_t stored = g.ggml_type(i);
         GgufTensorToWrite t;
         t.name = e.name;
         t.shape = e.shape;
         std::optional<DType> type = source.output_dtype(0, e);
         const std::uint64_t elements = static_cast<std::uint64_t>(checked_element_count(e.shape));
-        if (!type) {
-            t.type = g.ggml_type(i);
+        // The ggml type written, and whether the source's values are needed (else: copied).
+        std::uint32_t ggml = stored;
+        bool values = type.has_value();
+        const bool floating = stored == ggml_f32 || stored == ggml_f16 || stored == ggml_bf16 || stored == ggml_q8_0;
+        if (!want.empty() && floating) {
+            if (gguf_keeps_f32(e.name, e.shape.size())) ggml = ggml_f32;
+            else if (want == "q8_0") ggml = e.shape.empty() || e.shape.back() % 32 ? ggml_f16 : ggml_q8_0;
+            else ggml = want == "f32" ? ggml_f32 : want == "f16" ? ggml_f16 : ggml_bf16;
+            values = values || ggml != stored;
+        } else if (type) {
+            if (stored == ggml_q8_0 && options.keep_quantized) ggml = ggml_q8_0;
+            else if (*type == DType::F32 || *type == DType::F16 || *type == DType::BF16)
+                ggml = *type == DType::F32 ? ggml_f32 : *type == DType::F16 ? ggml_f16 : ggml_bf16;
+            else fail(ErrorCode::unsupported, "tensor {}: GGUF output takes F32, F16, BF16 or Q8_0", quote(e.name));
+        }
+        t.type = ggml;
+        if (!values) {
             t.streamed_size = g.raw(i).size();
-        } else if (g.ggml_type(i) == ggml_q8_0 && options.keep_quantized) {
-            t.type = ggml_q8_0;
+            type.reset();
+        } else if (ggml == ggml_q8_0) {
             t.streamed_size = elements / 32 * 34;
             type = DType::F32;  // produced in f32, then quantized
         } else {
-            if (*type != DType::F32 && *type != DType::F16 && *type != DType::BF16)
-                fail(ErrorCode::unsupported, "tensor {}: GGUF output takes F32, F16, BF16 or Q8_0", quote(e.name));
-            t.type = *type == DType::F32 ? ggml_f32 : *type == DType::F16 ? ggml_f16 : ggml_bf16;
+            type = ggml == ggml_f32 ? DType::F32 : ggml == ggml_f16 ? DType::F16 : DType::BF16;
             t.streamed_size = elements * dtype_size(*type);
         }
         total += t.size();
         infos.push_back(std::move(t));
         produced.push_back(type);
     }
+    // llama.cpp's general.file_type (llama_ftype) names the type most tensors have.
+    auto kv = g.kv();
+    if (!want.empty()) {
+        const std::uint32_t file_type = want == "f32" ? 0 : want == "f16" ? 1 : want == "q8_0" ? 7 : 32;
+        auto it = std::find_if(kv.begin(), kv.end(), [](const auto& p) { return p.first == "general.file_type"; });
+        if (it != kv.end()) it->second = GgufValue::u32(file_type);
+        else kv.emplace_back("general.file_type", GgufValue::u32(file_type));
+    }
     progress.begin("bake", infos.size(), total);
     std::uint64_t items = 0, bytes_done = 0;
     std::vector<std::byte> buffer;
     with_context(quote(target.string()), [&] {
         AtomicFile out(target, options.overwrite);
-        write_gguf_streamed(out, g.kv(), infos, [&](std::size_t i, AtomicFile& file) {
+        write_gguf_streamed(out, kv, infos, [&](std::size_t i, AtomicFile& file) {
             const TensorEntry& e = g.entries()[i];
             if (!produced[i]) {
                 file.write(g.raw(i));

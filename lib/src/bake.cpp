@@ -154,12 +154,16 @@ ToolResult run_bake(const Registry& registry, const BakeRequest& request, Progre
     return guarded([&](ToolResult& result) {
         if (request.adapters.empty()) fail(ErrorCode::usage, "give at least one adapter");
         if (request.output.empty()) fail(ErrorCode::usage, "give -o OUT");
-        if (request.dtype && !is_float(*request.dtype)) fail(ErrorCode::usage, "--dtype must be f32, f16 or bf16");
+        if (request.dtype && !is_float(*request.dtype)) fail(ErrorCode::usage, "--dtype must be f32, f16, bf16 or q8_0");
+        if (request.dtype && request.q8_0) fail(ErrorCode::usage, "give one --dtype");
         std::error_code ec;
         if (std::filesystem::exists(request.output, ec) && !request.force)
             fail(ErrorCode::usage, "{} exists (use --force to replace it)", quote(request.output));
         const auto checkpoint = registry.open_checkpoint(request.base);
         refuse_replacing(*checkpoint, "base", request.output);
+        if (request.q8_0 && checkpoint->layout() != "gguf")
+            fail(ErrorCode::usage, "--dtype q8_0 is a GGUF type; {} is a {} checkpoint", quote(request.base),
+                 checkpoint->layout());
         const auto [adapters, given] = load_weighted_adapters(registry, request.adapters);
         std::vector<double> weights;
         for (const auto& weight : given) weights.push_back(weight.value_or(1.0));
@@ -217,6 +221,9 @@ ToolResult run_bake(const Registry& registry, const BakeRequest& request, Progre
         options.overwrite = request.force;
         options.shard_size = request.shard_size;
         options.keep_quantized = !request.dtype;
+        if (request.q8_0) options.gguf_type = "q8_0";
+        else if (request.dtype)
+            options.gguf_type = *request.dtype == DType::F32 ? "f32" : *request.dtype == DType::F16 ? "f16" : "bf16";
         checkpoint->write(request.output, source, options, progress);
 
         std::size_t tensors = 0;

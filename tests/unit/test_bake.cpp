@@ -7,6 +7,7 @@
 #include <unistd.h>
 
 #include <cmath>
+#include <cstring>
 #include <random>
 
 #include <fmt/format.h>
@@ -264,18 +265,21 @@ TEST_CASE("lora-bake into a GGUF model: q/k rows in llama.cpp's order, Q8_0 requ
         for (auto& x : v) x = 0.2f * d(g);
         return Tensor::from_f32(DType::F32, shape, v);
     };
-    const Tensor q = random({64, 64}), k = random({16, 64}), up = random({172, 64}), norm = random({64}), embd = random({100, 64});
+    const Tensor q = random({64, 64}), k = random({16, 64}), up = random({172, 64}), norm = random({64}), embd = random({100, 64}),
+                 output = random({8, 40});
     std::vector<formats::GgufTensorToWrite> tensors;
     tensors.push_back(formats::gguf_tensor("token_embd.weight", embd.view(), formats::ggml_q8_0));
     tensors.push_back(formats::gguf_tensor("blk.0.attn_norm.weight", norm.view(), formats::ggml_f32));
     tensors.push_back(formats::gguf_tensor("blk.0.attn_q.weight", q.view(), formats::ggml_q8_0));
     tensors.push_back(formats::gguf_tensor("blk.0.attn_k.weight", k.view(), formats::ggml_f16));
     tensors.push_back(formats::gguf_tensor("blk.0.ffn_up.weight", up.view(), formats::ggml_bf16));
+    tensors.push_back(formats::gguf_tensor("output.weight", output.view(), formats::ggml_f32));  // rows of 40
     const std::vector<std::pair<std::string, formats::GgufValue>> kv = {
         {"general.architecture", formats::GgufValue::string("llama")},
         {"general.name", formats::GgufValue::string("tiny")},
         {"llama.attention.head_count", formats::GgufValue::u32(4)},
         {"llama.attention.head_count_kv", formats::GgufValue::u32(2)},
+        {"general.file_type", formats::GgufValue::u32(1)},
     };
     formats::write_gguf(dir / "base.gguf", kv, tensors, false);
 
@@ -300,10 +304,10 @@ TEST_CASE("lora-bake into a GGUF model: q/k rows in llama.cpp's order, Q8_0 requ
     const auto& in_file = dynamic_cast<const formats::GgufFile&>(*base->files()[0]);
     const auto& out_file = dynamic_cast<const formats::GgufFile&>(*out->files()[0]);
     CHECK(out_file.kv() == in_file.kv());
-    REQUIRE(out_file.entries().size() == 5);
-    for (std::size_t i = 0; i < 5; ++i) CHECK(out_file.ggml_type(i) == in_file.ggml_type(i));  // types kept
+    REQUIRE(out_file.entries().size() == 6);
+    for (std::size_t i = 0; i < 6; ++i) CHECK(out_file.ggml_type(i) == in_file.ggml_type(i));  // types kept
     // Untouched: the stored bytes, Q8_0 blocks included.
-    for (std::size_t i : {0u, 1u}) {
+    for (std::size_t i : {0u, 1u, 5u}) {
         const auto x = in_file.raw(i), y = out_file.raw(i);
         CHECK(std::equal(x.begin(), x.end(), y.begin(), y.end()));
     }
@@ -337,12 +341,70 @@ TEST_CASE("lora-bake into a GGUF model: q/k rows in llama.cpp's order, Q8_0 requ
         INFO(m.name << ": worst error / bound " << worst);
         CHECK(worst <= 1.0);
     }
-    // --dtype f16 turns every float tensor (Q8_0 included) into F16.
+    auto file_type = [](const formats::GgufFile& f) {
+        for (const auto& [key, value] : f.kv())
+            if (key == "general.file_type") {
+                std::uint32_t v = 0;
+                std::memcpy(&v, value.data.data(), sizeof v);
+                return v;
+            }
+        return ~0u;
+    };
+    // --dtype f16 turns every float tensor (Q8_0 included) into F16, except the norm, which
+    // llama.cpp keeps in F32; general.file_type says MOSTLY_F16 (1).
     r = test::run_tool("lora-bake", {(dir / "base.gguf").string(), (dir / "lora").string(), "-o", (dir / "f16.gguf").string(),
                                      "--dtype", "f16"});
     REQUIRE(r.exit_code == 0);
     const auto f16 = formats::read_gguf(MappedFile::open(dir / "f16.gguf"));
-    for (std::size_t i = 0; i < 5; ++i) CHECK(f16->ggml_type(i) == formats::ggml_f16);
+    for (std::size_t i = 0; i < 6; ++i) CHECK(f16->ggml_type(i) == (i == 1 ? formats::ggml_f32 : formats::ggml_f16));
+    CHECK(std::ranges::equal(f16->raw(1), in_file.raw(1)));
+    CHECK(file_type(*f16) == 1);
+    r = test::run_tool("lora-bake", {(dir / "base.gguf").string(), (dir / "lora").string(), "-o", (dir / "bf16.gguf").string(),
+                                     "--dtype", "bf16"});
+    REQUIRE(r.exit_code == 0);
+    CHECK(file_type(*formats::read_gguf(MappedFile::open(dir / "bf16.gguf"))) == 32);
+    // --dtype q8_0: matrices to Q8_0 (untouched Q8_0 blocks copied, changed ones requantized as
+    // without --dtype), rows of 40 to F16 as gguf-py falls back, the norm F32; MOSTLY_Q8_0 (7).
+    r = test::run_tool("lora-bake", {(dir / "base.gguf").string(), (dir / "lora").string(), "-o", (dir / "q8.gguf").string(),
+                                     "--dtype", "q8_0"});
+    INFO(r.err);
+    REQUIRE(r.exit_code == 0);
+    const auto q8 = formats::read_gguf(MappedFile::open(dir / "q8.gguf"));
+    const std::uint32_t q8_types[] = {formats::ggml_q8_0, formats::ggml_f32, formats::ggml_q8_0,
+                                      formats::ggml_q8_0, formats::ggml_q8_0, formats::ggml_f16};
+    for (std::size_t i = 0; i < 6; ++i) CHECK(q8->ggml_type(i) == q8_types[i]);
+    for (std::size_t i : {0u, 1u, 2u}) CHECK(std::ranges::equal(q8->raw(i), out_file.raw(i)));
+    CHECK(file_type(*q8) == 7);
+    {
+        // The converted tensors hold what the F32 route holds, quantized once: k and up within
+        // half a Q8_0 step (plus the scale's f16 rounding) of the --dtype f32 output.
+        r = test::run_tool("lora-bake", {(dir / "base.gguf").string(), (dir / "lora").string(), "-o",
+                                         (dir / "f32.gguf").string(), "--dtype", "f32"});
+        REQUIRE(r.exit_code == 0);
+        const auto f32 = formats::read_gguf(MappedFile::open(dir / "f32.gguf"));
+        CHECK(file_type(*f32) == 0);
+        for (std::size_t i : {3u, 4u}) {
+            const auto exact = f32->entries()[i].tensor.to_f32(), got = q8->entries()[i].tensor.to_f32();
+            REQUIRE(exact.size() == got.size());
+            double worst = 0;
+            for (std::size_t j = 0; j < exact.size(); ++j) {
+                double block_max = 0;
+                for (std::size_t t = j / 32 * 32; t < j / 32 * 32 + 32; ++t) block_max = std::max(block_max, double(std::abs(exact[t])));
+                worst = std::max(worst, std::abs(got[j] - exact[j]) / (block_max / 127 * (0.5 + 127.0 / 2048) + 1e-7));
+            }
+            INFO(f32->entries()[i].name);
+            CHECK(worst <= 1.0);
+        }
+    }
+    // q8_0 is a GGUF type: refused for a safetensors base before anything is written.
+    {
+        formats::write_safetensors(dir / "base.safetensors", {{"model.layers.0.self_attn.q_proj.weight", q.view()}}, {}, false);
+        r = test::run_tool("lora-bake", {(dir / "base.safetensors").string(), (dir / "lora").string(), "-o",
+                                         (dir / "q8.safetensors").string(), "--dtype", "q8_0", "--allow-unmatched"});
+        CHECK(r.exit_code == 2);
+        CHECK_THAT(r.err, Catch::Contains("q8_0 is a GGUF type"));
+        CHECK_FALSE(std::filesystem::exists(dir / "q8.safetensors"));
+    }
     // --shard-size has no meaning for one GGUF file.
     r = test::run_tool("lora-bake", {(dir / "base.gguf").string(), (dir / "lora").string(), "-o", (dir / "s.gguf").string(),
                                      "--shard-size", "1MB"});

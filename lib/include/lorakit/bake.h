@@ -23,6 +23,9 @@ struct BakeRequest {
     std::vector<std::string> adapters;  // "PATH" or "PATH:WEIGHT"
     std::string output;
     std::optional<DType> dtype;         // nullopt: every tensor keeps its dtype
+    // --dtype q8_0 (GGUF bases only): matrices are quantized to Q8_0 the way llama.cpp's
+    // converter does (norms and other 1-D tensors stay F32, rows not a multiple of 32 go to F16).
+    bool q8_0 = false;
     bool subtract = false;              // remove previously baked adapters (W - ΣΔW)
     bool allow_unmatched = false;       // modules with no tensor: a warning instead of an error
     bool force = false;

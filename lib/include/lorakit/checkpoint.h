@@ -46,6 +46,12 @@ struct CheckpointWriteOptions {
     std::uint64_t shard_size = 0;  // > 0: a sharded output directory with shards of at most this size
     // GGUF: a changed Q8_0 tensor is requantized to Q8_0 (false: written in the dtype the source gives).
     bool keep_quantized = true;
+    // GGUF: the type the user asked every tensor in ("f32", "f16", "bf16", "q8_0"; "" keeps each
+    // tensor's own). The writer applies llama.cpp's rules on top of the source's dtypes: tensors
+    // llama.cpp always keeps in F32 (1-D, norms, MoE routers, position embeddings) stay F32, q8_0
+    // quantizes the others (F16 where a row is not a multiple of 32), and general.file_type
+    // follows.
+    std::string gguf_type;
 };
 
 class Checkpoint {
