@@ -12,8 +12,10 @@ int main(int argc, char** argv) {
         "rounded once to the output dtype, one tensor at a time from the memory-mapped base (which is never modified).\n"
         "Tensors no adapter touches are copied byte for byte. DoRA modules are baked as PEFT merges them (magnitude\n"
         "renormalisation); LoRA biases go into the tensor's bias. Bases: a safetensors file (SD/SDXL/Flux single files,\n"
-        "transformers models), a sharded checkpoint (directory or model.safetensors.index.json), or a GGUF model\n"
-        "(llama.cpp names and q/k row order; changed Q8_0 tensors are requantized to Q8_0 unless --dtype).");
+        "transformers models), a sharded checkpoint (directory or model.safetensors.index.json), a diffusers folder\n"
+        "(written back as a folder: configs and tokenizers copied, other weight variants such as *.fp16.safetensors\n"
+        "left out), or a GGUF model (llama.cpp names and q/k row order; changed Q8_0 tensors are requantized to Q8_0\n"
+        "unless --dtype).");
     lorakit::BakeRequest request;
     std::string dtype = "keep", shard_size;
     auto& app = tool.app();

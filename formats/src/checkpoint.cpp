@@ -26,6 +26,7 @@
 #include <filesystem>
 #include <map>
 #include <memory>
+#include <set>
 
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
@@ -388,43 +389,6 @@ struct Planned {
     std::uint64_t size;
 };
 
-// A directory written beside its final place and renamed into it at the end; removed if the
-// write fails (a SIGKILL leaves the hidden temporary directory behind).
-class TemporaryDirectory {
-public:
-    TemporaryDirectory(const fs::path& target) : target_(target) {
-        const fs::path parent = target.has_parent_path() ? target.parent_path() : fs::path(".");
-        for (int attempt = 0; attempt < 100; ++attempt) {
-            path_ = parent / fmt::format(".{}.lorakit-{}-{}", target.filename().string(), ::getpid(), attempt);
-            std::error_code ec;
-            if (fs::create_directory(path_, ec)) return;
-            if (ec && ec != std::errc::file_exists) fail(ErrorCode::io, "cannot create a directory beside {}: {}", quote(target.string()), ec.message());
-        }
-        fail(ErrorCode::io, "cannot create a temporary directory beside {}", quote(target.string()));
-    }
-    ~TemporaryDirectory() {
-        if (!committed_) {
-            std::error_code ec;
-            fs::remove_all(path_, ec);
-        }
-    }
-    const fs::path& path() const { return path_; }
-    void commit(bool overwrite) {
-        std::error_code ec;
-        if (fs::exists(target_, ec)) {
-            if (!overwrite) fail(ErrorCode::usage, "{} exists (use --force to replace it)", quote(target_.string()));
-            fs::remove_all(target_, ec);
-            if (ec) fail(ErrorCode::io, "cannot replace {}: {}", quote(target_.string()), ec.message());
-        }
-        fs::rename(path_, target_, ec);
-        if (ec) fail(ErrorCode::io, "cannot move the output into {}: {}", quote(target_.string()), ec.message());
-        committed_ = true;
-    }
-
-private:
-    fs::path target_, path_;
-    bool committed_ = false;
-};
 
 // A GGUF model: the same key-value pairs and tensor order; untouched tensors copied as stored
 // (any ggml type), changed ones encoded in the dtype the source asks for, and Q8_0 tensors
@@ -510,6 +474,36 @@ void FileCheckpoint::write_gguf_model(const fs::path& target, const TensorSource
     progress.end();
 }
 
+std::optional<fs::path> single_weights_in(const fs::path& dir);
+
+// A diffusers folder's files besides the weights lorakit writes (model_index.json, configs,
+// tokenizer and scheduler files), copied into `out` at the same relative paths. Other weight
+// files (fp16 variants, .bin twins) are left out: they would hold the weights before the bake,
+// and loaders may prefer them. Hidden entries (.git, .cache) are left out too.
+void copy_around_weights(const fs::path& folder, AtomicDirectory& out, const std::vector<std::string>& written,
+                         const std::map<std::string, std::vector<std::size_t>>& indexes) {
+    const std::set<std::string> skip(written.begin(), written.end());
+    static constexpr std::string_view weight_suffixes[] = {".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".gguf",
+                                                           ".msgpack", ".h5", ".onnx", ".onnx_data", ".index.json"};
+    auto it = fs::recursive_directory_iterator(folder, fs::directory_options::follow_directory_symlink);
+    for (; it != fs::recursive_directory_iterator(); ++it) {
+        const std::string leaf = it->path().filename().string();
+        if (leaf.starts_with(".")) {
+            if (it->is_directory()) it.disable_recursion_pending();
+            continue;
+        }
+        if (!it->is_regular_file()) continue;
+        const std::string rel = it->path().lexically_relative(folder).generic_string();
+        if (skip.count(rel) || indexes.count(rel)) continue;
+        if (std::any_of(std::begin(weight_suffixes), std::end(weight_suffixes), [&](std::string_view s) { return leaf.ends_with(s); }))
+            continue;
+        AtomicFile& copy = out.add(rel);
+        const auto source = MappedFile::open(it->path());
+        copy.write(source->bytes());
+        copy.commit();
+    }
+}
+
 void FileCheckpoint::write(const fs::path& target, const TensorSource& source, const CheckpointWriteOptions& options,
                            Progress& progress) const {
     if (gguf_) {
@@ -520,9 +514,16 @@ void FileCheckpoint::write(const fs::path& target, const TensorSource& source, c
         if (f->format_name() != "safetensors")
             fail(ErrorCode::unsupported, "writing a {} checkpoint is not implemented yet (safetensors files and sharded "
                  "safetensors checkpoints are)", f->format_name());
-    if (layout_ == "diffusers")
-        fail(ErrorCode::unsupported, "writing a diffusers folder is not implemented yet; bake into the component's "
-             "safetensors file instead");
+    const bool diffusers = layout_ == "diffusers";
+    if (diffusers && options.shard_size > 0)
+        fail(ErrorCode::usage, "a diffusers folder keeps its components' files; --shard-size is for transformers checkpoints");
+    if (diffusers) {
+        // The folder is copied around its weights: an output inside it would copy itself.
+        std::error_code ec;
+        const auto inside = fs::weakly_canonical(target, ec).lexically_relative(fs::weakly_canonical(name_, ec));
+        if (!inside.empty() && *inside.begin() != "..")
+            fail(ErrorCode::usage, "the output {} lies inside the diffusers folder {}", quote(target.string()), quote(name_));
+    }
     // The plan: every tensor's output dtype and size, before anything is written.
     std::vector<Planned> plan;
     std::uint64_t total = 0;
@@ -537,8 +538,8 @@ void FileCheckpoint::write(const fs::path& target, const TensorSource& source, c
         }
     // Output files: one, the input's shards, or new shards of at most shard_size bytes.
     std::vector<std::vector<std::size_t>> groups;
-    std::vector<std::string> names;
-    const bool sharded = options.shard_size > 0 || files_.size() > 1;
+    std::vector<std::string> names;  // relative to the output directory
+    const bool sharded = options.shard_size > 0 || files_.size() > 1 || diffusers;
     if (options.shard_size > 0) {
         std::uint64_t used = 0;
         for (std::size_t i = 0; i < plan.size(); ++i) {
@@ -554,7 +555,9 @@ void FileCheckpoint::write(const fs::path& target, const TensorSource& source, c
     } else {
         groups.resize(files_.size());
         for (std::size_t i = 0; i < plan.size(); ++i) groups[plan[i].file].push_back(i);
-        for (const auto& f : files_) names.push_back(fs::path(f->name()).filename().string());
+        for (const auto& f : files_)
+            names.push_back(diffusers ? fs::path(f->name()).lexically_relative(name_).generic_string()
+                                      : fs::path(f->name()).filename().string());
     }
     progress.begin("bake", plan.size(), total);
     std::uint64_t items = 0, bytes_done = 0;
@@ -585,26 +588,44 @@ void FileCheckpoint::write(const fs::path& target, const TensorSource& source, c
         });
     } else {
         with_context(quote(target.string()), [&] {
-            std::error_code ec;
-            if (fs::exists(target, ec) && !options.overwrite)
-                fail(ErrorCode::usage, "output exists (use --force to replace it)");
-            TemporaryDirectory dir(target);
-            nlohmann::ordered_json weight_map = nlohmann::ordered_json::object();
-            std::map<std::string, std::string> sorted;
+            AtomicDirectory dir(target, options.overwrite);
+            // Index files to write: path relative to the output -> the groups its shards hold.
+            std::map<std::string, std::vector<std::size_t>> indexes;
+            if (diffusers) {
+                for (std::size_t g = 0; g < groups.size(); ++g) {
+                    const fs::path component = name_ / fs::path(names[g]).parent_path();
+                    const auto weights = single_weights_in(component);
+                    if (weights && weights->string().ends_with(".index.json"))
+                        indexes[weights->lexically_relative(name_).generic_string()].push_back(g);
+                }
+                copy_around_weights(name_, dir, names, indexes);
+            } else {
+                for (std::size_t g = 0; g < groups.size(); ++g) indexes["model.safetensors.index.json"].push_back(g);
+            }
             for (std::size_t g = 0; g < groups.size(); ++g) {
-                AtomicFile out(dir.path() / names[g], false);
+                AtomicFile& out = dir.add(names[g]);
                 const auto& metadata = options.shard_size > 0 ? files_[0]->metadata() : files_[g]->metadata();
                 write_file(out, groups[g], metadata);
                 out.commit();
-                for (auto i : groups[g]) sorted[plan[i].entry->name] = names[g];
             }
-            for (const auto& [name, file] : sorted) weight_map[name] = file;
-            nlohmann::ordered_json index;
-            index["metadata"] = {{"total_size", total}};
-            index["weight_map"] = weight_map;
-            const std::string text = index.dump(2) + "\n";
-            write_file_atomically(dir.path() / "model.safetensors.index.json", std::as_bytes(std::span(text.data(), text.size())), false);
-            dir.commit(options.overwrite);
+            for (const auto& [index_name, shards] : indexes) {
+                std::map<std::string, std::string> sorted;
+                std::uint64_t size = 0;
+                for (auto g : shards)
+                    for (auto i : groups[g]) {
+                        sorted[plan[i].entry->name] = fs::path(names[g]).filename().string();
+                        size += plan[i].size;
+                    }
+                nlohmann::ordered_json weight_map = nlohmann::ordered_json::object();
+                for (const auto& [name, file] : sorted) weight_map[name] = file;
+                nlohmann::ordered_json index;
+                index["metadata"] = {{"total_size", size}};
+                index["weight_map"] = weight_map;
+                AtomicFile& out = dir.add(index_name);
+                out.write(index.dump(2) + "\n");
+                out.commit();
+            }
+            dir.commit();
         });
     }
     progress.end();

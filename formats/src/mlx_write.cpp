@@ -115,9 +115,12 @@ void write_mlx(const Adapter& a, const std::filesystem::path& target, const Writ
     if (folded) notes.push_back(fmt::format("{} module(s) had another scale than {}: folded into lora_b", folded, scale));
     const std::string config_text = config.dump(4) + "\n";
     AtomicDirectory dir(target, options.overwrite);
-    write_tensor_file(dir.file("adapters.safetensors"), out, {}, false);
-    write_file_atomically(dir.file("adapter_config.json"),
-                          std::as_bytes(std::span(config_text.data(), config_text.size())), false);
+    AtomicFile& weights = dir.add("adapters.safetensors");
+    write_safetensors(weights, out.views(), {});
+    weights.commit();
+    AtomicFile& config_file = dir.add("adapter_config.json");
+    config_file.write(config_text);
+    config_file.commit();
     dir.commit();
 }
 

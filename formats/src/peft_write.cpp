@@ -140,9 +140,12 @@ void write_peft(const Adapter& a, const std::filesystem::path& target, const Wri
                                     "with full module paths as keys (PEFT >= 0.15 matches them exactly)",
                                     rank_pattern.size(), alpha_pattern.size()));
     AtomicDirectory dir(target, options.overwrite);
-    write_tensor_file(dir.file("adapter_model.safetensors"), out, {{"format", "pt"}}, false);
-    write_file_atomically(dir.file("adapter_config.json"),
-                          std::as_bytes(std::span(config_text.data(), config_text.size())), false);
+    AtomicFile& weights = dir.add("adapter_model.safetensors");
+    write_safetensors(weights, out.views(), {{"format", "pt"}});
+    weights.commit();
+    AtomicFile& config_file = dir.add("adapter_config.json");
+    config_file.write(config_text);
+    config_file.commit();
     dir.commit();
 }
 

@@ -15,6 +15,7 @@
 #include <optional>
 #include <mutex>
 #include <random>
+#include <set>
 
 #include "lorakit/error.h"
 
@@ -41,15 +42,23 @@ constexpr int max_temps = 16;
 char temp_table[max_temps][PATH_MAX];
 std::atomic<bool> temp_used[max_temps];
 
-// Removes a temporary file, or a temporary output directory and the files in it. opendir is
-// not formally async-signal-safe; the process is about to die and nothing else runs.
-void remove_temp(const char* path) {
-    if (::unlink(path) == 0) return;
+// Removes a temporary file, or a temporary output directory and what it holds (a few levels
+// deep: diffusers folders have one). opendir is not formally async-signal-safe; the process is
+// about to die and nothing else runs.
+void remove_temp(const char* path, int depth = 0) {
+    if (::unlink(path) == 0 || depth > 4) return;
     if (DIR* dir = ::opendir(path)) {
+        char child[PATH_MAX];
         while (const dirent* entry = ::readdir(dir)) {
             if (entry->d_name[0] == '.' && (entry->d_name[1] == '\0' || (entry->d_name[1] == '.' && entry->d_name[2] == '\0')))
                 continue;
-            ::unlinkat(::dirfd(dir), entry->d_name, 0);
+            if (::unlinkat(::dirfd(dir), entry->d_name, 0) == 0) continue;
+            const std::size_t a = std::strlen(path), b = std::strlen(entry->d_name);
+            if (a + b + 2 > sizeof child) continue;
+            std::memcpy(child, path, a);
+            child[a] = '/';
+            std::memcpy(child + a + 1, entry->d_name, b + 1);
+            remove_temp(child, depth + 1);
         }
         ::closedir(dir);
         ::rmdir(path);
@@ -163,7 +172,15 @@ AtomicFile::AtomicFile(fs::path target, bool overwrite) : target_(std::move(targ
         return;
     }
     check_output_path(target_, overwrite_);
-    const fs::path dir = directory_of(target_);
+    open_temporary(directory_of(target_));
+}
+
+AtomicFile::AtomicFile(fs::path description, const fs::path& scratch, Staged)
+    : target_(std::move(description)), overwrite_(false), staged_(true) {
+    open_temporary(scratch);
+}
+
+void AtomicFile::open_temporary(const fs::path& dir) {
     // LORAKIT_ATOMIC_NAMED_TEMP=1 forces the fallback path (for tests of it).
     const char* force_named = std::getenv("LORAKIT_ATOMIC_NAMED_TEMP");
     // An anonymous file is published by linking /proc/self/fd/N, so it needs /proc.
@@ -271,7 +288,9 @@ void AtomicFile::commit() {
         committed_ = true;
         return;
     }
-    if (::fsync(fd_) != 0) fail_io("sync", target_, errno);
+    if (!synced_ && ::fsync(fd_) != 0) fail_io("sync", target_, errno);
+    synced_ = true;
+    if (staged_) return;  // the directory places it
     const fs::path dir = directory_of(target_);
     if (anonymous_) {
         const std::string proc = fmt::format("/proc/self/fd/{}", fd_);
@@ -318,6 +337,21 @@ void AtomicFile::commit() {
     committed_ = true;
 }
 
+void AtomicFile::place(const fs::path& path) {
+    if (!staged_ || !synced_ || committed_) fail(ErrorCode::internal, "{} placed before commit", quote(target_.string()));
+    if (anonymous_) {
+        const std::string proc = fmt::format("/proc/self/fd/{}", fd_);
+        if (::linkat(AT_FDCWD, proc.c_str(), AT_FDCWD, path.c_str(), AT_SYMLINK_FOLLOW) != 0) fail_io("create", path, errno);
+    } else {
+        if (::rename(temp_path_.c_str(), path.c_str()) != 0) fail_io("create", path, errno);
+        unregister_temp(temp_path_);
+        temp_path_.clear();
+    }
+    ::close(fd_);
+    fd_ = -1;
+    committed_ = true;
+}
+
 AtomicDirectory::AtomicDirectory(fs::path target, bool overwrite) : target_(std::move(target)), overwrite_(overwrite) {
     std::error_code ec;
     const auto status = fs::symlink_status(target_, ec);
@@ -330,26 +364,52 @@ AtomicDirectory::AtomicDirectory(fs::path target, bool overwrite) : target_(std:
     const fs::path dir = directory_of(target_);
     if (!fs::is_directory(dir, ec))
         fail(ErrorCode::io, "cannot write {}: directory {} does not exist", quote(target_.string()), quote(dir.string()));
-    for (int attempt = 0; attempt < 100; ++attempt) {
-        temp_ = hidden_temp_name(dir, target_);
-        if (::mkdir(temp_.c_str(), 0777) == 0) {
-            register_temp(temp_.string());
-            return;
-        }
-        if (errno != EEXIST) fail_io("create a temporary directory in", dir, errno);
-    }
-    fail_io("create a temporary directory in", dir, EEXIST);
 }
 
 AtomicDirectory::~AtomicDirectory() {
-    if (committed_) return;
+    files_.clear();  // unnamed data goes with its descriptors
+    if (committed_ || temp_.empty()) return;
     std::error_code ec;
     fs::remove_all(temp_, ec);
     unregister_temp(temp_.string());
 }
 
+AtomicFile& AtomicDirectory::add(const std::string& relative) {
+    const fs::path rel = fs::path(relative).lexically_normal();
+    if (committed_ || rel.empty() || rel.is_absolute() || *rel.begin() == "..")
+        fail(ErrorCode::internal, "bad file {} for directory {}", quote(relative), quote(target_.string()));
+    for (const auto& [name, file] : files_)
+        if (name == rel.generic_string()) fail(ErrorCode::internal, "file {} added twice", quote(relative));
+    files_.emplace_back(rel.generic_string(),
+                        std::unique_ptr<AtomicFile>(new AtomicFile(target_ / rel, directory_of(target_), AtomicFile::Staged{})));
+    return *files_.back().second;
+}
+
 void AtomicDirectory::commit() {
     const fs::path dir = directory_of(target_);
+    for (const auto& [name, file] : files_)
+        if (!file->synced_) fail(ErrorCode::internal, "file {} of {} was not committed", quote(name), quote(target_.string()));
+    // Names appear only now: a fresh hidden directory, every file linked in, then the rename.
+    for (int attempt = 0; attempt < 100 && temp_.empty(); ++attempt) {
+        const fs::path candidate = hidden_temp_name(dir, target_);
+        if (::mkdir(candidate.c_str(), 0777) == 0) {
+            temp_ = candidate;
+            register_temp(temp_.string());
+        } else if (errno != EEXIST) {
+            fail_io("create a temporary directory in", dir, errno);
+        }
+    }
+    if (temp_.empty()) fail_io("create a temporary directory in", dir, EEXIST);
+    std::set<fs::path> synced_dirs{temp_};
+    for (const auto& [name, file] : files_) {
+        const fs::path path = temp_ / name;
+        std::error_code mk;
+        fs::create_directories(path.parent_path(), mk);
+        if (mk) fail_io("create", path.parent_path(), mk.value());
+        file->place(path);
+        synced_dirs.insert(path.parent_path());
+    }
+    for (const auto& d : synced_dirs) fsync_directory(d);
     std::error_code ec;
     if (fs::exists(fs::symlink_status(target_, ec))) {
         if (!overwrite_)

@@ -200,3 +200,67 @@ TEST_CASE("a writer interrupted by SIGTERM or SIGINT removes its named temporary
         CHECK(dir.list().empty());
     }
 }
+
+TEST_CASE("an AtomicDirectory appears whole on commit, files in subfolders included", "[atomic]") {
+    for (bool named : {false, true}) {
+        NamedTempMode mode(named);
+        ScratchDir dir;
+        {
+            AtomicDirectory out(dir / "model", false);
+            AtomicFile& a = out.add("a.json");
+            a.write(std::string_view("{}"));
+            a.commit();
+            AtomicFile& b = out.add("unet/b.bin");
+            b.write(std::string_view("bytes"));
+            b.commit();
+            // Nothing has a name yet (the named-temporary fallback: hidden ones only).
+            for (const auto& name : dir.list()) CHECK((named && name.starts_with(".")));
+            if (!named) CHECK(dir.list().empty());
+            out.commit();
+        }
+        CHECK(dir.list() == std::vector<std::string>{"model"});
+        CHECK(test::read_file(dir / "model" / "a.json") == "{}");
+        CHECK(test::read_file(dir / "model" / "unet" / "b.bin") == "bytes");
+        // Replacing needs overwrite; a file added but not committed is a programming error.
+        CHECK_THROWS_AS(AtomicDirectory(dir / "model", false), Error);
+        {
+            AtomicDirectory again(dir / "model", true);
+            again.add("c.txt").write(std::string_view("c"));
+            CHECK_THROWS_WITH(again.commit(), Catch::Contains("was not committed"));
+        }
+        CHECK(test::read_file(dir / "model" / "a.json") == "{}");
+        {
+            AtomicDirectory again(dir / "model", true);
+            AtomicFile& c = again.add("c.txt");
+            c.write(std::string_view("c"));
+            c.commit();
+            again.commit();
+        }
+        CHECK(std::filesystem::exists(dir / "model" / "c.txt"));
+        CHECK_FALSE(std::filesystem::exists(dir / "model" / "a.json"));
+        CHECK(dir.list() == std::vector<std::string>{"model"});
+    }
+}
+
+TEST_CASE("an AtomicDirectory killed with SIGKILL mid-write leaves nothing at all", "[atomic]") {
+    NamedTempMode mode(false);
+    ScratchDir dir;
+    const int ended = test::kill_when_ready(
+        [&](const std::function<void()>& ready) {
+            AtomicDirectory out(dir / "model", false);
+            AtomicFile& first = out.add("shard-1.bin");
+            first.write(std::string_view("done"));
+            first.commit();
+            AtomicFile& second = out.add("sub/shard-2.bin");
+            const std::string chunk(1 << 20, 'x');
+            second.write(bytes_of(chunk));
+            ready();
+            for (;;) {
+                second.write(bytes_of(chunk));
+                ::usleep(1000);
+            }
+        },
+        SIGKILL);
+    CHECK(ended == 128 + SIGKILL);
+    CHECK(dir.list().empty());
+}

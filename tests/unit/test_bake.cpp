@@ -462,6 +462,18 @@ TEST_CASE("lora-bake and lora-extract killed with SIGKILL mid-write leave nothin
         CHECK(ended == 128 + SIGKILL);
         CHECK(std::filesystem::is_empty(dir / "out"));
     }
+    SECTION("bake, a sharded output directory (regression: it left a hidden temporary directory)") {
+        const int ended = kill_after(5, [&](Progress& progress) {
+            BakeRequest request;
+            request.base = base;
+            request.adapters = {sample};
+            request.output = (dir / "out" / "sharded").string();
+            request.shard_size = 20000;
+            run_bake(registry, request, progress);
+        });
+        CHECK(ended == 128 + SIGKILL);
+        CHECK(std::filesystem::is_empty(dir / "out"));
+    }
     SECTION("extract, killed mid-run (its output is written at the end)") {
         auto r = run_tool("lora-bake", {base, sample, "-o", (dir / "tuned.safetensors").string()});
         REQUIRE(r.exit_code == 0);
@@ -477,4 +489,98 @@ TEST_CASE("lora-bake and lora-extract killed with SIGKILL mid-write leave nothin
         CHECK(ended == 128 + SIGKILL);
         CHECK(std::filesystem::is_empty(dir / "out"));
     }
+}
+
+TEST_CASE("lora-bake into a diffusers folder: a folder back, configs copied, variants left out, shards re-indexed",
+          "[bake][diffusers]") {
+    ScratchDir dir;
+    const auto& registry = formats::builtin_registry();
+    const auto pipe = dir / "pipe";
+    std::mt19937 g(5);
+    std::normal_distribution<float> d;
+    std::vector<Tensor> keep;
+    auto random = [&](Shape shape) {
+        std::vector<float> v(static_cast<std::size_t>(checked_element_count(shape)));
+        for (auto& x : v) x = d(g);
+        keep.push_back(Tensor::from_f32(DType::F16, shape, v));
+        return keep.back().view();
+    };
+    for (const char* sub : {"unet", "text_encoder_2", "scheduler", "tokenizer", ".cache"}) std::filesystem::create_directories(pipe / sub);
+    write_file(pipe / "model_index.json", R"({"_class_name": "StableDiffusionXLPipeline"})");
+    write_file(pipe / "unet" / "config.json", R"({"sample_size": 128})");
+    write_file(pipe / "scheduler" / "scheduler_config.json", R"({"beta_start": 0.00085})");
+    write_file(pipe / "tokenizer" / "vocab.json", R"({"a": 0})");
+    write_file(pipe / ".cache" / "download.lock", "x");
+    formats::write_safetensors(pipe / "unet" / "diffusion_pytorch_model.safetensors",
+                               {{"down_blocks.1.attentions.0.proj_in.weight", random({32, 32})},
+                                {"conv_in.weight", random({32, 4, 3, 3})}},
+                               {{"format", "pt"}}, false);
+    formats::write_safetensors(pipe / "unet" / "diffusion_pytorch_model.fp16.safetensors",
+                               {{"conv_in.weight", random({32, 4, 3, 3})}}, {}, false);
+    // A sharded component: two shards and its index.
+    formats::write_safetensors(pipe / "text_encoder_2" / "model-00001-of-00002.safetensors",
+                               {{"text_model.encoder.layers.0.self_attn.q_proj.weight", random({16, 16})}}, {{"format", "pt"}}, false);
+    formats::write_safetensors(pipe / "text_encoder_2" / "model-00002-of-00002.safetensors",
+                               {{"text_model.encoder.layers.0.mlp.fc1.weight", random({64, 16})}}, {{"format", "pt"}}, false);
+    const std::string index = R"({"metadata": {"total_size": 2560}, "weight_map": {
+        "text_model.encoder.layers.0.mlp.fc1.weight": "model-00002-of-00002.safetensors",
+        "text_model.encoder.layers.0.self_attn.q_proj.weight": "model-00001-of-00002.safetensors"}})";
+    write_file(pipe / "text_encoder_2" / "model.safetensors.index.json", index);
+
+    std::mt19937 ga(6);
+    Adapter a = test::adapter_of({test::random_module(ga, 32, 32, 4, 4, "unet.down_blocks.1.attentions.0.proj_in"),
+                                  test::random_module(ga, 64, 16, 2, 2, "text_encoder_2.text_model.encoder.layers.0.mlp.fc1")});
+    std::vector<std::string> notes;
+    registry.write_adapter(a, "diffusers", dir / "lora", write_options(false), notes);
+
+    auto r = run_tool("lora-bake", {pipe.string(), (dir / "lora").string(), "-o", (dir / "out").string()});
+    INFO(r.err);
+    REQUIRE(r.exit_code == 0);
+    // The same files at the same places, without the un-baked variant and the hidden folder.
+    std::vector<std::string> files;
+    for (const auto& e : std::filesystem::recursive_directory_iterator(dir / "out"))
+        if (e.is_regular_file()) files.push_back(e.path().lexically_relative(dir / "out").generic_string());
+    std::sort(files.begin(), files.end());
+    CHECK(files == std::vector<std::string>{"model_index.json", "scheduler/scheduler_config.json",
+                                            "text_encoder_2/model-00001-of-00002.safetensors",
+                                            "text_encoder_2/model-00002-of-00002.safetensors",
+                                            "text_encoder_2/model.safetensors.index.json", "tokenizer/vocab.json",
+                                            "unet/config.json", "unet/diffusion_pytorch_model.safetensors"});
+    for (const char* same : {"model_index.json", "unet/config.json", "scheduler/scheduler_config.json", "tokenizer/vocab.json"})
+        CHECK(read_file(dir / "out" / same) == read_file(pipe / same));
+    CHECK(nlohmann::json::parse(read_file(dir / "out" / "text_encoder_2" / "model.safetensors.index.json")) ==
+          nlohmann::json::parse(index));
+    // It opens as the same layout, with the deltas baked and the rest byte for byte.
+    const auto base = registry.open_checkpoint(pipe);
+    const auto out = registry.open_checkpoint(dir / "out");
+    CHECK(out->layout() == "diffusers");
+    for (const auto& m : a.modules) {
+        const auto w = gather_weight(*base->locate(m), m);
+        const auto got = gather_weight(*out->locate(m), m);
+        const auto delta = dense_delta(m);
+        double worst = 0;
+        for (std::size_t i = 0; i < w.size(); ++i) {
+            const double exact = double(w[i]) + delta[i];
+            worst = std::max(worst, std::abs(got[i] - exact) / (std::abs(exact) * 4.9e-4 + 1e-7));
+        }
+        INFO(m.name);
+        CHECK(worst <= 1.0);
+    }
+    REQUIRE(out->files().size() == 3);  // text_encoder_2's shards, then unet
+    const auto* conv_in = out->files()[2]->find("conv_in.weight");
+    REQUIRE(conv_in);
+    CHECK(std::ranges::equal(conv_in->tensor.bytes(), base->files()[2]->find("conv_in.weight")->tensor.bytes()));
+    // Determinism, refusals: an output inside the folder; --shard-size; an existing output.
+    r = run_tool("lora-bake", {pipe.string(), (dir / "lora").string(), "-o", (dir / "out2").string()});
+    REQUIRE(r.exit_code == 0);
+    for (const auto& f : files) CHECK(read_file(dir / "out" / f) == read_file(dir / "out2" / f));
+    r = run_tool("lora-bake", {pipe.string(), (dir / "lora").string(), "-o", (pipe / "baked").string()});
+    CHECK(r.exit_code == 2);
+    CHECK_THAT(r.err, Catch::Contains("inside the diffusers folder"));
+    CHECK_FALSE(std::filesystem::exists(pipe / "baked"));
+    r = run_tool("lora-bake", {pipe.string(), (dir / "lora").string(), "-o", (dir / "out3").string(), "--shard-size", "1MB"});
+    CHECK(r.exit_code == 2);
+    r = run_tool("lora-bake", {pipe.string(), (dir / "lora").string(), "-o", (dir / "out").string()});
+    CHECK(r.exit_code == 2);
+    CHECK_THAT(r.err, Catch::Contains("exists"));
 }

@@ -7,9 +7,11 @@
 #include <cstddef>
 #include <cstdint>
 #include <filesystem>
+#include <memory>
 #include <span>
 #include <string>
 #include <string_view>
+#include <utility>
 #include <vector>
 
 namespace lorakit {
@@ -41,6 +43,13 @@ public:
     const std::filesystem::path& target() const noexcept { return target_; }
 
 private:
+    friend class AtomicDirectory;
+    struct Staged {};
+    // A file of an AtomicDirectory: unnamed in `scratch` until the directory places it.
+    AtomicFile(std::filesystem::path description, const std::filesystem::path& scratch, Staged);
+    void open_temporary(const std::filesystem::path& dir);
+    void place(const std::filesystem::path& path);  // links the committed data at `path`
+
     void flush_buffer();
     void raw_write(const std::byte* data, std::size_t size);
     void start_writeback() noexcept;
@@ -51,6 +60,8 @@ private:
     int fd_ = -1;
     bool to_stdout_ = false;
     bool anonymous_ = false;  // O_TMPFILE
+    bool staged_ = false;     // part of an AtomicDirectory: commit() syncs, the directory places it
+    bool synced_ = false;
     std::string temp_path_;   // the named temporary when not anonymous
     std::vector<std::byte> buffer_;
     std::size_t buffered_ = 0;
@@ -60,10 +71,12 @@ private:
     bool committed_ = false;
 };
 
-// An output directory built under a hidden temporary name next to the target and renamed into
-// place on commit (PEFT and mlx-lm adapters are directories). Files go in with AtomicFile at
-// file(name). Without commit the temporary directory is removed; a replaced directory is
-// swapped out and deleted only after the new one is in place.
+// An output directory (PEFT and mlx-lm adapters, sharded checkpoints, diffusers folders). Its
+// files are written as unnamed files beside the target (O_TMPFILE) and get names only in
+// commit(), which links them into a fresh hidden directory and renames that into place: a
+// failed or killed run leaves nothing behind (with the named-temporary fallback, a SIGKILL can
+// leave hidden files). A replaced directory is swapped out and deleted only after the new one
+// is in place.
 class AtomicDirectory {
 public:
     AtomicDirectory(std::filesystem::path target, bool overwrite);
@@ -71,7 +84,10 @@ public:
     AtomicDirectory(const AtomicDirectory&) = delete;
     AtomicDirectory& operator=(const AtomicDirectory&) = delete;
 
-    std::filesystem::path file(const std::string& name) const { return temp_ / name; }
+    // A new file at `relative` (a path inside the directory; subdirectories are created).
+    // Write it, then commit() it; it appears with the directory.
+    AtomicFile& add(const std::string& relative);
+    // Every added file must have been committed.
     void commit();
 
 private:
@@ -79,6 +95,7 @@ private:
     std::filesystem::path temp_;
     bool overwrite_;
     bool committed_ = false;
+    std::vector<std::pair<std::string, std::unique_ptr<AtomicFile>>> files_;
 };
 
 // Writes `bytes` to `target` atomically in one call.

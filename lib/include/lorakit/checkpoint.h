@@ -72,8 +72,9 @@ public:
     // What the checkpoint's keys say about the model: family ("SD1.5", "SDXL", "Flux", the GGUF
     // architecture, "transformers"), and a name a loader can use (a Hugging Face model folder).
     virtual BaseModelHint model_hint() const = 0;
-    // Writes the checkpoint to `target` in its own layout (a single safetensors or GGUF file, or a
-    // directory of shards and model.safetensors.index.json, written last), one tensor at a time:
+    // Writes the checkpoint to `target` in its own layout (a single safetensors or GGUF file, a
+    // directory of shards and model.safetensors.index.json, written last, or a diffusers folder
+    // with its other files copied and its other weight variants left out), one tensor at a time:
     // tensors `source` leaves alone are copied byte for byte, metadata is kept. Atomic: a failed
     // run leaves nothing at `target`. Throws unsupported for layouts it cannot write yet.
     virtual void write(const std::filesystem::path& target, const TensorSource& source,
