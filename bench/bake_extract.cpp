@@ -2,6 +2,8 @@
 // bf16, 2.2 GB: hidden 2048, MLP 5632, 22 layers, 4 KV heads, vocabulary 32000) and a tuned
 // copy whose linear weights differ by a rank-16 delta plus noise:
 //   bake of a rank-64 PEFT LoRA (f16) next to `cp` (and `cp` + fsync) of the checkpoint;
+//   the same bake into a GGUF Q8_0 twin of the base (llama.cpp names, 1.2 GB), whose changed
+//   tensors are decoded one at a time and requantized, next to `cp` of that file;
 //   extract at rank 64 next to the dense route (full LAPACK sgesdd of each delta, as
 //   kohya's extract_lora_from_models.py does with torch.linalg.svd) timed on one weight of
 //   each shape and multiplied by the number of weights of that shape.
@@ -15,6 +17,7 @@
 #include <fmt/format.h>
 
 #include "common.h"
+#include "lorakit/formats/gguf.h"
 #include "synthetic.h"
 
 extern "C" void cblas_sgemm(int, int, int, int, int, int, float, const float*, int, const float*, int, float, float*, int);
@@ -82,6 +85,53 @@ void make_checkpoint(const fs::path& dir, bool tuned) {
 )");
 }
 
+// llama.cpp's name of a Hugging Face Llama weight.
+std::string gguf_name(const std::string& hf) {
+    if (hf == "model.embed_tokens.weight") return "token_embd.weight";
+    if (hf == "model.norm.weight") return "output_norm.weight";
+    if (hf == "lm_head.weight") return "output.weight";
+    static const std::pair<const char*, const char*> parts[] = {
+        {"input_layernorm", "attn_norm"}, {"self_attn.q_proj", "attn_q"}, {"self_attn.k_proj", "attn_k"},
+        {"self_attn.v_proj", "attn_v"},   {"self_attn.o_proj", "attn_output"}, {"post_attention_layernorm", "ffn_norm"},
+        {"mlp.gate_proj", "ffn_gate"},    {"mlp.up_proj", "ffn_up"},          {"mlp.down_proj", "ffn_down"}};
+    const auto layer_end = hf.find('.', 13);  // "model.layers.N."
+    const std::string layer = hf.substr(13, layer_end - 13), rest = hf.substr(layer_end + 1, hf.size() - layer_end - 8);
+    for (const auto& [from, to] : parts)
+        if (rest == from) return fmt::format("blk.{}.{}.weight", layer, to);
+    return hf;
+}
+
+// The base as llama.cpp's converter writes it with --outtype q8_0: matrices Q8_0, norms F32.
+void make_gguf_q8(const fs::path& path) {
+    std::vector<formats::GgufTensorToWrite> infos;
+    const auto weights = tinyllama_weights();
+    for (const auto& w : weights) {
+        formats::GgufTensorToWrite t;
+        t.name = gguf_name(w.name);
+        t.shape = w.in ? Shape{w.out, w.in} : Shape{w.out};
+        t.type = w.in ? formats::ggml_q8_0 : formats::ggml_f32;
+        t.streamed_size = static_cast<std::uint64_t>(w.in ? w.out * w.in / 32 * 34 : w.out * 4);
+        infos.push_back(std::move(t));
+    }
+    const std::vector<std::pair<std::string, formats::GgufValue>> kv = {
+        {"general.architecture", formats::GgufValue::string("llama")},
+        {"general.name", formats::GgufValue::string("tinyllama-shaped")},
+        {"general.file_type", formats::GgufValue::u32(7)},
+        {"llama.attention.head_count", formats::GgufValue::u32(32)},
+        {"llama.attention.head_count_kv", formats::GgufValue::u32(4)},
+    };
+    SplitMix64 random(7);
+    AtomicFile out(path, true);
+    formats::write_gguf_streamed(out, kv, infos, [&](std::size_t i, AtomicFile& file) {
+        const auto& w = weights[i];
+        std::vector<float> v(static_cast<std::size_t>(w.in ? w.out * w.in : w.out));
+        for (auto& x : v) x = w.in ? 0.02f * random.uniform() : 1.0f;
+        if (w.in) file.write(formats::quantize_q8_0(v.data(), v.size()));
+        else file.write(std::as_bytes(std::span(v)));
+    });
+    out.commit();
+}
+
 // A rank-64 PEFT LoRA (f16) on every linear weight of the layers.
 void make_lora(const fs::path& dir) {
     fs::create_directories(dir);
@@ -143,6 +193,17 @@ int main(int argc, char** argv) {
                 bake.status ? " FAILED" : "");
     clean();
 
+    const fs::path gguf = args.dir / "tinyllama-q8_0.gguf", gguf_out = args.dir / "tinyllama-q8_0-out.gguf";
+    generate_once(gguf, gguf, [&] { make_gguf_q8(gguf); });
+    auto clean_gguf = [&] { fs::remove(gguf_out); };
+    const Run cp_gguf = median_of({"cp", gguf.string(), gguf_out.string()}, args.repeats, clean_gguf);
+    const Run bake_gguf =
+        median_of({tool(argv[0], "lora-bake"), gguf.string(), lora.string(), "-o", gguf_out.string()}, args.repeats, clean_gguf);
+    std::printf("%-44s %9.2f %8.0f MB %12s\n", "cp of the GGUF Q8_0 twin", cp_gguf.seconds, cp_gguf.peak_rss_mb, "");
+    std::printf("%-44s %9.2f %8.0f MB %5.2fx cp%s\n", "lora-bake into GGUF Q8_0 (requantized)", bake_gguf.seconds,
+                bake_gguf.peak_rss_mb, bake_gguf.seconds / cp_gguf.seconds, bake_gguf.status ? " FAILED" : "");
+    clean_gguf();
+
     const fs::path extracted = args.dir / "tinyllama-extracted";
     const Run extract = median_of({tool(argv[0], "lora-extract"), base.string(), tuned.string(), "-o", extracted.string(),
                                    "--rank", "64", "--force"},
@@ -159,5 +220,5 @@ int main(int argc, char** argv) {
                     jobz == 'S' ? "dense route, sgesdd thin U,V (extrapolated)" : "dense route, sgesdd full U,V (kohya's)",
                     dense, "", dense / extract.seconds, attention, kv, mlp, down);
     }
-    return bake.status || extract.status ? 1 : 0;
+    return bake.status || bake_gguf.status || extract.status ? 1 : 0;
 }

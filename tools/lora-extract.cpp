@@ -46,6 +46,9 @@ int main(int argc, char** argv) {
     app.add_option("--oversample", request.fit.svd.oversample,
                    "extra sketch columns of the randomized SVD (default 10)")
         ->type_name("P")->check(CLI::NonNegativeNumber);
+    app.add_flag("--keep-full", request.keep_full,
+                 "keep changed tensors that are not factored (norms, biases, embeddings) whole: a LoRA bias for an\n"
+                 "extracted module's bias, else PEFT modules_to_save (tuned values) or LyCORIS diff/diff_b (kohya)");
     app.add_flag("--allow-unmatched", request.allow_unmatched,
                  "skip tuned weights with no counterpart in the base (a warning) instead of failing");
     app.add_option("-j,--threads", request.threads, "threads for the SVDs (default: all cores)")->check(CLI::NonNegativeNumber);

@@ -89,6 +89,56 @@ public:
     void write(const fs::path& target, const TensorSource& source, const CheckpointWriteOptions& options,
                Progress& progress) const override;
 
+    std::optional<WeightLocation> locate_parameter(const std::string& module, std::string_view param,
+                                                   const Shape& shape) const override {
+        if (param != "weight" && param != "bias") return std::nullopt;
+        const std::int64_t count = checked_element_count(shape);
+        const std::int64_t out = shape.empty() ? 1 : shape[0];
+        if (out <= 0 || count % out) return std::nullopt;
+        // A probe with the parameter's rows: where its module's weight is, then the parameter.
+        LoraModule probe;
+        probe.name = module;
+        probe.up = Tensor::from_f32(DType::F32, {out, 1}, std::vector<float>(static_cast<std::size_t>(out), 0.0f));
+        probe.down = Tensor::from_f32(DType::F32, {1, 1}, std::vector<float>{0.0f});
+        auto where = find(probe);
+        if (!where) return std::nullopt;
+        where->transposed = false;
+        if (param == "bias") {
+            std::string key = where->entry->name;
+            if (key.ends_with("in_proj_weight")) key = key.substr(0, key.size() - 6) + "bias";
+            else if (key.ends_with(".weight")) key = key.substr(0, key.size() - 7) + ".bias";
+            else return std::nullopt;
+            where->entry = files_[where->file]->find(key);
+            if (!where->entry) return std::nullopt;
+        }
+        const Shape& s = where->entry->shape;
+        const bool fits = where->rows.empty()
+                              ? s == shape
+                              : !s.empty() && static_cast<std::int64_t>(where->rows.size()) == out &&
+                                    checked_element_count(s) / s[0] == count / out &&
+                                    std::all_of(where->rows.begin(), where->rows.end(), [&](std::int64_t r) { return r >= 0 && r < s[0]; });
+        if (!fits)
+            fail(ErrorCode::bad_input, "{} of module {} has shape {}, but base tensor {} has shape {}", param, quote(module),
+                 format_shape(shape), quote(where->describe()), format_shape(s));
+        return where;
+    }
+
+    std::optional<std::pair<std::string, std::string>> parameter_at(std::size_t file, const TensorEntry& e) const override {
+        std::string stem, param;
+        if (e.name.ends_with(".weight")) stem = e.name.substr(0, e.name.size() - 7), param = "weight";
+        else if (e.name.ends_with(".bias")) stem = e.name.substr(0, e.name.size() - 5), param = "bias";
+        else return std::nullopt;
+        const auto names = names_at(file, stem + ".weight");
+        if (names.size() != 1 || names.front().parts != 1) return std::nullopt;
+        try {
+            const auto where = locate_parameter(names.front().name, param, e.shape);
+            if (!where || where->entry != &e || !where->rows.empty()) return std::nullopt;
+        } catch (const Error&) {
+            return std::nullopt;
+        }
+        return std::make_pair(names.front().name, param);
+    }
+
     std::vector<LoraModule> modules_at(std::size_t file, const TensorEntry& e) const override {
         std::vector<LoraModule> found;
         const Shape& s = e.shape;

@@ -337,6 +337,10 @@ GgufFile::GgufFile(std::shared_ptr<const MappedFile> file, std::uint32_t version
     build_index();
 }
 
+void GgufFile::release(const TensorEntry& entry) const {
+    file_->release(file_->bytes().subspan(static_cast<std::size_t>(data_start_ + entry.offset), static_cast<std::size_t>(entry.size)));
+}
+
 std::span<const std::byte> GgufFile::raw(std::size_t i) const {
     const TensorEntry& e = entries_.at(i);
     return file_->bytes().subspan(static_cast<std::size_t>(data_start_ + e.offset), static_cast<std::size_t>(e.size));
@@ -480,11 +484,9 @@ std::unique_ptr<GgufFile> read_gguf(std::shared_ptr<const MappedFile> file) {
         if (auto plain = plain_dtype(info.type.id)) {
             e.tensor = Tensor::alias(*plain, info.shape, span, owner);
         } else if (info.type.id == ggml_q8_0) {
-            std::int64_t n = 1;
-            for (auto d : info.shape) n *= d;
-            std::vector<float> values(static_cast<std::size_t>(n));
-            dequantize_q8_0(span.data(), values.data(), values.size());
-            e.tensor = Tensor::from_f32(DType::F32, info.shape, values);
+            // Decoded when used, one tensor at a time: a Q8_0 model held in f32 would take
+            // almost four times its file size.
+            e.decode = [span, owner](std::span<float> out) { dequantize_q8_0(span.data(), out.data(), out.size()); };
         }
         types.push_back(info.type.id);
         entries.push_back(std::move(e));

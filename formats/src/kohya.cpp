@@ -197,10 +197,17 @@ public:
         }
 
         std::size_t without_alpha = 0;
-        for (const auto& parts : collector.all()) {
+        for (auto& parts : collector.all()) {
             if (!parts.down && !parts.up && !parts.alpha && !parts.magnitude && parts.lycoris.empty() && !parts.mid)
                 continue;  // a stem created only by the IA3 probe above
             std::string name = canonical_name(parts.stem, shape);
+            // A LoRA with a LyCORIS diff_b beside it (lorakit writes a LoRA bias so): the bias,
+            // applied with the strength alone, becomes the module's bias on B (divided by its scale).
+            const TensorEntry* diff_b = nullptr;
+            if (parts.down && parts.up && !parts.mid && parts.lycoris.size() == 1 && parts.lycoris.front().first == "diff_b") {
+                diff_b = parts.lycoris.front().second;
+                parts.lycoris.clear();
+            }
             if (is_lycoris(parts)) {
                 adapter.lycoris_modules.push_back(assemble_lycoris_module(parts, std::move(name)));
                 continue;
@@ -209,6 +216,13 @@ public:
             m.scale_rule = ScaleRule::alpha_over_rank;
             if (!m.alpha) ++without_alpha;
             if (m.magnitude) m.magnitude_axis = magnitude_axis_for(m.magnitude->shape(), m.out_features(), m.in_features());
+            if (diff_b) {
+                auto b = diff_b->to_f32();
+                const double s = m.scale();
+                if (s == 0) fail(ErrorCode::bad_input, "module {} has a diff_b but a scale of 0", quote(m.name));
+                for (auto& x : b) x = static_cast<float>(x / s);
+                m.bias = Tensor::from_f32(diff_b->tensor.dtype(), diff_b->shape, b);
+            }
             adapter.modules.push_back(std::move(m));
         }
         if (adapter.modules.empty() && adapter.lycoris_modules.empty())

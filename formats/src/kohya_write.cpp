@@ -101,10 +101,13 @@ std::string base_model_version(const std::string& family) {
 void write_kohya(const Adapter& a, const std::filesystem::path& target, const WriteOptions& options,
                  std::vector<std::string>& notes) {
     const bool same = a.convention == "kohya" || a.convention == "lycoris";
-    refuse_bias(a, "kohya");
     if (!same) {
         refuse_other_tensors(a, "kohya");
-        refuse_lycoris(a, "kohya");
+        // LyCORIS full and norm diffs need no conversion: written under kohya names.
+        Adapter others;
+        for (const auto& m : a.lycoris_modules)
+            if (m.algorithm != "full" && m.algorithm != "norm") others.lycoris_modules.push_back(m);
+        refuse_lycoris(others, "kohya");
     }
     OutputTensors out;
     std::vector<double> ranks, alphas;
@@ -136,15 +139,26 @@ void write_kohya(const Adapter& a, const std::filesystem::path& target, const Wr
             alphas.push_back(static_cast<double>(m.rank()));
         }
         if (m.magnitude) out.add(stem + ".dora_scale", same ? *m.magnitude : kohya_dora_scale(m));
+        if (m.bias) {
+            // A LoRA bias as LyCORIS's diff_b (added with the strength alone, as ComfyUI does):
+            // the module's scale folded in.
+            auto b = m.bias->to_f32();
+            const double s = m.scale();
+            for (auto& x : b) x = static_cast<float>(x * s);
+            out.add(stem + ".diff_b", Tensor::from_f32(m.bias->dtype(), m.bias->shape(), b));
+        }
         ranks.push_back(static_cast<double>(m.rank()));
     }
     for (const auto& m : a.lycoris_modules) {
+        LoraModule probe;
+        probe.name = m.name;
+        const std::string stem = same && !m.source_name.empty() ? m.source_name : kohya_name(naming, probe);
         for (const auto& t : m.tensors) {
             const bool locon = t.name == "lora_down" || t.name == "lora_up" || t.name == "lora_mid";
-            out.add(fmt::format("{}.{}{}", m.source_name, t.name, locon ? ".weight" : ""), t.tensor);
+            out.add(fmt::format("{}.{}{}", stem, t.name, locon ? ".weight" : ""), t.tensor);
         }
-        if (m.alpha) out.add(m.source_name + ".alpha", scalar_tensor(*m.alpha, DType::F32));
-        if (m.dora_scale) out.add(m.source_name + ".dora_scale", *m.dora_scale);
+        if (m.alpha) out.add(stem + ".alpha", scalar_tensor(*m.alpha, DType::F32));
+        if (m.dora_scale) out.add(stem + ".dora_scale", *m.dora_scale);
     }
     for (const auto& t : a.other_tensors) out.add(t.name, t.tensor);
 

@@ -3,6 +3,7 @@
 // Keys: [base_model.model.]<module path>.lora_A.weight / .lora_B.weight (+ .lora_B.bias,
 // .lora_embedding_A/B, .lora_magnitude_vector). Alpha, rank patterns and rsLoRA live in the
 // config. Source: research/formats.md §2.
+#include <algorithm>
 #include <filesystem>
 
 #include <fmt/format.h>
@@ -172,7 +173,14 @@ private:
             if (!entry.supported())
                 fail(ErrorCode::unsupported, "tensor {} has unsupported dtype {}", quote(entry.name), entry.dtype_name);
             adapter.other_tensors.push_back({entry.name, entry.tensor});
-            if (in_modules_to_save(modules_to_save, key)) continue;
+            if (in_modules_to_save(modules_to_save, key)) {
+                const auto dot = key.rfind('.');
+                const std::string module(key.substr(0, dot == std::string_view::npos ? 0 : dot));
+                if (!module.empty() && std::find(adapter.modules_to_save.begin(), adapter.modules_to_save.end(), module) ==
+                                           adapter.modules_to_save.end())
+                    adapter.modules_to_save.push_back(module);
+                continue;
+            }
             if (ends_with(key, ".trainable_tokens_delta") || ends_with(key, ".base_layer.weight") ||
                 ends_with(key, "embed_tokens.weight") || ends_with(key, "lm_head.weight")) {
                 ++saved_full;

@@ -3,6 +3,7 @@
 // adapter_config.json with PEFT's field names, written as PEFT writes it (sorted keys, indent 2).
 // Per-module ranks and scales that differ from the most common ones go into rank_pattern and
 // alpha_pattern with full module paths as keys (PEFT >= 0.15 matches them exactly).
+#include <algorithm>
 #include <cmath>
 
 #include <fmt/format.h>
@@ -37,7 +38,19 @@ void write_peft(const Adapter& a, const std::filesystem::path& target, const Wri
     const bool same = a.convention == "peft";
     refuse_lycoris(a, "PEFT");
     refuse_llama_cpp_names(a, "PEFT");
-    if (!same) refuse_other_tensors(a, "PEFT");
+    if (!same) {
+        // Full parameters PEFT holds: those of modules_to_save, "base_model.model.<module>.<param>".
+        Adapter rest;
+        for (const auto& t : a.other_tensors) {
+            const std::string prefix = "base_model.model.";
+            const auto dot = t.name.rfind('.');
+            const bool saved = t.name.starts_with(prefix) && dot != std::string::npos && dot > prefix.size() &&
+                               std::find(a.modules_to_save.begin(), a.modules_to_save.end(),
+                                         t.name.substr(prefix.size(), dot - prefix.size())) != a.modules_to_save.end();
+            if (!saved) rest.other_tensors.push_back(t);
+        }
+        refuse_other_tensors(rest, "PEFT");
+    }
     const auto components = components_of(a);
     if (components.size() > 1)
         fail(ErrorCode::unsupported,
@@ -118,6 +131,8 @@ void write_peft(const Adapter& a, const std::filesystem::path& target, const Wri
     config["use_dora"] = any_dora;
     config["lora_bias"] = any_bias;
     config["fan_in_fan_out"] = fan_in_fan_out.value_or(false);
+    if (!a.modules_to_save.empty() && (!same || !config.contains("modules_to_save")))
+        config["modules_to_save"] = a.modules_to_save;
     if (!same || !config.contains("target_modules")) {
         Json targets = Json::array();
         for (const auto& p : paths) targets.push_back(p);

@@ -21,11 +21,18 @@ namespace lorakit {
 namespace {
 
 struct Contribution {
-    const LoraModule* module;
+    const LoraModule* module;  // null for a full tensor (`dense`)
     std::size_t adapter;
     double coefficient;  // weight · scale, negated when subtracting
     WeightLocation where;
     bool bias = false;   // adds the module's LoRA bias into this (bias) tensor
+    // A full tensor the adapter carries: a LyCORIS diff added with the weight alone, or a PEFT
+    // modules_to_save parameter that replaces the base's values (`assign`).
+    const Tensor* dense = nullptr;
+    bool assign = false;
+    std::string label;  // the module (and parameter) for reports
+
+    const std::string& name() const { return module ? module->name : label; }
 };
 
 bool is_float(DType t) { return t == DType::F32 || t == DType::F16 || t == DType::BF16; }
@@ -38,20 +45,19 @@ public:
     std::optional<DType> output_dtype(std::size_t file, const TensorEntry& e) const override {
         const bool touched = plan_.count({file, e.name}) > 0;
         if (touched) {
-            if (!e.supported() || !is_float(e.tensor.dtype()))
-                fail(ErrorCode::unsupported, "tensor {} has dtype {}; lorakit bakes into F32, F16 and BF16 tensors",
+            if (!e.supported() || !is_float(e.value_dtype()))
+                fail(ErrorCode::unsupported, "tensor {} has dtype {}; lorakit bakes into F32, F16, BF16 and Q8_0 tensors",
                      quote(e.name), e.dtype_name);
-            return dtype_.value_or(e.tensor.dtype());
+            return dtype_.value_or(e.value_dtype());
         }
-        if (dtype_ && e.supported() && is_float(e.tensor.dtype()) && e.dtype_name != dtype_name(*dtype_)) return dtype_;
+        if (dtype_ && e.supported() && is_float(e.value_dtype()) && e.dtype_name != dtype_name(*dtype_)) return dtype_;
         return std::nullopt;
     }
 
     // Called once per tensor, one at a time: the f32 buffer is reused (no fresh pages per tensor).
     void produce(std::size_t file, const TensorEntry& e, DType type, std::vector<std::byte>& bytes) const override {
         std::vector<float>& w = weight_;
-        w.resize(static_cast<std::size_t>(e.tensor.view().element_count()));
-        e.tensor.view().to_f32(w);
+        e.to_f32(w);
         if (auto it = plan_.find({file, e.name}); it != plan_.end())
             for (const auto& c : it->second) apply(c, e, w);
         const linalg::DenseStats stats = linalg::dense_stats(w.data(), w.size());
@@ -66,9 +72,22 @@ public:
 
 private:
     static void apply(const Contribution& c, const TensorEntry& e, std::vector<float>& w) {
+        auto row_of = [&](std::int64_t p) { return c.where.rows.empty() ? p : c.where.rows[static_cast<std::size_t>(p)]; };
+        if (c.dense) {
+            // Rows of the parameter (all of them, or the module's rows of a fused tensor).
+            const auto d = c.dense->to_f32();
+            const std::int64_t rows = c.where.rows.empty() ? (e.shape.empty() ? 1 : e.shape[0]) : static_cast<std::int64_t>(c.where.rows.size());
+            const std::int64_t cols = static_cast<std::int64_t>(d.size()) / rows;
+            for (std::int64_t p = 0; p < rows; ++p)
+                for (std::int64_t q = 0; q < cols; ++q) {
+                    float& x = w[static_cast<std::size_t>(row_of(p) * cols + q)];
+                    const double v = d[static_cast<std::size_t>(p * cols + q)];
+                    x = static_cast<float>(c.assign ? v : x + c.coefficient * v);
+                }
+            return;
+        }
         const LoraModule& m = *c.module;
         const std::int64_t out = m.out_features(), in = m.flat_in_features(), r = m.rank();
-        auto row_of = [&](std::int64_t p) { return c.where.rows.empty() ? p : c.where.rows[static_cast<std::size_t>(p)]; };
         if (c.bias) {
             const auto b = m.bias->to_f32();
             for (std::int64_t p = 0; p < out; ++p)
@@ -170,11 +189,55 @@ ToolResult run_bake(const Registry& registry, const BakeRequest& request, Progre
         std::map<std::pair<std::size_t, std::string>, std::vector<Contribution>> plan;
         std::vector<std::string> unmatched;
         std::size_t baked = 0;
+        std::size_t replaced = 0;
         for (std::size_t i = 0; i < adapters.size(); ++i) {
             const Adapter& a = adapters[i];
-            if (!a.lycoris_modules.empty())
-                fail(ErrorCode::unsupported, "{} holds LyCORIS modules; convert them to LoRA first (lora-convert --rank)",
-                     quote(request.adapters[i]));
+            bool noted_replace = false;
+            // Full tensors: LyCORIS full and norm diffs (added with the weight alone, as LyCORIS
+            // and ComfyUI apply them) and PEFT modules_to_save (loaded in place of the base's).
+            auto add_full = [&](const std::string& module, const std::string& param, const Tensor& t, bool assign) {
+                const auto where = with_context(fmt::format("{}: module {}", quote(a.source), quote(module)),
+                                                [&] { return checkpoint->locate_parameter(module, param, t.shape()); });
+                const std::string label = module + "." + param;
+                if (!where) {
+                    unmatched.push_back(label);
+                    return;
+                }
+                if (assign && request.subtract)
+                    fail(ErrorCode::unsupported, "{} replaces {} (PEFT modules_to_save) and cannot be subtracted",
+                         quote(a.source), quote(label));
+                Contribution c{nullptr, i, (request.subtract ? -1.0 : 1.0) * weights[i], *where, false};
+                c.dense = &t;
+                c.assign = assign;
+                c.label = label;
+                if (assign && weights[i] != 1.0 && !noted_replace) {
+                    noted_replace = true;
+                    result.note(fmt::format("{}: modules_to_save replace the base's tensors whatever the weight, as PEFT "
+                                            "loads them", quote(a.source)));
+                }
+                plan[{where->file, where->entry->name}].push_back(std::move(c));
+                ++replaced;
+            };
+            for (const auto& m : a.lycoris_modules) {
+                const bool full = m.algorithm == "full", norm = m.algorithm == "norm";
+                if (!full && !norm)
+                    fail(ErrorCode::unsupported, "{} holds LyCORIS {} modules; convert them to LoRA first (lora-convert --rank)",
+                         quote(request.adapters[i]), m.algorithm);
+                for (const auto& t : m.tensors) {
+                    if (t.name == (full ? "diff" : "w_norm")) add_full(m.name, "weight", t.tensor, false);
+                    else if (t.name == (full ? "diff_b" : "b_norm")) add_full(m.name, "bias", t.tensor, false);
+                    else fail(ErrorCode::bad_input, "module {}: unexpected LyCORIS {} tensor {}", quote(m.name), m.algorithm, quote(t.name));
+                }
+            }
+            for (const auto& t : a.other_tensors) {
+                // "base_model.model.<module>.<param>" of a module in modules_to_save.
+                const std::string prefix = "base_model.model.";
+                const std::string name = t.name.starts_with(prefix) ? t.name.substr(prefix.size()) : t.name;
+                const auto dot = name.rfind('.');
+                const std::string module = dot == std::string::npos ? "" : name.substr(0, dot);
+                if (std::find(a.modules_to_save.begin(), a.modules_to_save.end(), module) == a.modules_to_save.end()) continue;
+                add_full(module, name.substr(dot + 1), t.tensor, true);
+            }
             for (const auto& m : a.modules) {
                 const auto where = with_context(fmt::format("{}: module {}", quote(a.source), quote(m.name)),
                                                 [&] { return checkpoint->locate(m); });
@@ -189,24 +252,22 @@ ToolResult run_bake(const Registry& registry, const BakeRequest& request, Progre
                 list.push_back({&m, i, c, *where, false});
                 ++baked;
                 if (m.bias) {
-                    std::string bias_name = where->entry->name;
-                    if (bias_name.ends_with(".weight")) bias_name = bias_name.substr(0, bias_name.size() - 7) + ".bias";
-                    const TensorEntry* bias = checkpoint->files()[where->file]->find(bias_name);
-                    if (!bias || bias->shape.size() != 1)
-                        fail(ErrorCode::unsupported, "module {} has a LoRA bias but the base has no tensor {}", quote(m.name),
-                             quote(bias_name));
-                    WeightLocation w = *where;
-                    w.entry = bias;
-                    w.transposed = false;
-                    plan[{where->file, bias_name}].push_back({&m, i, c, w, true});
+                    const auto bias = with_context(fmt::format("{}: module {}", quote(a.source), quote(m.name)), [&] {
+                        return checkpoint->locate_parameter(m.name, "bias", {m.out_features()});
+                    });
+                    if (!bias) fail(ErrorCode::unsupported, "module {} has a LoRA bias but the base has no bias for it", quote(m.name));
+                    plan[{bias->file, bias->entry->name}].push_back({&m, i, c, *bias, true});
                 }
             }
         }
-        for (const auto& [key, list] : plan)
+        for (auto& [key, list] : plan) {
             for (const auto& c : list)
-                if (list.size() > 1 && c.module->magnitude)
+                if (list.size() > 1 && c.module && c.module->magnitude)
                     fail(ErrorCode::unsupported, "module {}: a DoRA module must be the only one baked into {}",
                          quote(c.module->name), quote(key.second));
+            // Replacements first, so that other adapters' deltas add onto the replaced values.
+            std::stable_partition(list.begin(), list.end(), [](const Contribution& c) { return c.assign; });
+        }
         if (!unmatched.empty()) {
             std::vector<std::string> shown;
             for (std::size_t k = 0; k < std::min<std::size_t>(3, unmatched.size()); ++k) shown.push_back(quote(unmatched[k]));
@@ -239,20 +300,22 @@ ToolResult run_bake(const Registry& registry, const BakeRequest& request, Progre
             j["adapters"] = list;
             j["subtract"] = request.subtract;
             j["modules_baked"] = baked;
+            j["full_tensors"] = replaced;
             j["modules_unmatched"] = unmatched;
             nlohmann::ordered_json changed = nlohmann::ordered_json::array();
             for (const auto& [key, l] : plan) {
                 nlohmann::ordered_json modules = nlohmann::ordered_json::array();
-                for (const auto& c : l) modules.push_back({{"adapter", c.adapter + 1}, {"module", c.module->name},
+                for (const auto& c : l) modules.push_back({{"adapter", c.adapter + 1}, {"module", c.name()},
                                                            {"target", c.where.describe()}, {"bias", c.bias}});
                 changed.push_back({{"tensor", key.second}, {"modules", modules}});
             }
             j["tensors"] = changed;
             result.out = j.dump(2) + "\n";
         } else {
-            result.out = fmt::format("{} {} module(s) from {} adapter(s) {} {} tensor(s) of {}; wrote {}\n",
-                                     request.subtract ? "subtracted" : "baked", baked, adapters.size(),
-                                     request.subtract ? "from" : "into", tensors, request.base, request.output);
+            result.out = fmt::format("{} {} module(s){} from {} adapter(s) {} {} tensor(s) of {}; wrote {}\n",
+                                     request.subtract ? "subtracted" : "baked", baked,
+                                     replaced ? fmt::format(" and {} full tensor(s)", replaced) : std::string(),
+                                     adapters.size(), request.subtract ? "from" : "into", tensors, request.base, request.output);
         }
     });
 }

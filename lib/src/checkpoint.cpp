@@ -24,7 +24,7 @@ void gather_weight(const WeightLocation& where, const LoraModule& module, std::v
         fail(ErrorCode::unsupported, "base tensor {} has type {}, which lorakit cannot compute with", quote(e.name),
              e.dtype_name);
     const std::int64_t out = module.out_features(), in = module.flat_in_features();
-    const auto count = e.tensor.view().element_count();
+    const auto count = e.element_count();
     std::int64_t tensor_rows = e.shape.empty() ? 1 : e.shape[0];
     if (where.transposed) tensor_rows = e.shape.size() == 2 ? e.shape[1] : 0;
     const std::int64_t tensor_cols = tensor_rows > 0 ? count / tensor_rows : 0;
@@ -32,11 +32,10 @@ void gather_weight(const WeightLocation& where, const LoraModule& module, std::v
         fail(ErrorCode::bad_input, "base tensor {} has shape {}, which cannot take module {} ({} -> {})", quote(e.name),
              format_shape(e.shape), quote(module.name), in, out);
     if (where.rows.empty() && !where.transposed) {  // the tensor as it is
-        w.resize(static_cast<std::size_t>(count));
-        e.tensor.view().to_f32(w);
+        e.to_f32(w);
         return;
     }
-    const std::vector<float> all = e.tensor.to_f32();
+    const std::vector<float> all = e.to_f32();
     w.resize(static_cast<std::size_t>(out * in));
     for (std::int64_t p = 0; p < out; ++p) {
         const std::int64_t row = where.rows.empty() ? p : where.rows[static_cast<std::size_t>(p)];

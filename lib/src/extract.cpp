@@ -6,6 +6,8 @@
 #include <exception>
 #include <filesystem>
 #include <future>
+#include <map>
+#include <set>
 
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
@@ -143,17 +145,17 @@ struct Extracted {
     LowRankFit fit;
 };
 
-std::uint64_t entry_bytes(const TensorEntry& e) { return e.tensor.bytes().size(); }
+std::uint64_t entry_bytes(const TensorEntry& e) { return e.decode ? e.size : e.tensor.bytes().size(); }
 
 // Whether a tensor pair (not a LoRA target) differs.
 bool differs(const TensorEntry& a, const TensorEntry& b) {
     if (a.shape != b.shape) return true;
-    if (a.dtype_name == b.dtype_name) {
+    if (a.dtype_name == b.dtype_name && !a.decode && !b.decode) {
         const auto x = a.tensor.bytes(), y = b.tensor.bytes();
         return x.size() != y.size() || !std::equal(x.begin(), x.end(), y.begin());
     }
     if (!a.supported() || !b.supported()) return true;
-    return a.tensor.to_f32() != b.tensor.to_f32();  // the same values in another dtype are no change
+    return a.to_f32() != b.to_f32();  // the same values in another dtype are no change
 }
 
 std::string shape_text(const Extracted& e) {
@@ -183,6 +185,12 @@ ToolResult run_extract(const Registry& registry, const ExtractRequest& request, 
         // Pair every LoRA-targetable tensor of the tuned model with its base rows.
         std::vector<Planned> plan;
         std::vector<std::string> unmatched, other_changed;
+        struct Changed {
+            std::size_t file;
+            const TensorEntry* tuned;
+            const TensorEntry* base;
+        };
+        std::vector<Changed> changed_full;
         std::uint64_t total_bytes = 0;
         for (std::size_t f = 0; f < tuned->files().size(); ++f)
             for (const auto& e : tuned->files()[f]->entries()) {
@@ -193,7 +201,10 @@ ToolResult run_extract(const Registry& registry, const ExtractRequest& request, 
                     for (const auto& file : base->files())
                         if ((twin = file->find(e.name))) break;
                     if (!twin) unmatched.push_back(e.name);
-                    else if (differs(e, *twin)) other_changed.push_back(e.name);
+                    else if (differs(e, *twin)) {
+                        other_changed.push_back(e.name);
+                        changed_full.push_back({f, &e, twin});
+                    }
                     continue;
                 }
                 for (auto& m : modules) {
@@ -269,7 +280,7 @@ ToolResult run_extract(const Registry& registry, const ExtractRequest& request, 
                 fit.svd.known_frobenius_squared = stats.sum_squares;  // scanned above
                 x.fit = with_context(fmt::format("module {}", quote(m.name)), [&] { return fit_low_rank(delta.data(), rows, cols, fit); });
                 x.status = "extracted";
-                const DType type = request.dtype.value_or(is_float(p.tuned.entry->tensor.dtype()) ? p.tuned.entry->tensor.dtype()
+                const DType type = request.dtype.value_or(is_float(p.tuned.entry->value_dtype()) ? p.tuned.entry->value_dtype()
                                                                                                    : DType::F32);
                 const double limit = dtype_finite_limit(dtype_name(type));
                 for (const auto* factor : {&x.fit.up, &x.fit.down})
@@ -303,6 +314,58 @@ ToolResult run_extract(const Registry& registry, const ExtractRequest& request, 
             fail(ErrorCode::bad_input, "{} and {} do not differ in any weight lorakit extracts{}", quote(request.base),
                  quote(request.tuned), request.min_diff > 0 ? " (above --min-diff)" : "");
 
+        // --keep-full: the changed tensors that are not factored, whole.
+        std::vector<std::string> not_kept;
+        std::size_t kept = 0;
+        if (request.keep_full) {
+            std::map<std::string, std::size_t> extracted;
+            for (std::size_t i = 0; i < adapter.modules.size(); ++i) extracted[adapter.modules[i].name] = i;
+            std::map<std::string, std::size_t> full;  // module -> index in lycoris_modules
+            std::set<std::string> saved;              // PEFT tensor names already written
+            for (const auto& c : changed_full) {
+                const auto where = tuned->parameter_at(c.file, *c.tuned);
+                if (!where || c.tuned->shape != c.base->shape || !c.tuned->supported() || !c.base->supported()) {
+                    not_kept.push_back(c.tuned->name);
+                    continue;
+                }
+                const auto& [module, param] = *where;
+                const std::vector<float> tuned_values = c.tuned->to_f32();
+                std::vector<float> delta = tuned_values;
+                const auto base_values = c.base->to_f32();
+                for (std::size_t i = 0; i < delta.size(); ++i) delta[i] -= base_values[i];
+                if (!linalg::dense_stats(delta.data(), delta.size()).finite)
+                    fail(ErrorCode::bad_input, "tensor {}: the difference holds NaN or infinite values", quote(c.tuned->name));
+                const DType type = request.dtype.value_or(is_float(c.tuned->value_dtype()) ? c.tuned->value_dtype() : DType::F32);
+                ++kept;
+                if (auto it = extracted.find(module); it != extracted.end() && param == "bias") {
+                    adapter.modules[it->second].bias = Tensor::from_f32(type, c.tuned->shape, delta);  // its scale is 1
+                } else if (convention == "peft") {
+                    // modules_to_save holds modules whole: every parameter of it, as tuned.
+                    if (std::find(adapter.modules_to_save.begin(), adapter.modules_to_save.end(), module) ==
+                        adapter.modules_to_save.end())
+                        adapter.modules_to_save.push_back(module);
+                    const std::string stem = c.tuned->name.substr(0, c.tuned->name.size() - param.size() - 1);
+                    for (const std::string p : {"weight", "bias"}) {
+                        const TensorEntry* e = p == param ? c.tuned : tuned->files()[c.file]->find(stem + "." + p);
+                        const std::string name = "base_model.model." + module + "." + p;
+                        if (!e || !e->supported() || !saved.insert(name).second) continue;
+                        adapter.other_tensors.push_back(
+                            {name, Tensor::from_f32(type, e->shape, e == c.tuned ? tuned_values : e->to_f32())});
+                    }
+                } else {
+                    auto [it, fresh] = full.emplace(module, adapter.lycoris_modules.size());
+                    if (fresh) {
+                        LycorisModule m;
+                        m.name = module;
+                        m.algorithm = "full";
+                        adapter.lycoris_modules.push_back(std::move(m));
+                    }
+                    adapter.lycoris_modules[it->second].tensors.push_back(
+                        {param == "weight" ? "diff" : "diff_b", Tensor::from_f32(type, c.tuned->shape, delta)});
+                }
+            }
+        }
+
         adapter.metadata["ss_training_comment"] =
             fmt::format("extracted by lorakit from {} - {} ({})", std::filesystem::path(request.tuned).filename().string(),
                         std::filesystem::path(request.base).filename().string(), describe(request.fit.rank));
@@ -325,9 +388,18 @@ ToolResult run_extract(const Registry& registry, const ExtractRequest& request, 
         if (conv_skipped > 0)
             result.warning(fmt::format("{} changed convolution(s) with kernels larger than 1x1 were not extracted "
                                        "(give --conv-rank N)", conv_skipped));
-        if (!other_changed.empty())
+        if (request.keep_full) {
+            if (kept)
+                result.note(fmt::format("{} changed tensor(s) that are not LoRA targets kept whole (--keep-full: {})", kept,
+                                        convention == "peft" ? "LoRA biases and modules_to_save" : "LoRA biases and LyCORIS diffs"));
+            if (!not_kept.empty())
+                result.warning(fmt::format("{} changed tensor(s) could not be kept (no module name for them, or another shape "
+                                           "than the base's; first: {})", not_kept.size(), quote(not_kept.front())));
+        } else if (!other_changed.empty()) {
             result.note(fmt::format("{} changed tensor(s) are not LoRA targets and were not extracted (norms, biases, "
-                                    "embeddings; first: {})", other_changed.size(), quote(other_changed.front())));
+                                    "embeddings; first: {}); --keep-full keeps them", other_changed.size(),
+                                    quote(other_changed.front())));
+        }
         if (request.json) {
             Json j;
             j["base"] = request.base;
@@ -354,6 +426,10 @@ ToolResult run_extract(const Registry& registry, const ExtractRequest& request, 
             }
             j["modules"] = modules;
             j["other_changed_tensors"] = other_changed;
+            if (request.keep_full) {
+                j["kept_full"] = kept;
+                j["not_kept"] = not_kept;
+            }
             j["notes"] = notes;
             result.out = j.dump(2) + "\n";
         } else {

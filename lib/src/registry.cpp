@@ -32,12 +32,31 @@ const TensorEntry* TensorFile::find(std::string_view tensor_name) const {
     return it == index_.end() ? nullptr : &entries()[it->second];
 }
 
-const Tensor& TensorFile::tensor(std::string_view tensor_name) const {
+Tensor TensorFile::tensor(std::string_view tensor_name) const {
     const TensorEntry* entry = find(tensor_name);
     if (!entry) fail(ErrorCode::bad_input, "no tensor named {}", quote(tensor_name));
     if (!entry->supported())
         fail(ErrorCode::unsupported, "tensor {} has unsupported dtype {}", quote(tensor_name), entry->dtype_name);
+    if (entry->decode) return Tensor::from_f32(DType::F32, entry->shape, entry->to_f32());
     return entry->tensor;
+}
+
+// ---- TensorEntry ------------------------------------------------------------------------
+
+std::int64_t TensorEntry::element_count() const { return decode ? checked_element_count(shape) : tensor.view().element_count(); }
+
+void TensorEntry::to_f32(std::vector<float>& out) const {
+    if (!supported())
+        fail(ErrorCode::unsupported, "tensor {} has type {}, which lorakit cannot compute with", quote(name), dtype_name);
+    out.resize(static_cast<std::size_t>(element_count()));
+    if (decode) decode(out);
+    else tensor.view().to_f32(out);
+}
+
+std::vector<float> TensorEntry::to_f32() const {
+    std::vector<float> out;
+    to_f32(out);
+    return out;
 }
 
 // ---- ConventionDriver defaults -----------------------------------------------------------

@@ -384,7 +384,7 @@ TEST_CASE("lora-bake into a GGUF model: q/k rows in llama.cpp's order, Q8_0 requ
         const auto f32 = formats::read_gguf(MappedFile::open(dir / "f32.gguf"));
         CHECK(file_type(*f32) == 0);
         for (std::size_t i : {3u, 4u}) {
-            const auto exact = f32->entries()[i].tensor.to_f32(), got = q8->entries()[i].tensor.to_f32();
+            const auto exact = f32->entries()[i].to_f32(), got = q8->entries()[i].to_f32();
             REQUIRE(exact.size() == got.size());
             double worst = 0;
             for (std::size_t j = 0; j < exact.size(); ++j) {

@@ -6,6 +6,8 @@
 #include <cmath>
 #include <random>
 
+#include <nlohmann/json.hpp>
+
 #include "lora_helpers.h"
 #include "lorakit/bake.h"
 #include "lorakit/extract.h"
@@ -255,6 +257,9 @@ TEST_CASE("lora-extract on an SD single file: kohya names, OpenCLIP parts, 3x3 c
         {"model.diffusion_model.input_blocks.1.0.in_layers.2.weight", {8, 8, 3, 3}, true},
         {"model.diffusion_model.input_blocks.1.1.proj_in.weight", {16, 16, 1, 1}, true},
         {"model.diffusion_model.input_blocks.1.1.norm.weight", {16}, true},
+        {"model.diffusion_model.input_blocks.1.1.norm.bias", {16}, true},
+        {"model.diffusion_model.input_blocks.1.1.proj_in.bias", {16}, true},
+        {"conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_bias", {30}, true},
         {"model.diffusion_model.output_blocks.11.1.proj_out.weight", {16, 16, 1, 1}, false},
         {"conditioner.embedders.0.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight", {12, 12}, true},
         {"conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight", {30, 10}, true},
@@ -287,7 +292,8 @@ TEST_CASE("lora-extract on an SD single file: kohya names, OpenCLIP parts, 3x3 c
     CHECK_THAT(r.out, Catch::Contains("\"convention\": \"kohya\"") && Catch::Contains("\"family\": \"SDXL\""));
     CHECK_THAT(r.out, Catch::Contains("\"convs_without_conv_rank\": 1"));
     CHECK_THAT(r.err, Catch::Contains("--conv-rank"));
-    CHECK_THAT(r.err, Catch::Contains("1 changed tensor(s) are not LoRA targets"));  // the norm
+    // The norm's weight and bias, proj_in's bias, OpenCLIP's fused in_proj bias.
+    CHECK_THAT(r.err, Catch::Contains("4 changed tensor(s) are not LoRA targets") && Catch::Contains("--keep-full"));
     std::string keys;
     {
         const auto file = formats::builtin_registry().open_tensor_file(dir / "a.safetensors");
@@ -311,6 +317,120 @@ TEST_CASE("lora-extract on an SD single file: kohya names, OpenCLIP parts, 3x3 c
     const auto rebuilt = formats::builtin_registry().open_tensor_file(dir / "rebuilt.safetensors");
     for (std::size_t i = 0; i < items.size(); ++i) {
         if (items[i].shape.size() == 1) continue;  // norms are not extracted
+        const auto got = rebuilt->find(items[i].name)->tensor.to_f32(), want = tuned_tensors[i].to_f32();
+        double diff = 0;
+        for (std::size_t j = 0; j < got.size(); ++j) diff = std::max(diff, double(std::abs(got[j] - want[j])));
+        INFO(items[i].name);
+        CHECK(diff < 1e-5);
+    }
+
+    // --keep-full: the norm as a LyCORIS full diff, proj_in's bias as diff_b beside its LoRA;
+    // the fused in_proj bias has no module of its own and is reported. Baked back: the tuned model.
+    r = test::run_tool("lora-extract", {base, tuned, "-o", (dir / "full.safetensors").string(), "--rank", "4", "--conv-rank",
+                                        "4", "--keep-full"});
+    INFO(r.err);
+    REQUIRE(r.exit_code == 0);
+    CHECK_THAT(r.err, Catch::Contains("3 changed tensor(s) that are not LoRA targets kept whole"));
+    CHECK_THAT(r.err, Catch::Contains("1 changed tensor(s) could not be kept") && Catch::Contains("in_proj_bias"));
+    {
+        const auto file = formats::builtin_registry().open_tensor_file(dir / "full.safetensors");
+        for (const char* key : {"lora_unet_input_blocks_1_1_norm.diff", "lora_unet_input_blocks_1_1_norm.diff_b",
+                                "lora_unet_input_blocks_1_1_proj_in.diff_b", "lora_unet_input_blocks_1_1_proj_in.lora_up.weight"}) {
+            INFO(key);
+            CHECK(file->find(key));
+        }
+        // lorakit reads it back: the diff_b as proj_in's LoRA bias, the norm as a full module.
+        const Adapter a = formats::builtin_registry().load_adapter((dir / "full.safetensors").string());
+        CHECK(a.lycoris_modules.size() == 1);
+        CHECK(a.lycoris_modules.front().algorithm == "full");
+        CHECK(std::count_if(a.modules.begin(), a.modules.end(), [](const LoraModule& m) { return m.bias.has_value(); }) == 1);
+    }
+    r = test::run_tool("lora-bake", {base, (dir / "full.safetensors").string(), "-o", (dir / "rebuilt-full.safetensors").string()});
+    INFO(r.err);
+    REQUIRE(r.exit_code == 0);
+    CHECK_THAT(r.out, Catch::Contains("and 2 full tensor(s)"));
+    const auto full = formats::builtin_registry().open_tensor_file(dir / "rebuilt-full.safetensors");
+    for (std::size_t i = 0; i < items.size(); ++i) {
+        const bool fused_bias = items[i].name.ends_with("in_proj_bias");
+        const auto got = full->find(items[i].name)->tensor.to_f32();
+        const auto want = (fused_bias ? base_tensors[i] : tuned_tensors[i]).to_f32();
+        double diff = 0;
+        for (std::size_t j = 0; j < got.size(); ++j) diff = std::max(diff, double(std::abs(got[j] - want[j])));
+        INFO(items[i].name);
+        CHECK(diff < 1e-5);
+    }
+}
+
+TEST_CASE("lora-extract --keep-full to PEFT: LoRA biases, modules_to_save that bake back exactly", "[extract][cli]") {
+    ScratchDir dir;
+    std::mt19937 g(9);
+    std::normal_distribution<float> d;
+    auto random = [&](std::size_t n, float scale) {
+        std::vector<float> v(n);
+        for (auto& x : v) x = scale * d(g);
+        return v;
+    };
+    struct Item {
+        std::string name;
+        Shape shape;
+    };
+    const std::vector<Item> items = {{"model.embed_tokens.weight", {50, 16}},
+                                     {"model.layers.0.input_layernorm.weight", {16}},
+                                     {"model.layers.0.self_attn.q_proj.weight", {16, 16}},
+                                     {"model.layers.0.self_attn.q_proj.bias", {16}},
+                                     {"model.layers.0.self_attn.k_proj.weight", {16, 16}},
+                                     {"model.layers.0.self_attn.k_proj.bias", {16}},
+                                     {"model.norm.weight", {16}}};
+    std::vector<Tensor> base_tensors, tuned_tensors;
+    for (const auto& item : items) {
+        const auto n = static_cast<std::size_t>(checked_element_count(item.shape));
+        auto w = random(n, 1.0f), t = w;
+        if (item.name.find("q_proj.weight") != std::string::npos) {
+            const auto b = random(16 * 2, 0.1f), a = random(2 * 16, 0.1f);
+            cblas_sgemm(101, 111, 111, 16, 16, 2, 1.0f, b.data(), 2, a.data(), 16, 1.0f, t.data(), 16);
+        } else if (item.name != "model.norm.weight" && item.name.find("k_proj.weight") == std::string::npos) {
+            const auto delta = random(n, 0.01f);  // embeddings, the layer norm, both biases
+            for (std::size_t i = 0; i < n; ++i) t[i] += delta[i];
+        }
+        base_tensors.push_back(Tensor::from_f32(DType::F32, item.shape, w));
+        tuned_tensors.push_back(Tensor::from_f32(DType::F32, item.shape, t));
+    }
+    for (const auto* which : {&base_tensors, &tuned_tensors}) {
+        const auto folder = dir / (which == &base_tensors ? "base" : "tuned");
+        std::filesystem::create_directories(folder);
+        std::vector<formats::TensorToWrite> list;
+        for (std::size_t i = 0; i < items.size(); ++i) list.push_back({items[i].name, (*which)[i].view()});
+        formats::write_safetensors(folder / "model.safetensors", list, {{"format", "pt"}}, false);
+        test::write_file(folder / "config.json", R"({"model_type": "qwen2"})");
+    }
+    const std::string base = (dir / "base").string(), tuned = (dir / "tuned").string();
+    auto r = test::run_tool("lora-extract", {base, tuned, "-o", (dir / "plain").string(), "--rank", "4"});
+    REQUIRE(r.exit_code == 0);
+    CHECK_THAT(r.err, Catch::Contains("4 changed tensor(s) are not LoRA targets"));
+    r = test::run_tool("lora-extract", {base, tuned, "-o", (dir / "lora").string(), "--rank", "4", "--keep-full", "--json"});
+    INFO(r.err);
+    REQUIRE(r.exit_code == 0);
+    CHECK_THAT(r.out, Catch::Contains("\"kept_full\": 4"));
+    const auto config = nlohmann::json::parse(test::read_file(dir / "lora" / "adapter_config.json"));
+    CHECK(config["lora_bias"] == true);
+    CHECK(config["modules_to_save"] == nlohmann::json::array({"model.embed_tokens", "model.layers.0.input_layernorm",
+                                                              "model.layers.0.self_attn.k_proj"}));
+    const auto file = formats::builtin_registry().open_tensor_file(dir / "lora" / "adapter_model.safetensors");
+    // The saved modules hold the tuned values, as PEFT saves modules_to_save.
+    CHECK(file->find("base_model.model.model.embed_tokens.weight")->tensor.to_f32() == tuned_tensors[0].to_f32());
+    CHECK(file->find("base_model.model.model.layers.0.input_layernorm.weight")->tensor.to_f32() == tuned_tensors[1].to_f32());
+    CHECK(file->find("base_model.model.model.layers.0.self_attn.q_proj.lora_B.bias"));
+    CHECK_FALSE(file->find("base_model.model.model.norm.weight"));  // unchanged
+    // k_proj's weight is unchanged, so its changed bias has no LoRA to ride on: the module is saved whole.
+    CHECK(file->find("base_model.model.model.layers.0.self_attn.k_proj.bias"));
+    CHECK(file->find("base_model.model.model.layers.0.self_attn.k_proj.weight"));
+    CHECK_THAT(r.err, !Catch::Contains("could not be kept"));
+
+    r = test::run_tool("lora-bake", {base, (dir / "lora").string(), "-o", (dir / "rebuilt.safetensors").string()});
+    INFO(r.err);
+    REQUIRE(r.exit_code == 0);
+    const auto rebuilt = formats::builtin_registry().open_tensor_file(dir / "rebuilt.safetensors");
+    for (std::size_t i = 0; i < items.size(); ++i) {
         const auto got = rebuilt->find(items[i].name)->tensor.to_f32(), want = tuned_tensors[i].to_f32();
         double diff = 0;
         for (std::size_t j = 0; j < got.size(); ++j) diff = std::max(diff, double(std::abs(got[j] - want[j])));

@@ -120,13 +120,19 @@ TEST_CASE("GGUF round trip: every value type, F32/F16/BF16/Q8_0 tensors, custom 
         CHECK(file->find_kv("flag")->as_number() == 1.0);
         REQUIRE(file->entries().size() == 4);
         CHECK(file->entries()[0].shape == Shape{4, 64});
-        CHECK(file->entries()[0].tensor.to_f32() == a);
+        CHECK(file->entries()[0].to_f32() == a);
         CHECK(file->entries()[1].dtype_name == "F16");
-        CHECK(file->entries()[1].tensor.to_f32() == Tensor::from_f32(DType::F16, {8, 4}, b).to_f32());
-        CHECK(file->entries()[2].tensor.to_f32() == Tensor::from_f32(DType::BF16, {8, 4}, b).to_f32());
+        CHECK(file->entries()[1].to_f32() == Tensor::from_f32(DType::F16, {8, 4}, b).to_f32());
+        CHECK(file->entries()[2].to_f32() == Tensor::from_f32(DType::BF16, {8, 4}, b).to_f32());
         CHECK(file->entries()[3].dtype_name == "Q8_0");
         CHECK(file->ggml_type(3) == ggml_q8_0);
-        const auto q = file->entries()[3].tensor.to_f32();
+        // Decoded on demand (not held in f32), and TensorFile::tensor() decodes it too.
+        CHECK(file->entries()[3].tensor.empty());
+        CHECK(file->entries()[3].supported());
+        CHECK(file->entries()[3].value_dtype() == DType::F32);
+        const auto q = file->entries()[3].to_f32();
+        CHECK(file->tensor("a.q8").to_f32() == q);
+        CHECK(file->tensor("a.q8").shape() == Shape{4, 64});
         for (std::size_t i = 0; i < a.size(); ++i) CHECK(std::fabs(q[i] - a[i]) <= 0.5f / 127 * 0.5f + 0.5f / 1000);  // half a step, plus the f16 scale's rounding
         // Offsets are packed with the alignment.
         for (const auto& e : file->entries()) CHECK(e.offset % alignment == 0);

@@ -160,7 +160,7 @@ void check_same_tensors(const Json& seen, const formats::GgufFile& ours) {
         CHECK(t["name"] == ours.entries()[i].name);
         CHECK(t["shape"].get<std::vector<std::int64_t>>() == ours.entries()[i].shape);
         if (!ours.entries()[i].supported()) continue;
-        const auto values = ours.entries()[i].tensor.to_f32();
+        const auto values = ours.entries()[i].to_f32();
         const auto theirs = t["values"].get<std::vector<double>>();
         REQUIRE(theirs.size() == values.size());
         std::size_t wrong = 0;
@@ -216,7 +216,7 @@ TEST_CASE("gguf (Python) reads every value and tensor lorakit writes", "[interop
         CHECK(t["name"] == ours->entries()[i].name);
         CHECK(t["type"] == types[i]);
         CHECK(t["shape"].get<std::vector<std::int64_t>>() == ours->entries()[i].shape);
-        const auto values = ours->entries()[i].tensor.to_f32();
+        const auto values = ours->entries()[i].to_f32();
         const auto theirs = t["values"].get<std::vector<double>>();
         REQUIRE(theirs.size() == values.size());
         for (std::size_t j = 0; j < values.size(); ++j) CHECK(theirs[j] == static_cast<double>(values[j]));
@@ -236,7 +236,7 @@ TEST_CASE("lorakit reads what gguf (Python) writes and rewrites it byte for byte
         CHECK(e.name == t["name"]);
         CHECK(e.dtype_name == t["type"]);
         CHECK(e.shape == t["shape"].get<std::vector<std::int64_t>>());
-        const auto values = e.tensor.to_f32();
+        const auto values = e.to_f32();
         const auto theirs = t["values"].get<std::vector<double>>();
         REQUIRE(theirs.size() == values.size());
         for (std::size_t j = 0; j < values.size(); ++j) CHECK(theirs[j] == static_cast<double>(values[j]));
@@ -261,7 +261,7 @@ TEST_CASE("lorakit reads what gguf (Python) writes and rewrites it byte for byte
     const std::string reference = test::read_file(dir / "theirs.gguf");
     CHECK(std::string(reinterpret_cast<const char*>(ours.data()), ours.size()) == reference);
     // gguf-py quantized the same f32 values to Q8_0: our quantizer gives the same bits.
-    const auto f32 = file->entries()[0].tensor.to_f32();
+    const auto f32 = file->entries()[0].to_f32();
     const auto q = formats::quantize_q8_0(f32.data(), f32.size());
     const auto raw = file->raw(2);
     CHECK(std::vector<std::byte>(raw.begin(), raw.end()) == q);

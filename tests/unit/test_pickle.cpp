@@ -144,11 +144,11 @@ TEST_CASE("pickle: a hand-built checkpoint: contiguous and strided tensors, para
     REQUIRE(file->entries().size() == 3);
     CHECK(file->entries()[0].name == "a");
     CHECK(file->entries()[0].shape == Shape{2, 3});
-    CHECK(file->entries()[0].tensor.to_f32() == std::vector<float>{1, 2, 3, 4, 5, 6});
+    CHECK(file->entries()[0].to_f32() == std::vector<float>{1, 2, 3, 4, 5, 6});
     CHECK(file->entries()[1].name == "b");
-    CHECK(file->entries()[1].tensor.to_f32() == std::vector<float>{1, 4, 2, 5, 3, 6});
+    CHECK(file->entries()[1].to_f32() == std::vector<float>{1, 4, 2, 5, 3, 6});
     CHECK(file->entries()[2].name == "nested.c");
-    CHECK(file->entries()[2].tensor.to_f32() == std::vector<float>{5, 6});
+    CHECK(file->entries()[2].to_f32() == std::vector<float>{5, 6});
     CHECK(file->metadata().at("step") == "5");
     CHECK(file->metadata().at("note") == "hi");
     CHECK(file->metadata().at("pytorch.archive_version") == "3");

@@ -93,6 +93,9 @@ struct Adapter {
     // Tensors that are not LoRA factors and are carried through unchanged: PEFT
     // modules_to_save, cloneofsimo token embeddings, full norm weights, ...
     std::vector<NamedTensor> other_tensors;
+    // PEFT modules_to_save: module paths whose parameters are among other_tensors, saved whole
+    // ("base_model.model.<path>.<param>") and loaded in place of the base's.
+    std::vector<std::string> modules_to_save;
     std::map<std::string, std::string> metadata;  // the container's raw string metadata
     std::string config_json;                      // the sidecar config's text, "" if none
     std::string config_path;

@@ -10,6 +10,7 @@
 #include <optional>
 #include <string>
 #include <string_view>
+#include <utility>
 #include <vector>
 
 #include "lorakit/adapter.h"
@@ -69,6 +70,18 @@ public:
     // part (OpenCLIP's in_proj: q, k, v); tensors no LoRA targets (norms, biases, embeddings,
     // names the maps lack) give none.
     virtual std::vector<LoraModule> modules_at(std::size_t file, const TensorEntry& entry) const = 0;
+    // A module's own parameter, for full tensors an adapter carries (LyCORIS full diffs
+    // "diff"/"diff_b", PEFT modules_to_save): where parameter `param` ("weight" or "bias") of
+    // canonical module `module` is, given the parameter's shape, or nullopt when the checkpoint
+    // has no such tensor. Rows follow the module's weight (fused q/k/v parts, llama.cpp's q/k
+    // order); the location is never transposed. Throws bad_input when the tensor exists but
+    // its shape differs.
+    virtual std::optional<WeightLocation> locate_parameter(const std::string& module, std::string_view param,
+                                                           const Shape& shape) const = 0;
+    // The reverse: the canonical module and parameter ("weight", "bias") tensor `entry` is,
+    // when locate_parameter() maps them back to it whole (nullopt for fused tensors, rows in
+    // another order, and names the maps lack).
+    virtual std::optional<std::pair<std::string, std::string>> parameter_at(std::size_t file, const TensorEntry& entry) const = 0;
     // What the checkpoint's keys say about the model: family ("SD1.5", "SDXL", "Flux", the GGUF
     // architecture, "transformers"), and a name a loader can use (a Hugging Face model folder).
     virtual BaseModelHint model_hint() const = 0;

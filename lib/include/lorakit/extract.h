@@ -57,6 +57,10 @@ struct ExtractRequest {
     double min_diff = 0;            // tensors whose largest |Δ| is at most this are skipped
     std::optional<DType> dtype;     // factor dtype; default: the tuned tensor's float dtype
     bool allow_unmatched = false;   // tuned tensors with no base counterpart: warning, not error
+    // Changed tensors that are not factored (norms, biases, embeddings) kept whole: a changed
+    // bias of an extracted module as its LoRA bias; others as PEFT modules_to_save (the tuned
+    // values) or LyCORIS full diffs (kohya: "diff", "diff_b").
+    bool keep_full = false;
     bool force = false;
     bool json = false;
     int threads = 0;                // BLAS threads (0: all cores)

@@ -8,6 +8,7 @@
 
 #include <cstdint>
 #include <filesystem>
+#include <functional>
 #include <map>
 #include <memory>
 #include <optional>
@@ -31,8 +32,20 @@ struct TensorEntry {
     Shape shape;
     std::uint64_t offset = 0;  // byte range of the data, relative to the container's data section
     std::uint64_t size = 0;
-    Tensor tensor;             // empty when the dtype is recognised but not supported
-    bool supported() const noexcept { return !tensor.empty(); }
+    Tensor tensor;             // the stored values; empty when the dtype is not a plain one
+    // Block-quantized types lorakit computes with (GGUF Q8_0) are decoded on demand, one
+    // tensor at a time, instead of being held in f32: `decode` fills `out` (element_count()
+    // values) from the mapped bytes.
+    std::function<void(std::span<float> out)> decode;
+
+    bool supported() const noexcept { return !tensor.empty() || decode; }
+    // The type its values compute in: the stored dtype, or F32 for decoded types.
+    DType value_dtype() const noexcept { return decode ? DType::F32 : tensor.dtype(); }
+    std::int64_t element_count() const;
+    // The values as f32, into `out` (resized; its capacity is reused). Throws unsupported when
+    // the dtype is one lorakit does not compute with.
+    void to_f32(std::vector<float>& out) const;
+    std::vector<float> to_f32() const;
 };
 
 // A parsed container: its tensors in the order the file lists them, and its metadata.
@@ -51,9 +64,9 @@ public:
     virtual void release(const TensorEntry&) const {}
 
     const TensorEntry* find(std::string_view tensor_name) const;
-    // The tensor named `tensor_name`; throws bad_input if absent and unsupported if its dtype
-    // is one lorakit does not compute with.
-    const Tensor& tensor(std::string_view tensor_name) const;
+    // The tensor named `tensor_name` (decoded into an F32 tensor for decoded types); throws
+    // bad_input if absent and unsupported if its dtype is one lorakit does not compute with.
+    Tensor tensor(std::string_view tensor_name) const;
 
 protected:
     void build_index();

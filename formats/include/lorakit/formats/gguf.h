@@ -83,7 +83,8 @@ public:
     const std::vector<TensorEntry>& entries() const override { return entries_; }
     // Every key's to_text() (see GgufValue).
     const std::map<std::string, std::string>& metadata() const override { return metadata_; }
-    void release(const TensorEntry& entry) const override { file_->release(entry.tensor.bytes()); }
+    // By the stored byte range: decoded (Q8_0) and other quantized entries have no plain tensor.
+    void release(const TensorEntry& entry) const override;
 
     std::uint32_t version() const noexcept { return version_; }
     std::uint32_t alignment() const noexcept { return alignment_; }
