@@ -353,6 +353,7 @@ void AtomicFile::place(const fs::path& path) {
 }
 
 AtomicDirectory::AtomicDirectory(fs::path target, bool overwrite) : target_(std::move(target)), overwrite_(overwrite) {
+    if (target_ == "-") fail(ErrorCode::usage, "this output is a directory; '-' (standard output) takes single files only");
     std::error_code ec;
     const auto status = fs::symlink_status(target_, ec);
     if (fs::exists(status)) {

@@ -93,6 +93,8 @@ void Registry::write_adapter(const Adapter& adapter, std::string_view name, cons
 void Registry::check_output(std::string_view name, const fs::path& target, bool overwrite) const {
     const ConventionDriver* driver = convention(name == "lycoris" ? std::string_view("kohya") : name);
     if (driver && driver->writes_directory()) {
+        if (target == "-")
+            fail(ErrorCode::usage, "a {} adapter is a directory; '-' (standard output) takes single files only", driver->name());
         std::error_code ec;
         if (fs::exists(target, ec) && !overwrite)
             fail(ErrorCode::usage, "output {} exists (use --force to replace it)", quote(target.string()));

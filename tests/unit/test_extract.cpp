@@ -286,7 +286,7 @@ TEST_CASE("lora-extract on an SD single file: kohya names, OpenCLIP parts, 3x3 c
     save("tuned.safetensors", tuned_tensors);
     const std::string base = (dir / "base.safetensors").string(), tuned = (dir / "tuned.safetensors").string();
 
-    auto r = test::run_tool("lora-extract", {base, tuned, "-o", (dir / "a.safetensors").string(), "--rank", "4", "--json"});
+    auto r = test::run_tool("lora-extract", {base, tuned, "-o", (dir / "a.safetensors").string(), "--rank", "4", "--json", "-v"});
     INFO(r.err);
     REQUIRE(r.exit_code == 0);
     CHECK_THAT(r.out, Catch::Contains("\"convention\": \"kohya\"") && Catch::Contains("\"family\": \"SDXL\""));
@@ -327,7 +327,7 @@ TEST_CASE("lora-extract on an SD single file: kohya names, OpenCLIP parts, 3x3 c
     // --keep-full: the norm as a LyCORIS full diff, proj_in's bias as diff_b beside its LoRA;
     // the fused in_proj bias has no module of its own and is reported. Baked back: the tuned model.
     r = test::run_tool("lora-extract", {base, tuned, "-o", (dir / "full.safetensors").string(), "--rank", "4", "--conv-rank",
-                                        "4", "--keep-full"});
+                                        "4", "--keep-full", "-v"});
     INFO(r.err);
     REQUIRE(r.exit_code == 0);
     CHECK_THAT(r.err, Catch::Contains("3 changed tensor(s) that are not LoRA targets kept whole"));
@@ -404,7 +404,7 @@ TEST_CASE("lora-extract --keep-full to PEFT: LoRA biases, modules_to_save that b
         test::write_file(folder / "config.json", R"({"model_type": "qwen2"})");
     }
     const std::string base = (dir / "base").string(), tuned = (dir / "tuned").string();
-    auto r = test::run_tool("lora-extract", {base, tuned, "-o", (dir / "plain").string(), "--rank", "4"});
+    auto r = test::run_tool("lora-extract", {base, tuned, "-o", (dir / "plain").string(), "--rank", "4", "-v"});
     REQUIRE(r.exit_code == 0);
     CHECK_THAT(r.err, Catch::Contains("4 changed tensor(s) are not LoRA targets"));
     r = test::run_tool("lora-extract", {base, tuned, "-o", (dir / "lora").string(), "--rank", "4", "--keep-full", "--json"});

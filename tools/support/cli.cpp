@@ -23,6 +23,7 @@ Tool::Tool(std::string name, std::string description) : name_(std::move(name)), 
 Tool::~Tool() = default;
 
 void Tool::add_output_option(std::string& output, std::string_view help) {
+    output_ = &output;
     app_.add_option("-o,--output", output, std::string(help))->type_name("FILE");
 }
 
@@ -33,12 +34,13 @@ void Tool::add_force_option(bool& force) {
 void Tool::add_json_option(bool& json, std::string_view help) { app_.add_flag("--json", json, std::string(help)); }
 
 void Tool::add_verbosity_options() {
-    app_.add_flag("-q,--quiet", quiet_, "print no notes or progress on stderr (errors still are)");
-    app_.add_flag("-v,--verbose", verbose_, "print more notes on stderr");
+    app_.add_flag("-q,--quiet", quiet_, "print no notes, warnings or progress on stderr (errors still are)");
+    app_.add_flag("-v,--verbose", verbose_, "print notes on stderr even when it is not a terminal (a Makefile's log)");
 }
 
+// Notes are for a person at a terminal: a batch job's log gets them with --verbose only.
 void Tool::note(std::string_view message) const {
-    if (quiet_) return;
+    if (quiet_ || !(verbose_ || ::isatty(STDERR_FILENO))) return;
     fmt::print(stderr, "{}: note: {}\n", name_, message);
 }
 
@@ -48,7 +50,13 @@ void Tool::warn(std::string_view message) const {
 }
 
 int Tool::finish(const ToolResult& result) const {
-    if (!result.out.empty()) std::fwrite(result.out.data(), 1, result.out.size(), stdout);
+    if (output_ && *output_ == "-") {
+        // Standard output holds the written file: the report must not follow it there.
+        if (!result.out.empty() && !quiet_ && (verbose_ || ::isatty(STDERR_FILENO)))
+            std::fwrite(result.out.data(), 1, result.out.size(), stderr);
+    } else if (!result.out.empty()) {
+        std::fwrite(result.out.data(), 1, result.out.size(), stdout);
+    }
     std::fflush(stdout);
     for (const auto& d : result.diagnostics) {
         switch (d.severity) {

@@ -38,11 +38,12 @@ public:
 
     bool quiet() const { return quiet_; }
     bool verbose() const { return verbose_; }
-    // A note on stderr ("<tool>: note: ..."), unless --quiet.
+    // A note on stderr ("<tool>: note: ..."): on a terminal or with --verbose, never with --quiet.
     void note(std::string_view message) const;
+    // A warning on stderr, unless --quiet.
     void warn(std::string_view message) const;
-    // Writes a library operation's result: its text to stdout, its diagnostics to stderr
-    // (notes and warnings unless --quiet), and returns its exit code.
+    // Writes a library operation's result: its text to stdout (to stderr as a note when the
+    // output itself goes to stdout, `-o -`), its diagnostics to stderr, and returns its exit code.
     int finish(const ToolResult& result) const;
     // Expands "@FILE" arguments into the lines of FILE (one argument per line; blank lines
     // and lines starting with '#' are skipped). "@-" reads standard input.
@@ -55,6 +56,7 @@ private:
     CLI::App app_;
     bool quiet_ = false;
     bool verbose_ = false;
+    const std::string* output_ = nullptr;  // the -o value, when the tool has one
     std::unique_ptr<Progress> progress_;
 };
 

@@ -1,0 +1,146 @@
+// What a Makefile relies on, checked for every tool that writes an output: identical inputs
+// give byte-identical outputs; stdout holds the result only, stderr stays empty off a terminal
+// (notes with --verbose; --quiet silences them); an existing output is kept without --force;
+// a failed run exits non-zero and leaves no output; `-o -` streams a single-file output to
+// stdout (and nothing else), and is refused for directory outputs. (Runs killed with SIGKILL
+// mid-write: test_atomic_file.cpp for the mechanism every writer shares, test_bake.cpp for
+// lora-bake's single and sharded outputs and lora-extract.)
+#include <catch2/catch.hpp>
+
+#include <algorithm>
+#include <filesystem>
+#include <string>
+#include <vector>
+
+#include <fmt/format.h>
+
+#include "support.h"
+
+namespace fs = std::filesystem;
+using lorakit::test::read_file;
+using lorakit::test::run_tool;
+using lorakit::test::ScratchDir;
+
+namespace {
+
+const std::string samples = std::string(LORAKIT_SOURCE_DIR) + "/samples";
+
+struct Case {
+    std::string tool;
+    std::vector<std::string> arguments;  // "OUT" stands for the output path, "BROKEN" for a bad input
+    bool directory = false;              // the output is a directory (PEFT)
+};
+
+std::vector<std::string> with(const std::vector<std::string>& arguments, const std::string& out, const std::string& broken = {}) {
+    std::vector<std::string> result;
+    for (const auto& a : arguments) result.push_back(a == "OUT" ? out : a == "BROKEN" ? broken : a);
+    return result;
+}
+
+// Every file under `path` (or the file itself), relative path -> bytes.
+std::vector<std::pair<std::string, std::string>> contents(const fs::path& path) {
+    std::vector<std::pair<std::string, std::string>> out;
+    if (fs::is_regular_file(path)) {
+        out.emplace_back("", read_file(path));
+        return out;
+    }
+    for (const auto& e : fs::recursive_directory_iterator(path))
+        if (e.is_regular_file()) out.emplace_back(e.path().lexically_relative(path).string(), read_file(e.path()));
+    std::sort(out.begin(), out.end());
+    return out;
+}
+
+}  // namespace
+
+TEST_CASE("every tool keeps the Makefile contract: determinism, quiet stderr, no partial output, -o -", "[cli][contract]") {
+    ScratchDir dir;
+    // lora-extract needs a tuned checkpoint: the sample base with the sample PEFT LoRA baked in.
+    auto r = run_tool("lora-bake", {samples + "/base-llama", samples + "/peft-llama", "-o", (dir / "tuned.safetensors").string()});
+    REQUIRE(r.exit_code == 0);
+    lorakit::test::write_file(dir / "broken.safetensors", std::string("\x10\x00\x00\x00\x00\x00\x00\x00{\"a\":", 13));
+    const std::string broken = (dir / "broken.safetensors").string();
+    const std::string kohya = samples + "/kohya-sdxl.safetensors";
+    const std::vector<Case> cases = {
+        {"lora-resize", {kohya, "--rank", "2", "-o", "OUT"}},
+        {"lora-resize", {"BROKEN", "--rank", "2", "-o", "OUT"}},
+        {"lora-merge", {kohya, kohya, "--weights", "0.5,0.3", "--method", "svd", "--rank", "4", "-o", "OUT"}},
+        {"lora-convert", {samples + "/diffusers-sd15.safetensors", "--to", "kohya", "-o", "OUT"}},
+        {"lora-convert", {samples + "/mlx-qwen", "--to", "peft", "-o", "OUT"}, true},
+        {"lora-stack", {kohya + ":0.5", samples + "/kohya-sdxl.safetensors:0.7", "--rank", "8", "-o", "OUT"}},
+        {"lora-bake", {samples + "/base-llama", samples + "/peft-llama:0.5", "-o", "OUT"}},
+        {"lora-extract", {samples + "/base-llama", (dir / "tuned.safetensors").string(), "--rank", "4", "-o", "OUT"}, true},
+    };
+    for (std::size_t i = 0; i < cases.size(); ++i) {
+        const Case& c = cases[i];
+        const auto failing = std::find(c.arguments.begin(), c.arguments.end(), "BROKEN") != c.arguments.end();
+        DYNAMIC_SECTION(c.tool << " case " << i) {
+            const std::string a = (dir / fmt::format("{}-a", i)).string(), b = (dir / fmt::format("{}-b", i)).string();
+            if (failing) {
+                // A failed run: exit 3 (bad input), one error line naming the file, no output.
+                r = run_tool(c.tool, with(c.arguments, a, broken));
+                CHECK(r.exit_code == 3);
+                CHECK(r.out.empty());
+                CHECK_THAT(r.err, Catch::Contains("error: ") && Catch::Contains("broken.safetensors"));
+                CHECK(std::count(r.err.begin(), r.err.end(), '\n') == 1);
+                CHECK_FALSE(fs::exists(a));
+                continue;
+            }
+            r = run_tool(c.tool, with(c.arguments, a));
+            INFO(r.err);
+            REQUIRE(r.exit_code == 0);
+            // stdout: the report (lora-convert has none), never a diagnostic.
+            CHECK_THAT(r.out, !Catch::Contains("note:") && !Catch::Contains("warning:"));
+            CHECK(r.err.empty());  // not a terminal: no progress, no notes
+            auto args = with(c.arguments, b);
+            args.push_back("--quiet");
+            r = run_tool(c.tool, args);
+            REQUIRE(r.exit_code == 0);
+            CHECK(r.err.empty());
+            // Byte-identical outputs from identical inputs.
+            const auto first = contents(a), second = contents(b);
+            REQUIRE_FALSE(first.empty());
+            CHECK(first == second);
+            // An existing output is kept unless --force.
+            r = run_tool(c.tool, with(c.arguments, a));
+            CHECK(r.exit_code == 2);
+            CHECK_THAT(r.err, Catch::Contains("--force"));
+            CHECK(contents(a) == first);
+            args = with(c.arguments, a);
+            args.push_back("--force");
+            r = run_tool(c.tool, args);
+            CHECK(r.exit_code == 0);
+            CHECK(contents(a) == first);
+            // `-o -`: the file itself on stdout, nothing after it; directories are refused.
+            r = run_tool(c.tool, with(c.arguments, "-"));
+            if (c.directory) {
+                CHECK(r.exit_code == 2);
+                CHECK_THAT(r.err, Catch::Contains("directory"));
+                CHECK_FALSE(fs::exists(dir / "-"));
+                CHECK_FALSE(fs::exists(fs::path(LORAKIT_BINARY_DIR) / "-"));
+            } else {
+                CHECK(r.exit_code == 0);
+                CHECK(r.out == first.front().second);
+                CHECK(r.err.empty());
+            }
+        }
+    }
+}
+
+TEST_CASE("notes reach stderr on request only: --verbose off a terminal, never with --quiet", "[cli][contract]") {
+    ScratchDir dir;
+    // Converting the mlx sample to GGUF notes how its scale was folded into one alpha.
+    const std::vector<std::string> args = {samples + "/mlx-qwen", "--to", "gguf", "-o", (dir / "x.gguf").string()};
+    auto r = run_tool("lora-convert", args);
+    REQUIRE(r.exit_code == 0);
+    CHECK(r.err.empty());
+    auto verbose = args;
+    verbose.push_back("--verbose");
+    verbose.push_back("--force");
+    r = run_tool("lora-convert", verbose);
+    REQUIRE(r.exit_code == 0);
+    CHECK_THAT(r.err, Catch::Contains("lora-convert: note: "));
+    verbose.push_back("--quiet");
+    r = run_tool("lora-convert", verbose);
+    REQUIRE(r.exit_code == 0);
+    CHECK(r.err.empty());
+}
