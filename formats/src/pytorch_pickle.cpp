@@ -472,9 +472,11 @@ struct Flattener {
                 empty = true;
                 continue;
             }
+            if (nonzero > (std::int64_t{1} << 48) / t.size[i]) fail(ErrorCode::bad_input, "tensor {}: too many elements", quote(name));
             nonzero *= t.size[i];
-            last += (t.size[i] - 1) * t.stride[i];
-            if (nonzero > (std::int64_t{1} << 48)) fail(ErrorCode::bad_input, "tensor {}: too many elements", quote(name));
+            std::int64_t reach = 0;
+            if (__builtin_mul_overflow(t.size[i] - 1, t.stride[i], &reach) || __builtin_add_overflow(last, reach, &last))
+                fail(ErrorCode::bad_input, "tensor {}: its strides reach beyond 64-bit offsets", quote(name));
         }
         const std::int64_t count = empty ? 0 : nonzero;
         if (count && last >= s.numel)

@@ -191,6 +191,15 @@ TEST_CASE("pickle: every rule of the reader, each with its message", "[pickle][m
         P q;
         q.op("}").str("a").tensor("0", 6, 0, {0, std::int64_t{1} << 50}, {1, 1}).op("s");
         expect_error(with_pickle(q.done()), "implausible size or stride");
+        // Regression (UBSan in CI): sizes and strides each plausible, their products not.
+        P s;
+        s.op("}").str("a").tensor("0", 6, 0, {std::int64_t{1} << 20, std::int64_t{1} << 20, std::int64_t{1} << 20},
+                                  {1, 1, 1}).op("s");
+        expect_error(with_pickle(s.done()), "too many elements");
+        P t;
+        t.op("}").str("a").tensor("0", 6, 0, {1 << 16, 1 << 16, 1 << 16}, {std::int64_t{1} << 47, std::int64_t{1} << 47,
+                                                                          std::int64_t{1} << 47}).op("s");
+        expect_error(with_pickle(t.done()), "64-bit offsets");
     }
     {
         P p;
