@@ -40,8 +40,14 @@ grep -q -- '--rank' "$prefix/share/bash-completion/completions/lora-extract" || 
 # Public headers only: nothing from lib/src or formats/src.
 [ -f "$prefix/include/lorakit/adapter.h" ] && [ -f "$prefix/include/lorakit/version.h" ] &&
   [ -f "$prefix/include/lorakit/formats/builtin.h" ] || fail "public headers missing"
-for internal in dtype_kernels.h parallel.h merge_math.h module_groups.h conventions.h writers.h; do
+for internal in dtype_kernels.h parallel.h merge_math.h module_groups.h conventions.h writers.h \
+    atomic_file.h sha256.h names.h random.h lycoris.h base_model.h gguf.h safetensors.h; do
   [ -z "$(find "$prefix/include" -name "$internal")" ] || fail "internal header $internal installed"
+done
+# The installed set is closed: every header compiles on its own against the installed copy.
+for header in $(cd "$prefix/include" && find lorakit -name '*.h' | sort); do
+  echo "#include \"$header\"" | g++ -std=c++20 -fsyntax-only -x c++ -I "$prefix/include" - 2> "$tmp/header.log" ||
+    { cat "$tmp/header.log"; fail "installed header $header does not compile on its own"; }
 done
 
 adapter="$source/samples/kohya-sdxl.safetensors"
