@@ -2,12 +2,19 @@
 // give byte-identical outputs; stdout holds the result only, stderr stays empty off a terminal
 // (notes with --verbose; --quiet silences them); an existing output is kept without --force;
 // a failed run exits non-zero and leaves no output; `-o -` streams a single-file output to
-// stdout (and nothing else), and is refused for directory outputs. (Runs killed with SIGKILL
-// mid-write: test_atomic_file.cpp for the mechanism every writer shares, test_bake.cpp for
-// lora-bake's single and sharded outputs and lora-extract.)
+// stdout (and nothing else), and is refused for directory outputs; a run killed with SIGKILL at
+// any moment leaves either nothing or the complete output (test_atomic_file.cpp and
+// test_bake.cpp kill writers at a chosen point mid-write; here each tool is killed at spread-out
+// moments of its run).
 #include <catch2/catch.hpp>
 
+#include <fcntl.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
 #include <algorithm>
+#include <chrono>
 #include <filesystem>
 #include <string>
 #include <vector>
@@ -50,6 +57,28 @@ std::vector<std::pair<std::string, std::string>> contents(const fs::path& path) 
     return out;
 }
 
+// Starts `tool` with `arguments` (stdout and stderr to /dev/null), SIGKILLs it after `delay`, and
+// reaps it.
+void kill_after(const std::string& tool, const std::vector<std::string>& arguments, std::chrono::microseconds delay) {
+    const std::string path = lorakit::test::tool_path(tool);
+    std::vector<char*> argv{const_cast<char*>(path.c_str())};
+    for (const auto& a : arguments) argv.push_back(const_cast<char*>(a.c_str()));
+    argv.push_back(nullptr);
+    const pid_t pid = ::fork();
+    REQUIRE(pid >= 0);
+    if (pid == 0) {
+        const int null = ::open("/dev/null", O_WRONLY);
+        ::dup2(null, STDOUT_FILENO);
+        ::dup2(null, STDERR_FILENO);
+        ::execv(path.c_str(), argv.data());
+        ::_exit(127);
+    }
+    ::usleep(static_cast<useconds_t>(delay.count()));
+    ::kill(pid, SIGKILL);
+    int status = 0;
+    ::waitpid(pid, &status, 0);
+}
+
 }  // namespace
 
 TEST_CASE("every tool keeps the Makefile contract: determinism, quiet stderr, no partial output, -o -", "[cli][contract]") {
@@ -85,7 +114,9 @@ TEST_CASE("every tool keeps the Makefile contract: determinism, quiet stderr, no
                 CHECK_FALSE(fs::exists(a));
                 continue;
             }
+            const auto started = std::chrono::steady_clock::now();
             r = run_tool(c.tool, with(c.arguments, a));
+            const auto took = std::chrono::duration_cast<std::chrono::microseconds>(std::chrono::steady_clock::now() - started);
             INFO(r.err);
             REQUIRE(r.exit_code == 0);
             // stdout: the report (lora-convert has none), never a diagnostic.
@@ -110,6 +141,18 @@ TEST_CASE("every tool keeps the Makefile contract: determinism, quiet stderr, no
             r = run_tool(c.tool, args);
             CHECK(r.exit_code == 0);
             CHECK(contents(a) == first);
+            // Killed at spread-out moments of a run: nothing, or the whole output; no temporary left.
+            const fs::path killed_dir = dir / fmt::format("{}-killed", i);
+            fs::create_directories(killed_dir);
+            const fs::path killed = killed_dir / "out";
+            for (int k = 0; k < 12; ++k) {
+                kill_after(c.tool, with(c.arguments, killed.string()), took * k / 10);
+                for (const auto& e : fs::directory_iterator(killed_dir)) CHECK(e.path() == killed);
+                if (fs::exists(killed)) {
+                    CHECK(contents(killed) == first);
+                    fs::remove_all(killed);
+                }
+            }
             // `-o -`: the file itself on stdout, nothing after it; directories are refused.
             r = run_tool(c.tool, with(c.arguments, "-"));
             if (c.directory) {
