@@ -21,6 +21,9 @@ namespace lorakit {
 namespace {
 
 struct Contribution {
+    Contribution(const LoraModule* m, std::size_t a, double c, WeightLocation w, bool b)
+        : module(m), adapter(a), coefficient(c), where(std::move(w)), bias(b) {}
+
     const LoraModule* module;  // null for a full tensor (`dense`)
     std::size_t adapter;
     double coefficient;  // weight · scale, negated when subtracting

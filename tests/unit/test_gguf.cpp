@@ -3,6 +3,7 @@
 #include <catch2/catch.hpp>
 
 #include <cmath>
+#include <random>
 #include <cstring>
 #include <functional>
 
@@ -161,6 +162,38 @@ TEST_CASE("Q8_0 quantization follows ggml: f16 scale amax/127, round half away f
     CHECK(back[0] == 127.0f);
     CHECK(back[1] == 3.0f);
     CHECK(back[40] == 0.0f);
+}
+
+TEST_CASE("Q8_0 quantization: the vectorised rounding is roundf's, value for value", "[gguf]") {
+    // Blocks whose scale is exactly 1 (amax 127), holding ties, near-ties and both signs, then
+    // random blocks of every magnitude; each byte compared with the scalar reference.
+    std::vector<float> x;
+    for (int k = -126; k <= 126; ++k)
+        for (float v : {k + 0.5f, std::nextafter(k + 0.5f, 0.0f), std::nextafter(k + 0.5f, 1000.0f), float(k)}) x.push_back(v);
+    while (x.size() % 31) x.push_back(0.25f);
+    std::vector<float> blocks;
+    for (std::size_t i = 0; i < x.size(); i += 31) {
+        blocks.push_back(127.0f);
+        blocks.insert(blocks.end(), x.begin() + static_cast<std::ptrdiff_t>(i), x.begin() + static_cast<std::ptrdiff_t>(i + 31));
+    }
+    std::mt19937 g(12);
+    std::normal_distribution<float> d;
+    for (int b = 0; b < 2000; ++b) {
+        const float scale = std::ldexp(1.0f, b % 40 - 20);
+        for (int j = 0; j < 32; ++j) blocks.push_back(scale * d(g));
+    }
+    const auto got = quantize_q8_0(blocks.data(), blocks.size());
+    for (std::size_t b = 0; b < blocks.size() / 32; ++b) {
+        const float* v = blocks.data() + b * 32;
+        float amax = 0;
+        for (int j = 0; j < 32; ++j) amax = std::max(amax, std::fabs(v[j]));
+        const float dd = amax / 127.0f, id = dd != 0.0f ? 1.0f / dd : 0.0f;
+        for (int j = 0; j < 32; ++j) {
+            const auto want = static_cast<std::int8_t>(std::round(v[j] * id));
+            const auto have = static_cast<std::int8_t>(got[b * 34 + 2 + static_cast<std::size_t>(j)]);
+            if (want != have) FAIL("block " << b << " value " << v[j] << ": " << int(have) << " instead of " << int(want));
+        }
+    }
 }
 
 TEST_CASE("GGUF: a valid hand-made file parses, and each of ggml's rules is enforced", "[gguf][malformed]") {
