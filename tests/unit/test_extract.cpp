@@ -67,6 +67,14 @@ double residual(const std::vector<float>& m, std::int64_t rows, std::int64_t col
     return std::sqrt(sum);
 }
 
+// max_i |a_i - b_i|, in double.
+double max_abs_difference(const std::vector<float>& a, const std::vector<float>& b) {
+    REQUIRE(a.size() == b.size());
+    double diff = 0;
+    for (std::size_t j = 0; j < a.size(); ++j) diff = std::max(diff, double(std::abs(a[j] - b[j])));
+    return diff;
+}
+
 FitOptions fixed_rank(std::int64_t k) {
     FitOptions o;
     o.rank.rank = k;
@@ -318,10 +326,8 @@ TEST_CASE("lora-extract on an SD single file: kohya names, OpenCLIP parts, 3x3 c
     for (std::size_t i = 0; i < items.size(); ++i) {
         if (items[i].shape.size() == 1) continue;  // norms are not extracted
         const auto got = rebuilt->find(items[i].name)->tensor.to_f32(), want = tuned_tensors[i].to_f32();
-        double diff = 0;
-        for (std::size_t j = 0; j < got.size(); ++j) diff = std::max(diff, double(std::abs(got[j] - want[j])));
         INFO(items[i].name);
-        CHECK(diff < 1e-5);
+        CHECK(max_abs_difference(got, want) < 1e-5);
     }
 
     // --keep-full: the norm as a LyCORIS full diff, proj_in's bias as diff_b beside its LoRA;
@@ -354,10 +360,8 @@ TEST_CASE("lora-extract on an SD single file: kohya names, OpenCLIP parts, 3x3 c
         const bool fused_bias = items[i].name.ends_with("in_proj_bias");
         const auto got = full->find(items[i].name)->tensor.to_f32();
         const auto want = (fused_bias ? base_tensors[i] : tuned_tensors[i]).to_f32();
-        double diff = 0;
-        for (std::size_t j = 0; j < got.size(); ++j) diff = std::max(diff, double(std::abs(got[j] - want[j])));
         INFO(items[i].name);
-        CHECK(diff < 1e-5);
+        CHECK(max_abs_difference(got, want) < 1e-5);
     }
 }
 
@@ -432,10 +436,8 @@ TEST_CASE("lora-extract --keep-full to PEFT: LoRA biases, modules_to_save that b
     const auto rebuilt = formats::builtin_registry().open_tensor_file(dir / "rebuilt.safetensors");
     for (std::size_t i = 0; i < items.size(); ++i) {
         const auto got = rebuilt->find(items[i].name)->tensor.to_f32(), want = tuned_tensors[i].to_f32();
-        double diff = 0;
-        for (std::size_t j = 0; j < got.size(); ++j) diff = std::max(diff, double(std::abs(got[j] - want[j])));
         INFO(items[i].name);
-        CHECK(diff < 1e-5);
+        CHECK(max_abs_difference(got, want) < 1e-5);
     }
 }
 
