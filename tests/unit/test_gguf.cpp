@@ -164,7 +164,7 @@ TEST_CASE("Q8_0 quantization follows ggml: f16 scale amax/127, round half away f
     CHECK(back[40] == 0.0f);
 }
 
-TEST_CASE("Q8_0 quantization: the vectorised rounding is roundf's, value for value", "[gguf]") {
+TEST_CASE("Q8_0 quantization: the vectorised rounding is roundf's, value for value, and so are the scales", "[gguf]") {
     // Blocks whose scale is exactly 1 (amax 127), holding ties, near-ties and both signs, then
     // random blocks of every magnitude; each byte compared with the scalar reference.
     std::vector<float> x;
@@ -188,6 +188,9 @@ TEST_CASE("Q8_0 quantization: the vectorised rounding is roundf's, value for val
         float amax = 0;
         for (int j = 0; j < 32; ++j) amax = std::max(amax, std::fabs(v[j]));
         const float dd = amax / 127.0f, id = dd != 0.0f ? 1.0f / dd : 0.0f;
+        std::uint16_t scale;
+        std::memcpy(&scale, got.data() + b * 34, 2);
+        if (scale != f32_to_f16(dd)) FAIL("block " << b << ": scale " << scale << " instead of " << f32_to_f16(dd));
         for (int j = 0; j < 32; ++j) {
             const auto want = static_cast<std::int8_t>(std::round(v[j] * id));
             const auto have = static_cast<std::int8_t>(got[b * 34 + 2 + static_cast<std::size_t>(j)]);
