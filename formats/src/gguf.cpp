@@ -317,9 +317,9 @@ void quantize_blocks_scalar(const float* values, std::size_t blocks, std::byte* 
 }
 
 // The same with AVX2: roundf as trunc plus one step away from zero when the dropped fraction is
-// at least one half (both differences are exact in float), F16C for the scale. 6x the scalar
-// loop, and identical bytes (tests/unit/test_gguf.cpp compares them).
-__attribute__((target("avx2,f16c"))) void quantize_blocks_avx2(const float* values, std::size_t blocks, std::byte* out) {
+// at least one half (both differences are exact in float). 6x the scalar loop, and identical
+// bytes (tests/unit/test_gguf.cpp compares them).
+__attribute__((target("avx2"))) void quantize_blocks_avx2(const float* values, std::size_t blocks, std::byte* out) {
     const __m256 sign = _mm256_set1_ps(-0.0f), half = _mm256_set1_ps(0.5f), one = _mm256_set1_ps(1.0f);
     const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
     for (std::size_t b = 0; b < blocks; ++b) {
@@ -353,7 +353,7 @@ __attribute__((target("avx2,f16c"))) void quantize_blocks_avx2(const float* valu
 }
 
 void quantize_blocks(const float* values, std::size_t blocks, std::byte* out) {
-    static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
+    static const bool avx2 = __builtin_cpu_supports("avx2");
     if (avx2) quantize_blocks_avx2(values, blocks, out);
     else quantize_blocks_scalar(values, blocks, out);
 }
