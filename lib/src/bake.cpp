@@ -63,21 +63,14 @@ public:
         e.to_f32(w);
         if (auto it = plan_.find({file, e.name}); it != plan_.end())
             for (const auto& c : it->second) apply(c, e, w);
-        // Range check and conversion chunk by chunk, so that the conversion reads the values
-        // from cache instead of making a second pass over the tensor in memory.
+        const linalg::DenseStats stats = linalg::dense_stats(w.data(), w.size());
+        if (!stats.finite) fail(ErrorCode::bad_input, "the result holds NaN or infinite values");
         const double limit = dtype_finite_limit(dtype_name(type));
-        const std::size_t size = dtype_size(type);
-        bytes.resize(w.size() * size);
-        constexpr std::size_t chunk = 16384;
-        for (std::size_t at = 0; at < w.size(); at += chunk) {
-            const std::size_t n = std::min(chunk, w.size() - at);
-            const linalg::DenseStats stats = linalg::dense_stats(w.data() + at, n);
-            if (!stats.finite) fail(ErrorCode::bad_input, "the result holds NaN or infinite values");
-            if (limit > 0 && stats.max_abs > limit)
-                fail(ErrorCode::bad_input, "a value of {:g} exceeds the largest finite {} ({:g}); bake to a wider --dtype "
-                     "or lower the weights", static_cast<double>(stats.max_abs), dtype_name(type), limit);
-            convert_from_f32(type, w.data() + at, bytes.data() + at * size, n);
-        }
+        if (limit > 0 && stats.max_abs > limit)
+            fail(ErrorCode::bad_input, "a value of {:g} exceeds the largest finite {} ({:g}); bake to a wider --dtype "
+                 "or lower the weights", static_cast<double>(stats.max_abs), dtype_name(type), limit);
+        bytes.resize(w.size() * dtype_size(type));
+        convert_from_f32(type, w, bytes);
     }
 
 private:
