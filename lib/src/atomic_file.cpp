@@ -106,9 +106,29 @@ std::string random_suffix() {
     return out;
 }
 
-// ".<name>.lorakit-<random>" next to the target.
+// ".<name>.lorakit-<pid>-<random>" next to the target: the pid tells a later run whether the
+// process that made it is gone.
 std::string hidden_temp_name(const fs::path& dir, const fs::path& target) {
-    return (dir / fmt::format(".{}.lorakit-{}", target.filename().string(), random_suffix())).string();
+    return (dir / fmt::format(".{}.lorakit-{}-{}", target.filename().string(), ::getpid(), random_suffix())).string();
+}
+
+// Removes the hidden temporaries of `target` that a killed run left behind (SIGKILL cannot be
+// caught: a directory output killed while its files are being linked in, or a named temporary
+// where O_TMPFILE is missing). Only those whose process no longer exists; errors are ignored.
+void remove_stale_temporaries(const fs::path& dir, const fs::path& target) {
+    const std::string prefix = fmt::format(".{}.lorakit-", target.filename().string());
+    std::error_code ec;
+    for (fs::directory_iterator it(dir, ec), end; !ec && it != end; it.increment(ec)) {
+        const std::string name = it->path().filename().string();
+        if (!name.starts_with(prefix)) continue;
+        const std::string rest = name.substr(prefix.size());
+        const auto dash = rest.find('-');
+        if (dash == std::string::npos || dash == 0 || rest.find_first_not_of("0123456789") != dash) continue;
+        const long pid = std::strtol(rest.substr(0, dash).c_str(), nullptr, 10);
+        if (pid <= 0 || pid == ::getpid() || ::kill(static_cast<pid_t>(pid), 0) == 0 || errno != ESRCH) continue;
+        std::error_code ignored;
+        fs::remove_all(it->path(), ignored);
+    }
 }
 
 void fsync_directory(const fs::path& dir) {
@@ -172,6 +192,7 @@ AtomicFile::AtomicFile(fs::path target, bool overwrite) : target_(std::move(targ
         return;
     }
     check_output_path(target_, overwrite_);
+    remove_stale_temporaries(directory_of(target_), target_);
     open_temporary(directory_of(target_));
 }
 
@@ -365,6 +386,7 @@ AtomicDirectory::AtomicDirectory(fs::path target, bool overwrite) : target_(std:
     const fs::path dir = directory_of(target_);
     if (!fs::is_directory(dir, ec))
         fail(ErrorCode::io, "cannot write {}: directory {} does not exist", quote(target_.string()), quote(dir.string()));
+    remove_stale_temporaries(dir, target_);
 }
 
 AtomicDirectory::~AtomicDirectory() {

@@ -9,6 +9,8 @@
 
 #include <cstdlib>
 
+#include <fmt/format.h>
+
 #include "lorakit/atomic_file.h"
 #include "lorakit/error.h"
 #include "support.h"
@@ -263,4 +265,33 @@ TEST_CASE("an AtomicDirectory killed with SIGKILL mid-write leaves nothing at al
         SIGKILL);
     CHECK(ended == 128 + SIGKILL);
     CHECK(dir.list().empty());
+}
+
+TEST_CASE("hidden temporaries a killed run left are removed by the next run on that output", "[atomic]") {
+    ScratchDir dir;
+    // A pid that no longer exists: a child that has exited and been reaped.
+    const pid_t gone = ::fork();
+    if (gone == 0) ::_exit(0);
+    ::waitpid(gone, nullptr, 0);
+    std::filesystem::create_directory(dir / fmt::format(".model.lorakit-{}-abcd1234", gone));
+    test::write_file(dir / fmt::format(".model.lorakit-{}-abcd1234", gone) / "x", "partial");
+    test::write_file(dir / fmt::format(".out.bin.lorakit-{}-abcd1234", gone), "partial");
+    // Kept: a live process's (this one's parent), another output's, and names of another shape.
+    test::write_file(dir / fmt::format(".model.lorakit-{}-abcd1234", ::getppid()), "live");
+    test::write_file(dir / fmt::format(".other.lorakit-{}-abcd1234", gone), "other output");
+    test::write_file(dir / ".model.lorakit-abcd1234", "no pid");
+    {
+        AtomicDirectory out(dir / "model", false);
+        AtomicFile& f = out.add("a");
+        f.write(std::string_view("a"));
+        f.commit();
+        out.commit();
+    }
+    {
+        AtomicFile out(dir / "out.bin", false);
+        out.write(std::string_view("b"));
+        out.commit();
+    }
+    CHECK(dir.list() == std::vector<std::string>{fmt::format(".model.lorakit-{}-abcd1234", ::getppid()), ".model.lorakit-abcd1234",
+                                                 fmt::format(".other.lorakit-{}-abcd1234", gone), "model", "out.bin"});
 }

@@ -74,9 +74,10 @@ private:
 // An output directory (PEFT and mlx-lm adapters, sharded checkpoints, diffusers folders). Its
 // files are written as unnamed files beside the target (O_TMPFILE) and get names only in
 // commit(), which links them into a fresh hidden directory and renames that into place: a
-// failed or killed run leaves nothing behind (with the named-temporary fallback, a SIGKILL can
-// leave hidden files). A replaced directory is swapped out and deleted only after the new one
-// is in place.
+// failed run leaves nothing behind, and so does a killed one, except when SIGKILL lands in the
+// few system calls of commit() itself (or with the named-temporary fallback): then a hidden
+// ".NAME.lorakit-PID-*" is left, which the next run writing NAME removes once PID is gone. A
+// replaced directory is swapped out and deleted only after the new one is in place.
 class AtomicDirectory {
 public:
     AtomicDirectory(std::filesystem::path target, bool overwrite);
