@@ -41,14 +41,8 @@ void write_peft(const Adapter& a, const std::filesystem::path& target, const Wri
     if (!same) {
         // Full parameters PEFT holds: those of modules_to_save, "base_model.model.<module>.<param>".
         Adapter rest;
-        for (const auto& t : a.other_tensors) {
-            const std::string prefix = "base_model.model.";
-            const auto dot = t.name.rfind('.');
-            const bool saved = t.name.starts_with(prefix) && dot != std::string::npos && dot > prefix.size() &&
-                               std::find(a.modules_to_save.begin(), a.modules_to_save.end(),
-                                         t.name.substr(prefix.size(), dot - prefix.size())) != a.modules_to_save.end();
-            if (!saved) rest.other_tensors.push_back(t);
-        }
+        for (const auto& t : a.other_tensors)
+            if (!t.name.starts_with("base_model.model.") || !saved_parameter(a, t.name)) rest.other_tensors.push_back(t);
         refuse_other_tensors(rest, "PEFT");
     }
     const auto components = components_of(a);

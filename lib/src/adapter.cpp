@@ -1,5 +1,6 @@
 #include "lorakit/adapter.h"
 
+#include <algorithm>
 #include <cmath>
 
 #include "lorakit/error.h"
@@ -80,6 +81,17 @@ void validate_module(const LoraModule& m) {
                      b.dim(0));
         }
     });
+}
+
+std::optional<std::pair<std::string, std::string>> saved_parameter(const Adapter& adapter, std::string_view tensor_name) {
+    constexpr std::string_view prefix = "base_model.model.";
+    if (tensor_name.starts_with(prefix)) tensor_name.remove_prefix(prefix.size());
+    const auto dot = tensor_name.rfind('.');
+    if (dot == std::string_view::npos || dot == 0) return std::nullopt;
+    std::string module(tensor_name.substr(0, dot));
+    if (std::find(adapter.modules_to_save.begin(), adapter.modules_to_save.end(), module) == adapter.modules_to_save.end())
+        return std::nullopt;
+    return std::make_pair(std::move(module), std::string(tensor_name.substr(dot + 1)));
 }
 
 }  // namespace lorakit

@@ -232,15 +232,8 @@ ToolResult run_bake(const Registry& registry, const BakeRequest& request, Progre
                     else fail(ErrorCode::bad_input, "module {}: unexpected LyCORIS {} tensor {}", quote(m.name), m.algorithm, quote(t.name));
                 }
             }
-            for (const auto& t : a.other_tensors) {
-                // "base_model.model.<module>.<param>" of a module in modules_to_save.
-                const std::string prefix = "base_model.model.";
-                const std::string name = t.name.starts_with(prefix) ? t.name.substr(prefix.size()) : t.name;
-                const auto dot = name.rfind('.');
-                const std::string module = dot == std::string::npos ? "" : name.substr(0, dot);
-                if (std::find(a.modules_to_save.begin(), a.modules_to_save.end(), module) == a.modules_to_save.end()) continue;
-                add_full(module, name.substr(dot + 1), t.tensor, true);
-            }
+            for (const auto& t : a.other_tensors)
+                if (const auto saved = saved_parameter(a, t.name)) add_full(saved->first, saved->second, t.tensor, true);
             for (const auto& m : a.modules) {
                 const auto where = with_context(fmt::format("{}: module {}", quote(a.source), quote(m.name)),
                                                 [&] { return checkpoint->locate(m); });

@@ -17,6 +17,8 @@
 #include <map>
 #include <optional>
 #include <string>
+#include <utility>
+#include <string_view>
 #include <vector>
 
 #include "lorakit/tensor.h"
@@ -109,5 +111,9 @@ struct Adapter {
 // Checks a module's factor shapes and alpha; throws ErrorCode::bad_input naming the module
 // ("module 'x': rank of A (8) differs from rank of B (4)").
 void validate_module(const LoraModule& module);
+
+// The module and parameter a full tensor of `adapter` holds when its module is in
+// modules_to_save: "[base_model.model.]<module>.<param>" -> {module, param}; nullopt otherwise.
+std::optional<std::pair<std::string, std::string>> saved_parameter(const Adapter& adapter, std::string_view tensor_name);
 
 }  // namespace lorakit
