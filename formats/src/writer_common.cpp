@@ -1,3 +1,5 @@
+#include <algorithm>
+
 #include <fmt/format.h>
 
 #include "lorakit/atomic_file.h"
@@ -20,9 +22,21 @@ std::vector<TensorToWrite> OutputTensors::views() const {
 
 Tensor scaled(const Tensor& t, double factor) {
     if (factor == 1.0) return t;
-    std::vector<float> values = t.to_f32();
-    for (auto& v : values) v = static_cast<float>(static_cast<double>(v) * factor);
-    return Tensor::from_f32(t.dtype(), t.shape(), values);
+    // Chunk by chunk through a small f32 buffer: no full-size f32 copy, whose fresh pages are
+    // slow to touch. Each value: widened to f32, multiplied in f64, rounded to f32, then once
+    // to the tensor's dtype.
+    const std::size_t count = static_cast<std::size_t>(t.element_count()), width = dtype_size(t.dtype());
+    std::vector<std::byte> out(count * width);
+    constexpr std::size_t chunk = 4096;
+    float buffer[chunk];
+    const std::byte* src = t.bytes().data();
+    for (std::size_t at = 0; at < count; at += chunk) {
+        const std::size_t n = std::min(chunk, count - at);
+        convert_to_f32(t.dtype(), src + at * width, buffer, n);
+        for (std::size_t i = 0; i < n; ++i) buffer[i] = static_cast<float>(static_cast<double>(buffer[i]) * factor);
+        convert_from_f32(t.dtype(), buffer, out.data() + at * width, n);
+    }
+    return Tensor::own(t.dtype(), t.shape(), std::move(out));
 }
 
 Tensor scalar_tensor(double value, DType preferred) {

@@ -8,6 +8,8 @@
 #include <cerrno>
 #include <cstdint>
 #include <cstring>
+#include <map>
+#include <mutex>
 #include <vector>
 
 #include "lorakit/error.h"
@@ -36,7 +38,30 @@ std::vector<std::byte> read_all(int fd, const std::string& name) {
     return data;
 }
 
+// The live mappings, by start address: end and descriptor.
+struct Mappings {
+    std::mutex mutex;
+    std::map<std::uintptr_t, std::pair<std::uintptr_t, int>> by_start;
+};
+
+Mappings& mappings() {
+    static Mappings* m = new Mappings();  // never destroyed: MappedFiles may outlive statics
+    return *m;
+}
+
 }  // namespace
+
+std::optional<FileRange> mapped_source(std::span<const std::byte> bytes) noexcept {
+    if (bytes.empty()) return std::nullopt;
+    const auto begin = reinterpret_cast<std::uintptr_t>(bytes.data()), end = begin + bytes.size();
+    Mappings& m = mappings();
+    std::lock_guard lock(m.mutex);
+    auto it = m.by_start.upper_bound(begin);
+    if (it == m.by_start.begin()) return std::nullopt;
+    --it;
+    if (end > it->second.first) return std::nullopt;
+    return FileRange{it->second.second, static_cast<std::uint64_t>(begin - it->first)};
+}
 
 std::shared_ptr<const MappedFile> MappedFile::open(const std::filesystem::path& path) {
     auto file = std::shared_ptr<MappedFile>(new MappedFile());
@@ -78,6 +103,12 @@ std::shared_ptr<const MappedFile> MappedFile::open(const std::filesystem::path& 
         }
         file->data_ = static_cast<const std::byte*>(map);
         file->mapped_ = true;
+        file->fd_ = fd;
+        const auto start = reinterpret_cast<std::uintptr_t>(map);
+        Mappings& m = mappings();
+        std::lock_guard lock(m.mutex);
+        m.by_start[start] = {start + file->size_, fd};
+        return file;
     }
     ::close(fd);
     return file;
@@ -95,7 +126,14 @@ std::shared_ptr<const MappedFile> MappedFile::from_bytes(std::string display_nam
 }
 
 MappedFile::~MappedFile() {
-    if (mapped_) ::munmap(const_cast<std::byte*>(data_), size_);
+    if (!mapped_) return;
+    {
+        Mappings& m = mappings();
+        std::lock_guard lock(m.mutex);
+        m.by_start.erase(reinterpret_cast<std::uintptr_t>(data_));
+    }
+    ::munmap(const_cast<std::byte*>(data_), size_);
+    ::close(fd_);
 }
 
 void MappedFile::prefetch(std::size_t offset, std::size_t length) const noexcept {

@@ -67,6 +67,37 @@ TEST_CASE("the output appears only on commit, with no temporary left", "[atomic]
     }
 }
 
+TEST_CASE("without the flush to disk (--no-sync), outputs still appear whole and only on commit", "[atomic]") {
+    struct NoSync {
+        NoSync() { lorakit::set_sync_outputs(false); }
+        ~NoSync() { lorakit::set_sync_outputs(true); }
+    } no_sync;
+    CHECK_FALSE(lorakit::sync_outputs());
+    for (bool named : {false, true}) {
+        NamedTempMode mode(named);
+        ScratchDir dir;
+        const std::string big(65u << 20, 'x');  // past the 64 MiB writeback step
+        {
+            AtomicFile out(dir / "out.bin", false);
+            out.write(big);
+            out.write(bytes_of("end"));
+            CHECK_FALSE(std::filesystem::exists(dir / "out.bin"));
+            out.commit();
+        }
+        CHECK(test::read_file(dir / "out.bin") == big + "end");
+        {
+            AtomicDirectory out(dir / "model", false);
+            AtomicFile& a = out.add("sub/a.json");
+            a.write(std::string_view("{}"));
+            a.commit();
+            CHECK_FALSE(std::filesystem::exists(dir / "model"));
+            out.commit();
+        }
+        CHECK(test::read_file(dir / "model" / "sub" / "a.json") == "{}");
+        CHECK(dir.list() == std::vector<std::string>{"model", "out.bin"});
+    }
+}
+
 TEST_CASE("an output abandoned before commit leaves nothing", "[atomic]") {
     for (bool named : {false, true}) {
         NamedTempMode mode(named);

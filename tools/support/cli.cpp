@@ -4,11 +4,14 @@
 
 #include <cerrno>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
+#include <string_view>
 #include <exception>
 
 #include <fmt/format.h>
 
+#include "lorakit/atomic_file.h"
 #include "lorakit/error.h"
 #include "lorakit/version.h"
 #include "support/progress_bar.h"
@@ -29,6 +32,13 @@ void Tool::add_output_option(std::string& output, std::string_view help) {
 
 void Tool::add_force_option(bool& force) {
     app_.add_flag("-f,--force", force, "replace an existing output file");
+    // Outputs are flushed to disk before they are named; a pipeline's scratch outputs may skip it.
+    if (const char* env = std::getenv("LORAKIT_NO_SYNC"); env && *env && std::string_view(env) != "0")
+        set_sync_outputs(false);
+    app_.add_flag_callback(
+        "--no-sync", [] { set_sync_outputs(false); },
+        "do not flush the output to disk before naming it: faster, but a power loss may leave it "
+        "empty (LORAKIT_NO_SYNC=1 does the same)");
 }
 
 void Tool::add_json_option(bool& json, std::string_view help) { app_.add_flag("--json", json, std::string(help)); }

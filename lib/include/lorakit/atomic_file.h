@@ -20,6 +20,13 @@ namespace lorakit {
 // when its directory does not exist. Tools call this before doing any work.
 void check_output_path(const std::filesystem::path& target, bool overwrite);
 
+// Whether outputs are flushed to disk before they get their name (the default). Turned off
+// (the tools' --no-sync, or LORAKIT_NO_SYNC=1) for scratch outputs a pipeline can rebuild: the
+// rename is still atomic, so a failed or killed run leaves nothing behind either way, but after
+// a power loss or an OS crash a just-written output may be empty or partial. Process-wide.
+void set_sync_outputs(bool sync) noexcept;
+bool sync_outputs() noexcept;
+
 class AtomicFile {
 public:
     // "-" writes to standard output directly (nothing to make atomic).
@@ -52,6 +59,7 @@ private:
 
     void flush_buffer();
     void raw_write(const std::byte* data, std::size_t size);
+    std::size_t copy_mapped(std::span<const std::byte> bytes);
     void start_writeback() noexcept;
     void discard() noexcept;
 
@@ -67,6 +75,7 @@ private:
     std::size_t buffered_ = 0;
     std::uint64_t written_ = 0;
     std::uint64_t flushed_ = 0;         // bytes handed to the kernel
+    bool copy_range_ok_ = true;  // copy_file_range works between the inputs and this file
     std::uint64_t writeback_from_ = 0;  // start of the range whose writeback was not yet started
     bool committed_ = false;
 };

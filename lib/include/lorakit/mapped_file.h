@@ -3,8 +3,10 @@
 #pragma once
 
 #include <cstddef>
+#include <cstdint>
 #include <filesystem>
 #include <memory>
+#include <optional>
 #include <span>
 #include <string>
 
@@ -46,6 +48,17 @@ private:
     std::size_t size_ = 0;
     bool mapped_ = false;
     std::unique_ptr<std::byte[]> heap_;
+    int fd_ = -1;  // kept open while mapped, for mapped_source()
 };
+
+// Where `bytes` come from when they lie wholly inside the mapping of a live MappedFile: its open
+// descriptor and the offset in the file, so that a writer can copy them file to file inside the
+// kernel (copy_file_range) instead of through the mapping. nullopt for anything else. The
+// descriptor is valid as long as that MappedFile is.
+struct FileRange {
+    int fd = -1;
+    std::uint64_t offset = 0;
+};
+std::optional<FileRange> mapped_source(std::span<const std::byte> bytes) noexcept;
 
 }  // namespace lorakit
