@@ -13,6 +13,7 @@
 
 #include "lorakit/atomic_file.h"
 #include "lorakit/error.h"
+#include "lorakit/mapped_file.h"
 #include "support.h"
 
 using namespace lorakit;
@@ -96,6 +97,44 @@ TEST_CASE("without the flush to disk (--no-sync), outputs still appear whole and
         CHECK(test::read_file(dir / "model" / "sub" / "a.json") == "{}");
         CHECK(dir.list() == std::vector<std::string>{"model", "out.bin"});
     }
+}
+
+TEST_CASE("bytes of a mapped input are copied file to file, at any offset, mixed with buffered ones", "[atomic]") {
+    ScratchDir dir;
+    std::string source(3u << 20, '\0');
+    for (std::size_t i = 0; i < source.size(); ++i) source[i] = static_cast<char>((i * 2654435761u) >> 13);
+    test::write_file(dir / "in.bin", source);
+    auto in = MappedFile::open(dir / "in.bin");
+    const std::span<const std::byte> all = in->bytes();
+    // mapped_source finds the file and offset of a range inside the mapping, nothing outside it.
+    const auto found = mapped_source(all.subspan(12345, 1000));
+    REQUIRE(found);
+    CHECK(found->offset == 12345);
+    CHECK_FALSE(mapped_source(all.subspan(0, 0)));
+    const std::string heap(100000, 'h');
+    CHECK_FALSE(mapped_source(bytes_of(heap)));
+    const auto copy = MappedFile::from_bytes("memory", all);
+    CHECK_FALSE(mapped_source(copy->bytes()));
+    for (bool named : {false, true}) {
+        NamedTempMode mode(named);
+        const std::filesystem::path target = dir / fmt::format("out-{}.bin", named);
+        {
+            AtomicFile out(target, false);
+            out.write(bytes_of("head"));                      // buffered
+            out.write(all.subspan(7, 1u << 20));              // copied, odd offset, after buffered bytes
+            out.write(all.subspan(100, 10));                  // small: buffered
+            out.write(all.subspan((2u << 20) + 3, 500000));   // copied again
+            out.write(copy->bytes().subspan(1, 200000));      // not mapped: written
+            CHECK(out.size() == 4 + (1u << 20) + 10 + 500000 + 200000);
+            out.commit();
+        }
+        const std::string expected = "head" + source.substr(7, 1u << 20) + source.substr(100, 10) +
+                                     source.substr((2u << 20) + 3, 500000) + source.substr(1, 200000);
+        CHECK(test::read_file(target) == expected);
+    }
+    CHECK(test::read_file(dir / "in.bin") == source);  // the input is untouched
+    in.reset();  // unmapped: its range is no longer a source (only the address is compared)
+    CHECK_FALSE(mapped_source(all.subspan(12345, 1000)));
 }
 
 TEST_CASE("an output abandoned before commit leaves nothing", "[atomic]") {
