@@ -207,7 +207,7 @@ void cloneofsimo_sd15(const fs::path& path) {
     b.write(path);
 }
 
-// A tiny Llama-shaped base model for the PEFT sample (hidden 64, 4 heads of 16, 2 KV heads, MLP
+// A tiny Llama-shaped base model for the PEFT sample (hidden 64, 8 heads of 8, 2 KV heads, MLP
 // 172, 2 layers, vocabulary 100) in the Hugging Face transformers layout, F16 as published
 // checkpoints are: model.safetensors + config.json. For lora-bake and lora-stack --base demos.
 void base_llama(const fs::path& dir) {
@@ -236,7 +236,7 @@ void base_llama(const fs::path& dir) {
   "hidden_size": 64,
   "intermediate_size": 172,
   "model_type": "llama",
-  "num_attention_heads": 4,
+  "num_attention_heads": 8,
   "num_hidden_layers": 2,
   "num_key_value_heads": 2,
   "rms_norm_eps": 1e-05,
@@ -280,7 +280,7 @@ void pipeline_adapters(const fs::path& dir) {
     WriteOptions options = write_options(true);
     registry.write_adapter(adapter(21, 4, 8, {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"}),
                            "peft", dir / "style", options, notes);
-    options.hints = {"llama", 4, 2};  // the base's head counts: llama.cpp's q/k row order
+    options.hints = {"llama", 8, 2};  // the base's head counts: llama.cpp's q/k row order
     registry.write_adapter(adapter(22, 8, 16, {"mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"}), "gguf", dir / "detail.gguf",
                            options, notes);
     Adapter tone = adapter(23, 2, 0, {"self_attn.q_proj", "self_attn.v_proj"});

@@ -69,6 +69,32 @@ std::int64_t heads_for(std::string_view gguf_base, const ModelHints& hints) {
     return heads;
 }
 
+// q and k share one head size (rows / heads): head counts that give them different ones do not
+// belong to this model (a wrong --head-count, or a config.json of another model), and permuting
+// with them would scramble the rows silently.
+class HeadSizeCheck {
+public:
+    void check(std::string_view module, std::int64_t rows, std::int64_t heads, const ModelHints& hints) {
+        if (heads <= 0 || rows % heads != 0) return;  // rotary_rows names that problem
+        const std::int64_t size = rows / heads;
+        if (!size_) {
+            size_ = size;
+            first_ = fmt::format("{} has {} rows for {} heads", quote(module), rows, heads);
+            return;
+        }
+        if (size != *size_)
+            fail(ErrorCode::usage,
+                 "the head counts ({} heads, {} KV heads) do not fit this adapter: {} (head size {}), but {} has {} rows "
+                 "for {} heads (head size {}); give the base model's --head-count and --head-count-kv",
+                 *hints.head_count, hints.head_count_kv.value_or(*hints.head_count), first_, *size_, quote(module), rows,
+                 heads, size);
+    }
+
+private:
+    std::optional<std::int64_t> size_;
+    std::string first_;
+};
+
 // Rows of B ([out, r]) between Hugging Face order and llama.cpp's rotary order:
 // gguf row h·hd + 2j + s  <->  hf row h·hd + s·hd/2 + j.
 Tensor permute_rows(const Tensor& b, std::int64_t heads, bool to_gguf, std::string_view name) {
@@ -155,6 +181,7 @@ public:
             }
         const bool permuted = permutes_qk(arch);
         const bool can_unpermute = permuted && hints.head_count.has_value();
+        HeadSizeCheck head_sizes;
         // Names: Hugging Face paths where the map knows them, unless q/k rows would stay in
         // llama.cpp's order (then every module keeps its llama.cpp name, so nothing mixes).
         bool has_qk = false;
@@ -194,8 +221,10 @@ public:
                 m.kind = ModuleKind::embedding;
                 down = down.transposed_2d();  // stored [vocab, r]
             }
-            if (permuted && is_q_or_k(base) && can_unpermute)
+            if (permuted && is_q_or_k(base) && can_unpermute) {
+                head_sizes.check(base, up.dim(0), heads_for(base, hints), hints);
                 up = permute_rows(up, heads_for(base, hints), false, base);
+            }
             m.down = std::move(down);
             m.up = std::move(up);
             m.alpha = alpha;
@@ -285,6 +314,7 @@ void GgufLoraDriver::write(const Adapter& a, const std::filesystem::path& target
         alpha = first.scale() * static_cast<double>(first.rank());
     }
     std::size_t folded = 0, permuted = 0, fallback = 0;
+    HeadSizeCheck head_sizes;
     std::vector<GgufTensorToWrite> tensors;
     std::vector<Tensor> keep_alive;
     for (const auto& m : a.modules) {
@@ -314,6 +344,7 @@ void GgufLoraDriver::write(const Adapter& a, const std::filesystem::path& target
                 fail(ErrorCode::usage,
                      "writing q/k LoRAs for arch llama needs the attention head counts (--head-count, --head-count-kv): "
                      "llama.cpp permutes their rows");
+            head_sizes.check(m.name, up.dim(0), heads_for(base, hints), hints);
             up = permute_rows(up, heads_for(base, hints), true, m.name);
             ++permuted;
         }

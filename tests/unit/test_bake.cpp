@@ -277,7 +277,7 @@ TEST_CASE("lora-bake into a GGUF model: q/k rows in llama.cpp's order, Q8_0 requ
     const std::vector<std::pair<std::string, formats::GgufValue>> kv = {
         {"general.architecture", formats::GgufValue::string("llama")},
         {"general.name", formats::GgufValue::string("tiny")},
-        {"llama.attention.head_count", formats::GgufValue::u32(4)},
+        {"llama.attention.head_count", formats::GgufValue::u32(8)},
         {"llama.attention.head_count_kv", formats::GgufValue::u32(2)},
         {"general.file_type", formats::GgufValue::u32(1)},
     };

@@ -6,6 +6,7 @@
 #include <cmath>
 #include <filesystem>
 #include <map>
+#include <random>
 #include <set>
 
 #include "lorakit/convert.h"
@@ -17,6 +18,7 @@
 #include <nlohmann/json.hpp>
 #include "../../formats/src/sd_names.h"
 #include "lorakit/random.h"
+#include "lora_helpers.h"
 #include "memory_tensor_file.h"
 #include "support.h"
 
@@ -94,7 +96,7 @@ TEST_CASE("every sample converts to every convention that can hold it, keeping e
             request.input = (samples / input).string();
             request.output = (dir / output_name(to)).string();
             request.to = to;
-            request.hints = {"", 4, 2};  // the llama sample's head counts (also fine for the others)
+            request.hints = {"", 8, 2};  // the llama sample's head counts (also fine for the others)
             const ToolResult r = convert(request);
             if (r.exit_code != 0) {
                 // Refused: a clean error, and no output.
@@ -128,7 +130,7 @@ TEST_CASE("GGUF LoRA output has llama.cpp's names, orientation, FLOAT32 alpha an
     request.input = (samples / "peft-llama").string();
     request.output = (dir / "a.gguf").string();
     request.to = "gguf";
-    request.hints = {"", 4, 2};
+    request.hints = {"", 8, 2};
     REQUIRE(convert(request).exit_code == 0);
     const auto file = formats::read_gguf(MappedFile::open(dir / "a.gguf"));
     CHECK(file->find_kv("general.architecture")->as_string() == "llama");
@@ -164,7 +166,7 @@ TEST_CASE("GGUF LoRA output has llama.cpp's names, orientation, FLOAT32 alpha an
             continue;
         }
         // LlamaModel.permute: gguf row h·hd + 2j + s holds hf row h·hd + s·hd/2 + j.
-        const std::int64_t heads = q ? 4 : 2, hd = out / heads;
+        const std::int64_t heads = q ? 8 : 2, hd = out / heads;
         std::size_t wrong = 0;
         for (std::int64_t h = 0; h < heads; ++h)
             for (std::int64_t j = 0; j < hd / 2; ++j)
@@ -191,17 +193,17 @@ TEST_CASE("llama q/k rows need head counts: without them conversion is refused, 
 
     // A base config.json gives them (and the arch).
     test::write_file(dir / "config.json",
-                     R"({"model_type": "llama", "num_attention_heads": 4, "num_key_value_heads": 2, "hidden_size": 64})");
+                     R"({"model_type": "llama", "num_attention_heads": 8, "num_key_value_heads": 2, "hidden_size": 64})");
     request.base = (dir / "config.json").string();
     REQUIRE(convert(request).exit_code == 0);
     const ModelHints hints = hints_from_base(formats::builtin_registry(), (dir / "config.json").string(), {});
     CHECK(hints.arch == "llama");
-    CHECK(hints.head_count == 4);
+    CHECK(hints.head_count == 8);
     CHECK(hints.head_count_kv == 2);
 
     // The file records the head counts (as ollama's files do), so reading it back needs no flags.
     const auto written = formats::read_gguf(MappedFile::open(request.output));
-    CHECK(written->find_kv("llama.attention.head_count")->as_number() == 4.0);
+    CHECK(written->find_kv("llama.attention.head_count")->as_number() == 8.0);
     CHECK(written->find_kv("llama.attention.head_count_kv")->as_number() == 2.0);
     CHECK(written->find_kv("general.file_type")->as_number() == 0.0);  // ALL_F32
     ConvertRequest back;
@@ -335,7 +337,7 @@ TEST_CASE("q8_0 GGUF output: rows of 32 quantized, shorter ones F16; deltas kept
     request.output = (dir / "q.gguf").string();
     request.to = "gguf";
     request.dtype = "q8_0";
-    request.hints = {"", 4, 2};
+    request.hints = {"", 8, 2};
     const ToolResult r = convert(request);
     REQUIRE(r.exit_code == 0);
     const auto file = formats::read_gguf(MappedFile::open(request.output));
@@ -512,7 +514,7 @@ TEST_CASE("round trips A -> B -> A", "[convert][roundtrip]") {
             there.input = (samples / input).string();
             there.output = (dir / output_name(to)).string();
             there.to = to;
-            there.hints = {"qwen2", 4, 2};
+            there.hints = {"qwen2", 8, 2};
             if (input == "peft-llama") there.hints.arch = "llama";
             if (convert(there).exit_code != 0) continue;  // refused: covered above
             ConvertRequest back = there;
@@ -585,4 +587,59 @@ TEST_CASE("GGUF: a PEFT embedding LoRA becomes token_embd with lora_a = Aᵀ, an
     CHECK(back.modules[0].down.to_f32() == av);
     CHECK(back.modules[0].up.to_f32() == bv);
     CHECK(back.modules[0].scale() == 2.0);
+}
+
+TEST_CASE("PEFT output: pattern keys every PEFT version matches; lora_bias named only when used", "[convert][peft]") {
+    test::ScratchDir dir;
+    const Registry& registry = formats::builtin_registry();
+    std::mt19937 g(31);
+    // Ranks 4 (most common: r), 8 and 2. The key "layers.0.mlp.down_proj" would also match
+    // model.visual.layers.0.mlp.down_proj, so model.layers.0.mlp.down_proj keeps its full path.
+    Adapter a = test::adapter_of({test::random_module(g, 16, 16, 4, 4, "model.layers.0.self_attn.q_proj"),
+                                  test::random_module(g, 16, 16, 4, 4, "model.layers.1.self_attn.q_proj"),
+                                  test::random_module(g, 16, 32, 8, 8, "model.layers.0.mlp.down_proj"),
+                                  test::random_module(g, 16, 32, 2, 2, "model.visual.layers.0.mlp.down_proj")});
+    std::vector<std::string> notes;
+    WriteOptions options;
+    registry.write_adapter(a, "peft", dir / "p", options, notes);
+    const auto config = nlohmann::json::parse(test::read_file(dir / "p" / "adapter_config.json"));
+    CHECK(config["r"] == 4);
+    CHECK(config["rank_pattern"] == nlohmann::json{{"model.layers.0.mlp.down_proj", 8}, {"visual.layers.0.mlp.down_proj", 2}});
+    CHECK(config["alpha_pattern"] == nlohmann::json{{"model.layers.0.mlp.down_proj", 8}, {"visual.layers.0.mlp.down_proj", 2}});
+    CHECK_FALSE(config.contains("lora_bias"));  // PEFT < 0.14 refuses the field
+    bool noted = false;
+    for (const auto& n : notes) noted |= n.find("1 rank/alpha pattern key(s) had to be full module paths") != std::string::npos;
+    CHECK(noted);
+    // Read back (PEFT >= 0.15's matching): every module keeps its rank and scale.
+    const Adapter back = registry.load_adapter(dir / "p");
+    REQUIRE(back.modules.size() == a.modules.size());
+    for (const auto& m : a.modules) {
+        const LoraModule* b = nullptr;
+        for (const auto& x : back.modules)
+            if (x.name == m.name) b = &x;
+        REQUIRE(b != nullptr);
+        CHECK(b->rank() == m.rank());
+        CHECK(b->scale() == m.scale());
+    }
+    // A LoRA bias needs lora_bias: true (and PEFT >= 0.14).
+    a.modules[0].bias = Tensor::from_f32(DType::F32, {16}, std::vector<float>(16, 0.5f));
+    registry.write_adapter(a, "peft", dir / "q", options, notes);
+    CHECK(nlohmann::json::parse(test::read_file(dir / "q" / "adapter_config.json"))["lora_bias"] == true);
+}
+
+TEST_CASE("GGUF output refuses head counts that give q and k different head sizes", "[convert][gguf]") {
+    test::ScratchDir dir;
+    ConvertRequest request;
+    request.input = std::string(LORAKIT_SOURCE_DIR) + "/samples/peft-llama";  // q 64 rows, k 16 rows
+    request.output = (dir / "out.gguf").string();
+    request.to = "gguf";
+    request.hints = {"llama", 4, 2};  // head sizes 16 and 8: not this model's counts
+    const ToolResult r = convert(request);
+    CHECK(r.exit_code == 2);
+    REQUIRE_FALSE(r.diagnostics.empty());
+    CHECK_THAT(r.diagnostics.front().message, Catch::Contains("do not fit this adapter") && Catch::Contains("head size 16") &&
+                                                  Catch::Contains("head size 8"));
+    CHECK_FALSE(fs::exists(request.output));
+    request.hints = {"llama", 8, 2};
+    CHECK(convert(request).exit_code == 0);
 }

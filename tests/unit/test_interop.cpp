@@ -274,7 +274,7 @@ TEST_CASE("gguf (Python) reads lora-convert's GGUF adapters with identical value
         INFO("dtype " << dtype);
         const fs::path out = dir / ("a" + dtype + ".gguf");
         const auto r = test::run_tool("lora-convert", {std::string(LORAKIT_SOURCE_DIR) + "/samples/peft-llama", "--to", "gguf",
-                                                       "--head-count", "4", "--head-count-kv", "2", "-o", out.string(),
+                                                       "--head-count", "8", "--head-count-kv", "2", "-o", out.string(),
                                                        "-q", "--dtype", dtype.empty() ? "f32" : dtype});
         INFO(r.err);
         REQUIRE(r.exit_code == 0);
@@ -282,7 +282,7 @@ TEST_CASE("gguf (Python) reads lora-convert's GGUF adapters with identical value
         CHECK(seen["kv"]["general.type"]["value"] == "adapter");
         CHECK(seen["kv"]["adapter.type"]["value"] == "lora");
         CHECK(seen["kv"]["adapter.lora.alpha"]["type"] == "FLOAT32");
-        CHECK(seen["kv"]["llama.attention.head_count"]["value"] == 4);
+        CHECK(seen["kv"]["llama.attention.head_count"]["value"] == 8);
         check_same_tensors(seen, *formats::read_gguf(MappedFile::open(out)));
     }
 }
