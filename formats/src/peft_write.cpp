@@ -31,6 +31,20 @@ bool looks_like_llm(const Adapter& a) {
     return false;
 }
 
+// The rank_pattern / alpha_pattern key for paths[i]: the path without its first component
+// ("layers.0.mlp.down_proj" for "model.layers.0.mlp.down_proj"), which every PEFT version
+// matches (up to 0.14 a key must follow a dot: `.*\.KEY$`; from 0.15 `(.*\.)?(KEY)$`), when
+// it names no other targeted module; else the full path, which only PEFT >= 0.15 matches.
+std::string pattern_key(const std::vector<std::string>& paths, std::size_t i) {
+    const std::string& path = paths[i];
+    const auto dot = path.find('.');
+    if (dot == std::string::npos) return path;
+    const std::string key = path.substr(dot + 1), dotted = "." + key;
+    for (std::size_t j = 0; j < paths.size(); ++j)
+        if (j != i && (paths[j] == key || paths[j].ends_with(dotted))) return path;
+    return key;
+}
+
 }  // namespace
 
 void write_peft(const Adapter& a, const std::filesystem::path& target, const WriteOptions& options,
@@ -103,9 +117,13 @@ void write_peft(const Adapter& a, const std::filesystem::path& target, const Wri
     const std::int64_t r = most_common(ranks);
     const double lora_alpha = most_common(alphas);
     Json rank_pattern = Json::object(), alpha_pattern = Json::object();
+    std::size_t full_path_keys = 0;
     for (std::size_t i = 0; i < paths.size(); ++i) {
-        if (ranks[i] != r) rank_pattern[paths[i]] = ranks[i];
-        if (alphas[i] != lora_alpha) alpha_pattern[paths[i]] = number(alphas[i]);
+        if (ranks[i] == r && alphas[i] == lora_alpha) continue;
+        const std::string key = pattern_key(paths, i);
+        full_path_keys += key == paths[i];
+        if (ranks[i] != r) rank_pattern[key] = ranks[i];
+        if (alphas[i] != lora_alpha) alpha_pattern[key] = number(alphas[i]);
     }
 
     Json config = Json::object();
@@ -123,7 +141,7 @@ void write_peft(const Adapter& a, const std::filesystem::path& target, const Wri
     config["alpha_pattern"] = alpha_pattern;
     config["use_rslora"] = rslora;
     config["use_dora"] = any_dora;
-    config["lora_bias"] = any_bias;
+    if (any_bias) config["lora_bias"] = true;  // PEFT < 0.14 refuses a config that names it at all
     config["fan_in_fan_out"] = fan_in_fan_out.value_or(false);
     if (!a.modules_to_save.empty() && (!same || !config.contains("modules_to_save")))
         config["modules_to_save"] = a.modules_to_save;
@@ -145,9 +163,12 @@ void write_peft(const Adapter& a, const std::filesystem::path& target, const Wri
     const std::string config_text = config.dump(2) + "\n";
 
     if (!rank_pattern.empty() || !alpha_pattern.empty())
-        notes.push_back(fmt::format("per-module ranks/scales written as rank_pattern ({}) and alpha_pattern ({}) "
-                                    "with full module paths as keys (PEFT >= 0.15 matches them exactly)",
+        notes.push_back(fmt::format("per-module ranks/scales written as rank_pattern ({}) and alpha_pattern ({})",
                                     rank_pattern.size(), alpha_pattern.size()));
+    if (full_path_keys)
+        notes.push_back(fmt::format("{} rank/alpha pattern key(s) had to be full module paths, which PEFT < 0.15 "
+                                    "does not match (it would use r and lora_alpha for them)",
+                                    full_path_keys));
     AtomicDirectory dir(target, options.overwrite);
     AtomicFile& weights = dir.add("adapter_model.safetensors");
     write_safetensors(weights, out.views(), {{"format", "pt"}});
