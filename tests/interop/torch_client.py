@@ -1,0 +1,88 @@
+"""The real PEFT and diffusers packages (on PyTorch) as clients of what lorakit writes. Driven by
+tests/unit/test_interop_torch.cpp; needs torch, transformers, peft, diffusers and safetensors,
+which CI does not install (the tests skip with a warning when they are missing).
+
+  peft-merge BASE ADAPTER OUT
+      Load the Hugging Face model BASE (float32) with transformers, attach the PEFT adapter
+      directory ADAPTER with peft.PeftModel.from_pretrained, check that every tensor of the
+      adapter file reached the model unchanged (get_peft_model_state_dict gives back the file),
+      then merge_and_unload() and save the merged weights to OUT (safetensors, float32).
+      Prints JSON {"adapter_tensors", "merged_tensors", "peft_version"}.
+
+  diffusers-lora FILE sd15|sdxl
+      Load the LoRA file FILE the way StableDiffusion(XL)Pipeline.load_lora_weights does
+      (lora_state_dict: kohya keys are converted by diffusers' own code, SGM block names
+      mapped for SDXL), bring the keys to diffusers' PEFT names (lora_A / lora_B) with
+      diffusers' own maps, and print JSON {"tensors": {name: [shape, sum, sum of squares]},
+      "alphas": {name: alpha}} with names like "unet.<module path>.lora_A.weight".
+"""
+import json
+import sys
+import types
+
+import torch
+from safetensors.torch import load_file, save_file
+
+
+def peft_merge(base, adapter, out):
+    import peft
+    from peft import PeftModel, get_peft_model_state_dict
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base, torch_dtype=torch.float32)
+    model = PeftModel.from_pretrained(model, adapter)
+    loaded = get_peft_model_state_dict(model)
+    written = load_file(f"{adapter}/adapter_model.safetensors")
+    missing = sorted(set(written) - set(loaded))
+    extra = sorted(set(loaded) - set(written))
+    if missing or extra:
+        sys.exit(f"PEFT did not load the adapter as written: not loaded {missing[:5]}, not in the file {extra[:5]}")
+    for name, tensor in written.items():
+        if not torch.equal(loaded[name].float(), tensor.float()):
+            sys.exit(f"PEFT holds other values than the file for {name}")
+    merged = model.merge_and_unload()
+    state = {k: v.detach().float().contiguous() for k, v in merged.state_dict().items()}
+    save_file(state, out)
+    print(json.dumps({"adapter_tensors": len(written), "merged_tensors": len(state), "peft_version": peft.__version__}))
+
+
+def diffusers_lora(path, kind):
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers.utils.state_dict_utils import (DIFFUSERS_OLD_TO_DIFFUSERS, DIFFUSERS_TO_PEFT, convert_state_dict,
+                                                  convert_unet_state_dict_to_peft)
+
+    if kind == "sdxl":
+        state, alphas = StableDiffusionXLPipeline.lora_state_dict(path, unet_config=types.SimpleNamespace(layers_per_block=2))
+    else:
+        state, alphas = StableDiffusionPipeline.lora_state_dict(path)
+    out = {}
+    for prefix in ("unet", "text_encoder", "text_encoder_2"):
+        part = {k[len(prefix) + 1:]: v for k, v in state.items() if k.split(".")[0] == prefix}
+        if not part:
+            continue
+        if prefix == "unet":
+            part = convert_unet_state_dict_to_peft(part)
+        elif any(".lora_A." in k for k in part):
+            pass  # already PEFT names
+        else:
+            part = convert_state_dict(convert_state_dict(part, DIFFUSERS_OLD_TO_DIFFUSERS), DIFFUSERS_TO_PEFT)
+        for k, v in part.items():
+            v = v.double()
+            out[f"{prefix}.{k}"] = [list(v.shape), float(v.sum()), float((v * v).sum())]
+    unknown = [k for k in state if k.split(".")[0] not in ("unet", "text_encoder", "text_encoder_2")]
+    if unknown:
+        sys.exit(f"diffusers left keys it does not place: {unknown[:5]}")
+    print(json.dumps({"tensors": out, "alphas": {k: float(v) for k, v in (alphas or {}).items()}}))
+
+
+def main():
+    if len(sys.argv) == 5 and sys.argv[1] == "peft-merge":
+        peft_merge(*sys.argv[2:])
+    elif len(sys.argv) == 4 and sys.argv[1] == "diffusers-lora" and sys.argv[3] in ("sd15", "sdxl"):
+        diffusers_lora(sys.argv[2], sys.argv[3])
+    else:
+        sys.exit(__doc__)
+
+
+if __name__ == "__main__":
+    main()
