@@ -14,6 +14,7 @@
 #include "lorakit/linalg.h"
 #include "lorakit/random.h"
 #include "module_groups.h"
+#include "select.h"
 #include "parallel.h"
 
 extern "C" {
@@ -342,16 +343,23 @@ ModuleStack analyse_module(const std::vector<Member>& members, const StackOption
         }
     }
     auto top_threshold = [&](const std::vector<float>& values) {
-        std::vector<float> magnitudes(values.size());
-        for (std::size_t s = 0; s < values.size(); ++s) magnitudes[s] = std::abs(values[s]);
         const auto keep = static_cast<std::size_t>(std::ceil(o.top_fraction * static_cast<double>(values.size())));
-        if (keep == 0 || magnitudes.empty()) return std::numeric_limits<float>::infinity();
-        auto nth = magnitudes.begin() + static_cast<std::ptrdiff_t>(magnitudes.size() - keep);
-        std::nth_element(magnitudes.begin(), nth, magnitudes.end());
-        return std::max(*nth, std::numeric_limits<float>::min());
+        if (keep == 0 || values.empty()) return std::numeric_limits<float>::infinity();
+        return std::max(kth_largest_magnitude(values, keep), std::numeric_limits<float>::min());
     };
-    std::vector<float> thresholds(n);
-    for (std::size_t i = 0; i < n; ++i) thresholds[i] = samples[i].empty() ? 0.0f : top_threshold(samples[i]);
+    // Per adapter and sampled entry: in its top set by magnitude (1/0), and negative (1/0); the
+    // pair counts below are then branch-free byte arithmetic.
+    std::vector<std::vector<std::uint8_t>> top(n), negative(n);
+    for (std::size_t i = 0; i < n; ++i) {
+        if (samples[i].empty()) continue;
+        const float threshold = top_threshold(samples[i]);
+        top[i].resize(samples[i].size());
+        negative[i].resize(samples[i].size());
+        for (std::size_t s = 0; s < samples[i].size(); ++s) {
+            top[i][s] = !(std::abs(samples[i][s]) < threshold);
+            negative[i][s] = samples[i][s] < 0;
+        }
+    }
 
     double sum_fro2 = 0;
     for (std::size_t i = 0; i < n; ++i) sum_fro2 += members[i].weight * members[i].weight * unit_fro[i] * unit_fro[i];
@@ -382,11 +390,11 @@ ModuleStack analyse_module(const std::vector<Member>& members, const StackOption
             }
             if (!samples[i].empty()) {
                 std::int64_t both = 0, conflicts = 0;
-                for (std::size_t s = 0; s < samples[i].size(); ++s) {
-                    const float a = samples[i][s], b = samples[j][s];
-                    if (std::abs(a) < thresholds[i] || std::abs(b) < thresholds[j]) continue;
-                    ++both;
-                    conflicts += (a < 0) != (b < 0) ? 1 : 0;
+                const std::uint8_t *ti = top[i].data(), *tj = top[j].data(), *ni = negative[i].data(), *nj = negative[j].data();
+                for (std::size_t s = 0; s < top[i].size(); ++s) {
+                    const unsigned in_both = ti[s] & tj[s];
+                    both += in_both;
+                    conflicts += in_both & (ni[s] ^ nj[s]);
                 }
                 p.sign_samples = both;
                 p.sign_conflict = both ? static_cast<double>(conflicts) / static_cast<double>(both)

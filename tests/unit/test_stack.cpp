@@ -15,6 +15,7 @@
 #include "lorakit/linalg.h"
 #include "lorakit/stack.h"
 #include "lora_helpers.h"
+#include "select.h"
 #include "support.h"
 
 using namespace lorakit;
@@ -403,5 +404,30 @@ TEST_CASE("lora-stack CLI: report, --json, --strict, -o writes the exact sum", "
         r = run_tool("lora-stack", {sample, "--base", (dir / "missing.safetensors").string()});
         CHECK(r.exit_code == 4);
         CHECK_THAT(r.err, Catch::Contains("missing.safetensors"));
+    }
+}
+
+TEST_CASE("the top-fraction threshold (radix select) equals nth_element's order statistic", "[stack]") {
+    std::mt19937 g(5);
+    std::normal_distribution<float> normal;
+    for (int trial = 0; trial < 60; ++trial) {
+        const std::size_t n = 1 + static_cast<std::size_t>(g() % 9000);
+        std::vector<float> values(n);
+        for (auto& v : values) {
+            switch (trial % 5) {
+            case 0: v = normal(g); break;                                            // one scale
+            case 1: v = normal(g) * std::ldexp(1.0f, static_cast<int>(g() % 60) - 30); break;  // many exponents
+            case 2: v = static_cast<float>(static_cast<int>(g() % 7) - 3); break;    // duplicates and zeros
+            case 3: v = normal(g) * 1e-40f; break;                                   // subnormal
+            default: v = 0.25f; break;                                               // all equal
+            }
+        }
+        for (std::size_t keep : {std::size_t{1}, std::max<std::size_t>(1, n / 5), n}) {
+            std::vector<float> magnitudes(n);
+            for (std::size_t i = 0; i < n; ++i) magnitudes[i] = std::abs(values[i]);
+            std::nth_element(magnitudes.begin(), magnitudes.begin() + static_cast<std::ptrdiff_t>(n - keep), magnitudes.end());
+            INFO("trial " << trial << " n " << n << " keep " << keep);
+            CHECK(lorakit::kth_largest_magnitude(values, keep) == magnitudes[n - keep]);
+        }
     }
 }
