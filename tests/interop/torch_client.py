@@ -9,6 +9,16 @@ which CI does not install (the tests skip with a warning when they are missing).
       then merge_and_unload() and save the merged weights to OUT (safetensors, float32).
       Prints JSON {"adapter_tensors", "merged_tensors", "peft_version"}.
 
+  peft-make KIND BASE_OUT ADAPTER_OUT MERGED_OUT
+      Let PEFT itself write an adapter of KIND on a tiny model, with every LoRA parameter
+      randomized (so that B, the DoRA magnitude and the bias are not their initial values):
+        dora      Llama (samples/base-llama's config), use_dora on q/v/o/mlp, float32
+        rslora    Llama, use_rslora, rank_pattern and alpha_pattern by short and by layer keys
+        gpt2      GPT-2 (Conv1D, fan_in_fan_out) on c_attn/c_proj/c_fc, with lora_bias (PEFT >= 0.14)
+        embedding Llama, LoRA on embed_tokens and lm_head too
+      Writes the base model (save_pretrained, safetensors, float32) to BASE_OUT, the adapter to
+      ADAPTER_OUT, and PEFT's merge_and_unload() weights to MERGED_OUT (safetensors, float32).
+
   diffusers-lora FILE sd15|sdxl
       Load the LoRA file FILE the way StableDiffusion(XL)Pipeline.load_lora_weights does
       (lora_state_dict: kohya keys are converted by diffusers' own code, SGM block names
@@ -41,9 +51,48 @@ def peft_merge(base, adapter, out):
         if not torch.equal(loaded[name].float(), tensor.float()):
             sys.exit(f"PEFT holds other values than the file for {name}")
     merged = model.merge_and_unload()
-    state = {k: v.detach().float().contiguous() for k, v in merged.state_dict().items()}
+    state = {k: v.detach().float().contiguous().clone() for k, v in merged.state_dict().items()}
     save_file(state, out)
     print(json.dumps({"adapter_tensors": len(written), "merged_tensors": len(state), "peft_version": peft.__version__}))
+
+
+def peft_make(kind, base_out, adapter_out, merged_out):
+    from peft import LoraConfig, get_peft_model
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(1234)
+    if kind == "gpt2":
+        model = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=100, n_positions=64))
+        import dataclasses
+        extra = {"lora_bias": True} if "lora_bias" in {f.name for f in dataclasses.fields(LoraConfig)} else {}
+        config = LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True, **extra)
+    else:
+        model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=172, num_attention_heads=8,
+                                             num_key_value_heads=2, num_hidden_layers=2, vocab_size=100))
+        if kind == "dora":
+            config = LoraConfig(r=4, lora_alpha=8, use_dora=True,
+                                target_modules=["q_proj", "v_proj", "o_proj", "gate_proj", "down_proj"])
+        elif kind == "rslora":
+            config = LoraConfig(r=4, lora_alpha=8, use_rslora=True, target_modules=["q_proj", "k_proj", "down_proj"],
+                                rank_pattern={"down_proj": 8, "layers.1.self_attn.q_proj": 2},
+                                alpha_pattern={"k_proj": 3})
+        elif kind == "embedding":
+            config = LoraConfig(r=4, lora_alpha=4, target_modules=["embed_tokens", "lm_head", "q_proj"])
+        else:
+            sys.exit(f"unknown kind {kind}")
+    model = model.float()
+    model.save_pretrained(base_out, safe_serialization=True)
+    peft_model = get_peft_model(model, config)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn_like(p) * 0.1 + (1.0 if "magnitude" in name else 0.0))
+    peft_model.save_pretrained(adapter_out)
+    merged = peft_model.merge_and_unload()
+    state = {k: v.detach().float().contiguous().clone() for k, v in merged.state_dict().items()}
+    if kind == "gpt2":
+        state.pop("lm_head.weight", None)  # tied to wte; not a tensor of the base file
+    save_file(state, merged_out)
 
 
 def diffusers_lora(path, kind):
@@ -78,6 +127,8 @@ def diffusers_lora(path, kind):
 def main():
     if len(sys.argv) == 5 and sys.argv[1] == "peft-merge":
         peft_merge(*sys.argv[2:])
+    elif len(sys.argv) == 6 and sys.argv[1] == "peft-make":
+        peft_make(*sys.argv[2:])
     elif len(sys.argv) == 4 and sys.argv[1] == "diffusers-lora" and sys.argv[3] in ("sd15", "sdxl"):
         diffusers_lora(sys.argv[2], sys.argv[3])
     else:
