@@ -13,9 +13,10 @@ int main(int argc, char** argv) {
         "Tensors no adapter touches are copied byte for byte. DoRA modules are baked as PEFT merges them (magnitude\n"
         "renormalisation); LoRA biases go into the tensor's bias; LyCORIS full/norm diffs are added with the weight\n"
         "alone and PEFT modules_to_save replace the base's tensors. Bases: a safetensors file (SD/SDXL/Flux single files,\n"
-        "transformers models), a sharded checkpoint (directory or model.safetensors.index.json), a diffusers folder\n"
-        "(written back as a folder: configs and tokenizers copied, other weight variants such as *.fp16.safetensors\n"
-        "left out), or a GGUF model (llama.cpp names and q/k row order; changed Q8_0 tensors are requantized to Q8_0\n"
+        "transformers models), a transformers model folder or sharded checkpoint (written back as a folder with its\n"
+        "config and tokenizer files, unless -o names a .safetensors file), a diffusers folder (written back as a\n"
+        "folder: configs and tokenizers copied, other weight variants such as *.fp16.safetensors left out), or a GGUF\n"
+        "model (llama.cpp names and q/k row order; changed Q8_0 tensors are requantized to Q8_0\n"
         "unless --dtype).");
     lorakit::BakeRequest request;
     std::string dtype = "keep", shard_size;

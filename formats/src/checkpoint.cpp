@@ -567,12 +567,19 @@ void FileCheckpoint::write(const fs::path& target, const TensorSource& source, c
     const bool diffusers = layout_ == "diffusers";
     if (diffusers && options.shard_size > 0)
         fail(ErrorCode::usage, "a diffusers folder keeps its components' files; --shard-size is for transformers checkpoints");
-    if (diffusers) {
+    // A model folder (config.json, tokenizer, weights) given as the base is written back as a
+    // folder with the same files, unless the output is named *.safetensors (then the weights only).
+    std::error_code ec;
+    const bool folder = !diffusers && fs::is_directory(name_, ec) &&
+                        (files_.size() > 1 || options.shard_size > 0 ||
+                         (target != "-" && !target.filename().string().ends_with(".safetensors")));
+    if (diffusers || folder) {
         // The folder is copied around its weights: an output inside it would copy itself.
         std::error_code ec;
         const auto inside = fs::weakly_canonical(target, ec).lexically_relative(fs::weakly_canonical(name_, ec));
         if (!inside.empty() && *inside.begin() != "..")
-            fail(ErrorCode::usage, "the output {} lies inside the diffusers folder {}", quote(target.string()), quote(name_));
+            fail(ErrorCode::usage, "the output {} lies inside the {} folder {}", quote(target.string()),
+                 diffusers ? "diffusers" : "model", quote(name_));
     }
     // The plan: every tensor's output dtype and size, before anything is written.
     std::vector<Planned> plan;
@@ -589,7 +596,7 @@ void FileCheckpoint::write(const fs::path& target, const TensorSource& source, c
     // Output files: one, the input's shards, or new shards of at most shard_size bytes.
     std::vector<std::vector<std::size_t>> groups;
     std::vector<std::string> names;  // relative to the output directory
-    const bool sharded = options.shard_size > 0 || files_.size() > 1 || diffusers;
+    const bool sharded = options.shard_size > 0 || files_.size() > 1 || diffusers || folder;
     if (options.shard_size > 0) {
         std::uint64_t used = 0;
         for (std::size_t i = 0; i < plan.size(); ++i) {
@@ -650,7 +657,17 @@ void FileCheckpoint::write(const fs::path& target, const TensorSource& source, c
                 }
                 copy_around_weights(name_, dir, names, indexes);
             } else {
-                for (std::size_t g = 0; g < groups.size(); ++g) indexes["model.safetensors.index.json"].push_back(g);
+                // An index where the weights are (or become) shards: the input's own index name.
+                if (options.shard_size > 0 || files_.size() > 1) {
+                    std::string index = "model.safetensors.index.json";
+                    const fs::path given = name_;
+                    if (given.string().ends_with(".index.json")) index = given.filename().string();
+                    else if (const auto weights = fs::is_directory(given, ec) ? single_weights_in(given) : std::nullopt;
+                             weights && weights->string().ends_with(".index.json"))
+                        index = weights->filename().string();
+                    for (std::size_t g = 0; g < groups.size(); ++g) indexes[index].push_back(g);
+                }
+                if (folder) copy_around_weights(name_, dir, names, indexes);
             }
             for (std::size_t g = 0; g < groups.size(); ++g) {
                 AtomicFile& out = dir.add(names[g]);

@@ -19,6 +19,10 @@ which CI does not install (the tests skip with a warning when they are missing).
       Writes the base model (save_pretrained, safetensors, float32) to BASE_OUT, the adapter to
       ADAPTER_OUT, and PEFT's merge_and_unload() weights to MERGED_OUT (safetensors, float32).
 
+  hf-weights DIR OUT
+      Load the model folder DIR with transformers (AutoModelForCausalLM, float32) and save its
+      weights to OUT: a folder lora-bake wrote must load as the model it was baked from.
+
   diffusers-lora FILE sd15|sdxl
       Load the LoRA file FILE the way StableDiffusion(XL)Pipeline.load_lora_weights does
       (lora_state_dict: kohya keys are converted by diffusers' own code, SGM block names
@@ -95,6 +99,15 @@ def peft_make(kind, base_out, adapter_out, merged_out):
     save_file(state, merged_out)
 
 
+def hf_weights(folder, out):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32)
+    state = {k: v.detach().float().contiguous().clone() for k, v in model.state_dict().items()}
+    save_file(state, out)
+    print(json.dumps({"tensors": len(state)}))
+
+
 def diffusers_lora(path, kind):
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
     from diffusers.utils.state_dict_utils import (DIFFUSERS_OLD_TO_DIFFUSERS, DIFFUSERS_TO_PEFT, convert_state_dict,
@@ -127,6 +140,8 @@ def diffusers_lora(path, kind):
 def main():
     if len(sys.argv) == 5 and sys.argv[1] == "peft-merge":
         peft_merge(*sys.argv[2:])
+    elif len(sys.argv) == 4 and sys.argv[1] == "hf-weights":
+        hf_weights(*sys.argv[2:])
     elif len(sys.argv) == 6 and sys.argv[1] == "peft-make":
         peft_make(*sys.argv[2:])
     elif len(sys.argv) == 4 and sys.argv[1] == "diffusers-lora" and sys.argv[3] in ("sd15", "sdxl"):

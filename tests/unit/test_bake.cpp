@@ -146,6 +146,50 @@ TEST_CASE("lora-bake: sharded output, --dtype, JSON", "[bake]") {
     CHECK(std::filesystem::exists(twice / "model.safetensors.index.json"));
 }
 
+TEST_CASE("lora-bake: a model folder bakes into a folder with its config and tokenizer files", "[bake]") {
+    ScratchDir dir;
+    const auto folder = dir / "model";
+    std::filesystem::create_directories(folder / ".cache");
+    write_base(folder / "model.safetensors", DType::F32);
+    lorakit::test::write_file(folder / "config.json", R"({"model_type": "llama"})");
+    lorakit::test::write_file(folder / "tokenizer.json", "{}");
+    lorakit::test::write_file(folder / "generation_config.json", "{}");
+    lorakit::test::write_file(folder / "pytorch_model.bin", "stale weights");  // another weights file: not copied
+    lorakit::test::write_file(folder / ".cache" / "x", "x");
+    auto listing = [](const std::filesystem::path& p) {
+        std::vector<std::string> names;
+        for (const auto& e : std::filesystem::directory_iterator(p)) names.push_back(e.path().filename().string());
+        std::sort(names.begin(), names.end());
+        return names;
+    };
+    // Folder in, folder out (same weights name, configs and tokenizer copied, nothing hidden).
+    const auto out = dir / "baked";
+    REQUIRE(run_tool("lora-bake", {folder.string(), sample, "-o", out.string()}).exit_code == 0);
+    CHECK(listing(out) == std::vector<std::string>{"config.json", "generation_config.json", "model.safetensors", "tokenizer.json"});
+    CHECK(read_file(out / "config.json") == read_file(folder / "config.json"));
+    // The weights are what a single-file output holds.
+    const auto file = dir / "baked.safetensors";
+    REQUIRE(run_tool("lora-bake", {folder.string(), sample, "-o", file.string()}).exit_code == 0);
+    CHECK(std::filesystem::is_regular_file(file));
+    CHECK(read_file(file) == read_file(out / "model.safetensors"));
+    // Sharded: the shards, the index, and the same files around them; a sharded folder bakes
+    // into one with its own index name.
+    const auto sharded = dir / "sharded";
+    REQUIRE(run_tool("lora-bake", {folder.string(), sample, "-o", sharded.string(), "--shard-size", "40KB"}).exit_code == 0);
+    CHECK(std::filesystem::exists(sharded / "tokenizer.json"));
+    CHECK(std::filesystem::exists(sharded / "model.safetensors.index.json"));
+    std::filesystem::rename(sharded / "model.safetensors.index.json", sharded / "other.safetensors.index.json");
+    const auto again = dir / "again";
+    REQUIRE(run_tool("lora-bake", {sharded.string(), sample, "-o", again.string()}).exit_code == 0);
+    CHECK(std::filesystem::exists(again / "other.safetensors.index.json"));
+    CHECK(std::filesystem::exists(again / "tokenizer.json"));
+    // An output inside the folder would copy itself: refused.
+    auto r = run_tool("lora-bake", {folder.string(), sample, "-o", (folder / "baked").string()});
+    CHECK(r.exit_code == 2);
+    CHECK_THAT(r.err, Catch::Contains("inside the model folder"));
+    CHECK_FALSE(std::filesystem::exists(folder / "baked"));
+}
+
 TEST_CASE("lora-bake refuses clearly and leaves nothing behind", "[bake]") {
     ScratchDir dir;
     const auto base = dir / "base.safetensors";

@@ -35,7 +35,8 @@ const std::string samples = std::string(LORAKIT_SOURCE_DIR) + "/samples";
 struct Case {
     std::string tool;
     std::vector<std::string> arguments;  // "OUT" stands for the output path, "BROKEN" for a bad input
-    bool directory = false;              // the output is a directory (PEFT)
+    bool directory = false;              // the output is a directory (PEFT, a model folder)
+    std::string streamed = {};           // a directory output's file that `-o -` streams instead ("": refused)
 };
 
 std::vector<std::string> with(const std::vector<std::string>& arguments, const std::string& out, const std::string& broken = {}) {
@@ -96,7 +97,9 @@ TEST_CASE("every tool keeps the Makefile contract: determinism, quiet stderr, no
         {"lora-convert", {samples + "/diffusers-sd15.safetensors", "--to", "kohya", "-o", "OUT"}},
         {"lora-convert", {samples + "/mlx-qwen", "--to", "peft", "-o", "OUT"}, true},
         {"lora-stack", {kohya + ":0.5", samples + "/kohya-sdxl.safetensors:0.7", "--rank", "8", "-o", "OUT"}},
-        {"lora-bake", {samples + "/base-llama", samples + "/peft-llama:0.5", "-o", "OUT"}},
+        {"lora-bake", {samples + "/base-llama/model.safetensors", samples + "/peft-llama:0.5", "-o", "OUT"}},
+        // A model folder bakes into a folder (config.json copied); `-o -` streams its weights.
+        {"lora-bake", {samples + "/base-llama", samples + "/peft-llama:0.5", "-o", "OUT"}, true, "model.safetensors"},
         {"lora-extract", {samples + "/base-llama", (dir / "tuned.safetensors").string(), "--rank", "4", "-o", "OUT"}, true},
     };
     for (std::size_t i = 0; i < cases.size(); ++i) {
@@ -171,7 +174,13 @@ TEST_CASE("every tool keeps the Makefile contract: determinism, quiet stderr, no
             CHECK(leftovers().empty());
             // `-o -`: the file itself on stdout, nothing after it; directories are refused.
             r = run_tool(c.tool, with(c.arguments, "-"));
-            if (c.directory) {
+            if (!c.streamed.empty()) {
+                CHECK(r.exit_code == 0);
+                const auto file = std::find_if(first.begin(), first.end(), [&](const auto& f) { return f.first == c.streamed; });
+                REQUIRE(file != first.end());
+                CHECK(r.out == file->second);
+                CHECK(r.err.empty());
+            } else if (c.directory) {
                 CHECK(r.exit_code == 2);
                 CHECK_THAT(r.err, Catch::Contains("directory"));
                 CHECK_FALSE(fs::exists(dir / "-"));

@@ -144,9 +144,12 @@ TEST_CASE("lora-bake and lora-convert agree with PEFT on adapters PEFT itself wr
                 }
                 CHECK(worst < 1e-6);  // measured: 0 (6e-8 for DoRA, whose norm sums in another order)
             };
-            // lora-bake reads PEFT's file and merges as merge_and_unload() does.
-            run_ok("lora-bake", {base, adapter, "--dtype", "f32", "-o", (dir / kind / "ours.safetensors").string()});
-            compare(dir / kind / "ours.safetensors", true);
+            // lora-bake reads PEFT's file and merges as merge_and_unload() does; the folder it
+            // writes loads in transformers as that model.
+            run_ok("lora-bake", {base, adapter, "--dtype", "f32", "-o", (dir / kind / "ours").string()});
+            compare(dir / kind / "ours" / "model.safetensors", true);
+            run_client({client, "hf-weights", (dir / kind / "ours").string(), (dir / kind / "loaded.safetensors").string()});
+            compare(dir / kind / "loaded.safetensors", false);
             // lorakit's rewrite of it, loaded by PEFT, merges to the same weights.
             run_ok("lora-convert", {adapter, "--to", "peft", "-o", (dir / kind / "rewritten").string()});
             run_client({client, "peft-merge", base, (dir / kind / "rewritten").string(), (dir / kind / "peft.safetensors").string()});
