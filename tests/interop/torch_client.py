@@ -19,6 +19,16 @@ which CI does not install (the tests skip with a warning when they are missing).
       Writes the base model (save_pretrained, safetensors, float32) to BASE_OUT, the adapter to
       ADAPTER_OUT, and PEFT's merge_and_unload() weights to MERGED_OUT (safetensors, float32).
 
+  diffusers-make UNET_OUT ADAPTER_OUT MERGED_OUT
+      A tiny SD-layout UNet2DConditionModel saved as a diffusers component folder (UNET_OUT), a
+      LoRA on its attention, feed-forward, proj_in and resnet convolutions added with PEFT and
+      randomized, saved by StableDiffusionPipeline.save_lora_weights (with its adapter metadata
+      where diffusers has it) into ADAPTER_OUT, and the UNet's weights with the LoRA merged
+      by PEFT saved to MERGED_OUT.
+
+  unet-weights DIR OUT
+      Load the UNet folder DIR with diffusers and save its weights to OUT.
+
   hf-weights DIR OUT
       Load the model folder DIR with transformers (AutoModelForCausalLM, float32) and save its
       weights to OUT: a folder lora-bake wrote must load as the model it was baked from.
@@ -99,6 +109,60 @@ def peft_make(kind, base_out, adapter_out, merged_out):
     save_file(state, merged_out)
 
 
+def tiny_unet():
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(block_out_channels=(32, 64), layers_per_block=2, sample_size=32, in_channels=4,
+                                out_channels=4, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
+                                attention_head_dim=8, norm_num_groups=8)
+
+
+def diffusers_make(unet_out, adapter_out, merged_out):
+    import inspect
+
+    from diffusers import StableDiffusionPipeline
+    from peft import LoraConfig
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils import get_peft_model_state_dict
+
+    torch.manual_seed(7)
+    unet = tiny_unet()
+    unet.save_pretrained(unet_out, safe_serialization=True)
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=2, target_modules=["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2",
+                                                                   "proj_in", "ff.net.2"]))
+    with torch.no_grad():
+        for name, p in unet.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn_like(p) * 0.1)
+    extra = {}
+    if "unet_lora_adapter_metadata" in inspect.signature(StableDiffusionPipeline.save_lora_weights).parameters:
+        extra["unet_lora_adapter_metadata"] = unet.peft_config["default"].to_dict()
+    else:
+        # Older diffusers keep no alpha: the file then means scale 1, and so must the reference.
+        for module in unet.modules():
+            if isinstance(module, BaseTunerLayer):
+                for key in module.scaling:
+                    module.scaling[key] = 1.0
+    StableDiffusionPipeline.save_lora_weights(adapter_out, unet_lora_layers=get_peft_model_state_dict(unet), **extra)
+    for module in unet.modules():
+        if isinstance(module, BaseTunerLayer):
+            module.merge()
+    state = {k.replace(".base_layer", ""): v.detach().float().contiguous().clone()
+             for k, v in unet.state_dict().items() if "lora_" not in k}
+    save_file(state, merged_out)
+    print(json.dumps({"tensors": len(state), "alpha_metadata": bool(extra)}))
+
+
+def unet_weights(folder, out):
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(folder)
+    state = {k: v.detach().float().contiguous().clone() for k, v in unet.state_dict().items()}
+    save_file(state, out)
+    print(json.dumps({"tensors": len(state)}))
+
+
 def hf_weights(folder, out):
     from transformers import AutoModelForCausalLM
 
@@ -140,6 +204,10 @@ def diffusers_lora(path, kind):
 def main():
     if len(sys.argv) == 5 and sys.argv[1] == "peft-merge":
         peft_merge(*sys.argv[2:])
+    elif len(sys.argv) == 5 and sys.argv[1] == "diffusers-make":
+        diffusers_make(*sys.argv[2:])
+    elif len(sys.argv) == 4 and sys.argv[1] == "unet-weights":
+        unet_weights(*sys.argv[2:])
     elif len(sys.argv) == 4 and sys.argv[1] == "hf-weights":
         hf_weights(*sys.argv[2:])
     elif len(sys.argv) == 6 and sys.argv[1] == "peft-make":

@@ -1,7 +1,8 @@
 // The real clients on PyTorch (tests/interop/torch_client.py): PEFT loads the PEFT adapters
 // lorakit writes (every tensor reaches the model) and its merge_and_unload() gives the weights
 // lora-bake gives; diffusers' own loader reads lorakit's kohya and diffusers files of SD1.5 and
-// SDXL LoRAs to the same modules and values.
+// SDXL LoRAs to the same modules and values; lora-bake equals PEFT's and diffusers' merges of adapters
+// they wrote themselves, and transformers and diffusers load the folders it writes.
 //
 // These packages are large and not installed in CI: the tests run where $LORAKIT_TORCH_PYTHON
 // (default $LORAKIT_PYTHON, then build/venv/bin/python) imports torch, transformers, peft and
@@ -211,4 +212,39 @@ TEST_CASE("diffusers reads lorakit's kohya and diffusers files of SD1.5 and SDXL
             CHECK(seen_original["alphas"].size() == (from_kohya ? adapter.modules.size() : 0));
         }
     }
+}
+
+TEST_CASE("lora-bake of a LoRA diffusers saved equals diffusers' own merge, directly and through kohya", "[interop][torch]") {
+    LORAKIT_REQUIRE_TORCH_CLIENTS();
+    test::ScratchDir dir;
+    const std::string unet = (dir / "unet").string(), lora = (dir / "lora").string(),
+                      reference = (dir / "merged.safetensors").string();
+    // A tiny SD-layout UNet; a LoRA on attention, feed-forward, proj_in and the resnet 3x3 convs.
+    run_client({client, "diffusers-make", unet, lora, reference});
+    const auto expected = read_all(reference);
+    auto compare = [&](const fs::path& file) {
+        const auto got = read_all(file);
+        REQUIRE(got.size() == expected.size());
+        double worst = 0;
+        for (const auto& [name, values] : expected) {
+            INFO(name);
+            REQUIRE(got.count(name) == 1);
+            const auto& mine = got.at(name);
+            REQUIRE(mine.size() == values.size());
+            for (std::size_t i = 0; i < values.size(); ++i)
+                worst = std::max(worst, std::abs(static_cast<double>(values[i]) - mine[i]));
+        }
+        CHECK(worst < 1e-6);  // measured: 0
+    };
+    const std::string file = lora + "/pytorch_lora_weights.safetensors";
+    run_ok("lora-bake", {unet, file, "--dtype", "f32", "-o", (dir / "ours").string()});
+    compare(dir / "ours" / "diffusion_pytorch_model.safetensors");
+    // The baked component folder loads in diffusers as that UNet.
+    run_client({client, "unet-weights", (dir / "ours").string(), (dir / "loaded.safetensors").string()});
+    compare(dir / "loaded.safetensors");
+    // Through lorakit's kohya conversion (convolutions included), the same bytes.
+    run_ok("lora-convert", {file, "--to", "kohya", "-o", (dir / "kohya.safetensors").string()});
+    run_ok("lora-bake", {unet, (dir / "kohya.safetensors").string(), "--dtype", "f32", "-o", (dir / "via-kohya").string()});
+    CHECK(test::read_file(dir / "via-kohya" / "diffusion_pytorch_model.safetensors") ==
+          test::read_file(dir / "ours" / "diffusion_pytorch_model.safetensors"));
 }
