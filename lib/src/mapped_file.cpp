@@ -2,6 +2,7 @@
 
 #include <fcntl.h>
 #include <sys/mman.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -42,6 +43,11 @@ std::vector<std::byte> read_all(int fd, const std::string& name) {
 struct Mappings {
     std::mutex mutex;
     std::map<std::uintptr_t, std::pair<std::uintptr_t, int>> by_start;
+    std::size_t max_kept = [] {
+        rlimit limit{};
+        if (::getrlimit(RLIMIT_NOFILE, &limit) != 0 || limit.rlim_cur == RLIM_INFINITY) return std::size_t{512};
+        return static_cast<std::size_t>(limit.rlim_cur / 2);
+    }();
 };
 
 Mappings& mappings() {
@@ -103,12 +109,16 @@ std::shared_ptr<const MappedFile> MappedFile::open(const std::filesystem::path& 
         }
         file->data_ = static_cast<const std::byte*>(map);
         file->mapped_ = true;
-        file->fd_ = fd;
-        const auto start = reinterpret_cast<std::uintptr_t>(map);
+        // The descriptor stays open for mapped_source(), but at most for half the process's
+        // descriptor limit: a stack of thousands of inputs must still open them all.
         Mappings& m = mappings();
         std::lock_guard lock(m.mutex);
-        m.by_start[start] = {start + file->size_, fd};
-        return file;
+        if (m.by_start.size() < m.max_kept) {
+            file->fd_ = fd;
+            const auto start = reinterpret_cast<std::uintptr_t>(map);
+            m.by_start[start] = {start + file->size_, fd};
+            return file;
+        }
     }
     ::close(fd);
     return file;
@@ -127,13 +137,13 @@ std::shared_ptr<const MappedFile> MappedFile::from_bytes(std::string display_nam
 
 MappedFile::~MappedFile() {
     if (!mapped_) return;
-    {
+    if (fd_ >= 0) {
         Mappings& m = mappings();
         std::lock_guard lock(m.mutex);
         m.by_start.erase(reinterpret_cast<std::uintptr_t>(data_));
     }
     ::munmap(const_cast<std::byte*>(data_), size_);
-    ::close(fd_);
+    if (fd_ >= 0) ::close(fd_);
 }
 
 void MappedFile::prefetch(std::size_t offset, std::size_t length) const noexcept {

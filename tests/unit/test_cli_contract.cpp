@@ -212,3 +212,13 @@ TEST_CASE("notes reach stderr on request only: --verbose off a terminal, never w
     REQUIRE(r.exit_code == 0);
     CHECK(r.err.empty());
 }
+
+TEST_CASE("many inputs open under a small descriptor limit (mapped inputs keep descriptors only up to half of it)", "[cli][contract]") {
+    // 60 inputs under a hard limit of 40 descriptors: each mapped input would keep one open.
+    std::string command = "ulimit -n 40 && exec '" + lorakit::test::tool_path("lora-stack") + "'";
+    for (int i = 0; i < 60; ++i) command += " '" + samples + "/kohya-sdxl.safetensors:0.01'";
+    const auto r = lorakit::test::run_process("/bin/sh", {"-c", command});
+    INFO(r.err);
+    CHECK(r.exit_code == 0);
+    CHECK_THAT(r.out, Catch::Contains("pair 59+60") && Catch::Contains("verdict: ok"));
+}

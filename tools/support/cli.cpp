@@ -1,5 +1,6 @@
 #include "support/cli.h"
 
+#include <sys/resource.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -19,6 +20,12 @@
 namespace lorakit::cli {
 
 Tool::Tool(std::string name, std::string description) : name_(std::move(name)), app_(std::move(description), name_) {
+    // Every mapped input keeps its descriptor open (for file-to-file copies): a stack or merge of
+    // a thousand adapters must not hit the default soft limit of 1024 descriptors.
+    if (rlimit limit{}; ::getrlimit(RLIMIT_NOFILE, &limit) == 0 && limit.rlim_cur < limit.rlim_max) {
+        limit.rlim_cur = limit.rlim_max;
+        ::setrlimit(RLIMIT_NOFILE, &limit);
+    }
     app_.set_version_flag("--version", fmt::format("{} (lorakit) {}", name_, LORAKIT_VERSION_STRING));
     app_.get_formatter()->column_width(34);
 }

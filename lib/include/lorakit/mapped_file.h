@@ -48,7 +48,7 @@ private:
     std::size_t size_ = 0;
     bool mapped_ = false;
     std::unique_ptr<std::byte[]> heap_;
-    int fd_ = -1;  // kept open while mapped, for mapped_source()
+    int fd_ = -1;  // kept open while mapped, for mapped_source() (up to half the descriptor limit)
 };
 
 // Where `bytes` come from when they lie wholly inside the mapping of a live MappedFile: its open
