@@ -1,5 +1,6 @@
 #include "lorakit/lycoris.h"
 
+#include <algorithm>
 #include <cmath>
 
 #include <fmt/format.h>
@@ -100,6 +101,27 @@ Matrix kron(const Matrix& w1, const Matrix& w2, std::int64_t kernel) {
     return out;
 }
 
+// LyCORIS stores the LoHa factors, and LoKr's low-rank w2, of a convolution without Tucker
+// flattened ([r, in·kh·kw]), so the file does not give the kernel. The 3x3 convolutions of Stable
+// Diffusion UNets are known by name (diffusers and original/SGM paths, dotted or kohya-flattened).
+bool is_sd_unet_3x3_conv(std::string_view name) {
+    std::string n(name);
+    std::replace(n.begin(), n.end(), '_', '.');
+    if (n.find("unet") == std::string::npos) return false;
+    auto ends = [&](std::string_view tail) { return n.ends_with(tail); };
+    auto has = [&](std::string_view part) { return n.find(part) != std::string::npos; };
+    return (has("resnets.") && (ends(".conv1") || ends(".conv2"))) || ends("downsamplers.0.conv") ||
+           ends("upsamplers.0.conv") || ends("unet.conv.in") || ends("unet.conv.out") || ends(".in.layers.2") ||
+           ends(".out.layers.3") || (has("input.blocks.") && ends(".0.op")) || (has("output.blocks.") && ends(".conv")) ||
+           ends("input.blocks.0.0") || ends("unet.out.2");
+}
+
+// The kernel of a flattened convolution delta with `cols` columns: 3x3 for a known one.
+Shape flattened_kernel(const LycorisModule& m, std::int64_t cols) {
+    if (cols % 9 == 0 && (is_sd_unet_3x3_conv(m.name) || is_sd_unet_3x3_conv(m.source_name))) return {3, 3};
+    return {1, 1};
+}
+
 }  // namespace
 
 std::int64_t LycorisDelta::cols() const {
@@ -127,7 +149,8 @@ LycorisDelta lycoris_delta(const LycorisModule& m) {
             } else {
                 m1 = product(w1a, w1b, "LoHa w1");
                 m2 = product(w2a, w2b, "LoHa w2");
-                s1 = s2 = Shape{m1.rows, m1.cols};
+                const Shape k = flattened_kernel(m, m1.cols);
+                s1 = s2 = k[0] * k[1] == 1 ? Shape{m1.rows, m1.cols} : Shape{m1.rows, m1.cols / 9, 3, 3};
             }
             if (m1.rows != m2.rows || m1.cols != m2.cols || s1 != s2)
                 fail(ErrorCode::bad_input, "LoHa products have different shapes");
@@ -158,6 +181,8 @@ LycorisDelta lycoris_delta(const LycorisModule& m) {
                 }
             } else {
                 W2 = product(as_matrix(need(m, "lokr_w2_a")), as_matrix(need(m, "lokr_w2_b")), "LoKr w2");
+                kernel = flattened_kernel(m, W2.cols);
+                conv = kernel[0] * kernel[1] > 1;
             }
             delta = kron(W1, W2, kernel[0] * kernel[1]);
             const std::int64_t kk = kernel[0] * kernel[1];

@@ -245,3 +245,36 @@ TEST_CASE("lora-convert --rank turns a kohya LyCORIS file into a LoRA file with 
     std::vector<double> want(d.values.begin(), d.values.end());
     CHECK(relative(lora_delta(converted.modules[0]), want) < 1e-5);  // rank 4 = r² holds it exactly
 }
+
+TEST_CASE("flattened LoHa/LoKr convolutions of SD UNets get their 3x3 kernel back by name", "[lycoris]") {
+    // LyCORIS stores a conv LoHa (and LoKr's low-rank w2) without Tucker as [r, in·3·3].
+    const std::int64_t out = 8, in = 4, r = 2;
+    auto loha = module("loha", 2.0, {{"hada_w1_a", random_tensor({out, r}, 11)}, {"hada_w1_b", random_tensor({r, in * 9}, 12)},
+                                     {"hada_w2_a", random_tensor({out, r}, 13)}, {"hada_w2_b", random_tensor({r, in * 9}, 14)}});
+    auto lokr = module("lokr", 2.0, {{"lokr_w1", random_tensor({2, 2}, 15)}, {"lokr_w2_a", random_tensor({out / 2, r}, 16)},
+                                     {"lokr_w2_b", random_tensor({r, in / 2 * 9}, 17)}});
+    for (const char* name : {"unet.down_blocks.0.resnets.0.conv1", "unet.up_blocks.1.upsamplers.0.conv",
+                             "unet.input_blocks.1.0.in_layers.2", "lora_unet_output_blocks_2_1_conv", "unet.conv_in"}) {
+        for (LycorisModule* m : {&loha, &lokr}) {
+            INFO(name << " " << m->algorithm);
+            m->name = name;
+            m->source_name.clear();
+            const LycorisDelta d = lycoris_delta(*m);
+            CHECK(d.weight_shape == Shape{out, in, 3, 3});
+            // The LoRA is a 3x3 conv LoRA holding the same delta (full rank: exact).
+            const auto c = lycoris_to_lora(*m, 64, DType::F32);
+            CHECK(c.module.kind == ModuleKind::conv);
+            CHECK(c.module.down.shape() == Shape{c.module.rank(), in, 3, 3});
+            CHECK(c.module.up.shape() == Shape{out, c.module.rank(), 1, 1});
+            std::vector<double> want(d.values.begin(), d.values.end());
+            CHECK(relative(lora_delta(c.module), want) < 1e-5);
+        }
+    }
+    // Any other name (a linear layer, a 1x1 conv, a text encoder) keeps the 2-D form.
+    for (const char* name : {"unet.down_blocks.0.attentions.0.proj_in", "unet.down_blocks.0.resnets.0.conv_shortcut",
+                             "text_encoder.text_model.encoder.layers.0.mlp.fc1"}) {
+        INFO(name);
+        loha.name = name;
+        CHECK(lycoris_delta(loha).weight_shape == Shape{out, in * 9});
+    }
+}
