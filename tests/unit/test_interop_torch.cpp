@@ -73,6 +73,21 @@ std::map<std::string, std::vector<float>> read_all(const fs::path& file) {
     return out;
 }
 
+// The largest |expected - got| over every tensor of `expected`, each of which `got` must hold
+// with the same number of values.
+double worst_difference(const std::map<std::string, std::vector<float>>& expected,
+                        const std::map<std::string, std::vector<float>>& got) {
+    double worst = 0;
+    for (const auto& [name, values] : expected) {
+        INFO(name);
+        REQUIRE(got.count(name) == 1);
+        const auto& mine = got.at(name);
+        REQUIRE(mine.size() == values.size());
+        for (std::size_t i = 0; i < values.size(); ++i) worst = std::max(worst, std::abs(static_cast<double>(values[i]) - mine[i]));
+    }
+    return worst;
+}
+
 }  // namespace
 
 TEST_CASE("PEFT loads lorakit's PEFT adapters whole and merges them to lora-bake's weights", "[interop][torch]") {
@@ -102,15 +117,7 @@ TEST_CASE("PEFT loads lorakit's PEFT adapters whole and merges them to lora-bake
             run_ok("lora-bake", {base, adapter, "--dtype", "f32", "-o", out("ours.safetensors"), "--force"});
             const auto peft = read_all(out("peft.safetensors")), ours = read_all(out("ours.safetensors"));
             REQUIRE(peft.size() == ours.size());
-            double worst = 0;
-            for (const auto& [name, values] : peft) {
-                INFO(name);
-                REQUIRE(ours.count(name) == 1);
-                const auto& mine = ours.at(name);
-                REQUIRE(mine.size() == values.size());
-                for (std::size_t i = 0; i < values.size(); ++i)
-                    worst = std::max(worst, std::abs(static_cast<double>(values[i]) - mine[i]));
-            }
+            const double worst = worst_difference(peft, ours);
             // Both add s·B·A to the f32 weights (magnitudes ~0.2-1); only the summation order differs.
             CHECK(worst < 2e-6);
         }
@@ -134,15 +141,7 @@ TEST_CASE("lora-bake and lora-convert agree with PEFT on adapters PEFT itself wr
             auto compare = [&](const fs::path& file, bool all) {
                 const auto got = read_all(file);
                 if (all) CHECK(got.size() == expected.size());
-                double worst = 0;
-                for (const auto& [name, values] : expected) {
-                    INFO(name);
-                    REQUIRE(got.count(name) == 1);
-                    const auto& mine = got.at(name);
-                    REQUIRE(mine.size() == values.size());
-                    for (std::size_t i = 0; i < values.size(); ++i)
-                        worst = std::max(worst, std::abs(static_cast<double>(values[i]) - mine[i]));
-                }
+                const double worst = worst_difference(expected, got);
                 CHECK(worst < 1e-6);  // measured: 0 (6e-8 for DoRA, whose norm sums in another order)
             };
             // lora-bake reads PEFT's file and merges as merge_and_unload() does; the folder it
@@ -225,15 +224,7 @@ TEST_CASE("lora-bake of a LoRA diffusers saved equals diffusers' own merge, dire
     auto compare = [&](const fs::path& file) {
         const auto got = read_all(file);
         REQUIRE(got.size() == expected.size());
-        double worst = 0;
-        for (const auto& [name, values] : expected) {
-            INFO(name);
-            REQUIRE(got.count(name) == 1);
-            const auto& mine = got.at(name);
-            REQUIRE(mine.size() == values.size());
-            for (std::size_t i = 0; i < values.size(); ++i)
-                worst = std::max(worst, std::abs(static_cast<double>(values[i]) - mine[i]));
-        }
+        const double worst = worst_difference(expected, got);
         CHECK(worst < 1e-6);  // measured: 0
     };
     const std::string file = lora + "/pytorch_lora_weights.safetensors";
