@@ -31,6 +31,8 @@ void cblas_dsyrk(int layout, int uplo, int trans, int n, int k, double alpha, co
                  double* c, int ldc);
 void cblas_dgemm(int layout, int trans_a, int trans_b, int m, int n, int k, double alpha, const double* a, int lda,
                  const double* b, int ldb, double beta, double* c, int ldc);
+void cblas_dtrsm(int layout, int side, int uplo, int trans_a, int diag, int m, int n, double alpha, const double* a,
+                 int lda, double* b, int ldb);
 }
 #include <functional>
 
@@ -41,6 +43,8 @@ constexpr int cblas_col_major = 102;
 constexpr int cblas_no_trans = 111;
 constexpr int cblas_trans = 112;
 constexpr int cblas_upper = 121;
+constexpr int cblas_non_unit = 131;
+constexpr int cblas_left = 141;
 }  // namespace
 
 struct Workspace::Impl {
@@ -51,11 +55,11 @@ struct Workspace::Impl {
     std::vector<double> u, vt, s, dwork;
     std::vector<lapack_int> iwork;
     std::vector<float> small;   // float copies of the core's singular vectors
-    std::vector<double> wide;   // a stacked factor widened to double (Gram route)
-    std::vector<double> gram_b, gram_a, rb, ra;
+    std::vector<double> wide;   // a chunk of a stacked factor widened to double (Gram route)
+    std::vector<double> rb, ra;
     std::vector<lapack_int> piv;
-    // The eigen route of factored_svd: kept across calls so that their pages are touched once.
-    std::vector<double> bd, ad, gb, ga, z, gz, kgram, x, y, lambda, mu;
+    // The Gram route of factored_svd: kept across calls so that their pages are touched once.
+    std::vector<double> gb, ga, z, gz, kgram, y, mu;
 };
 
 Workspace::Workspace() : impl_(new Impl) {}
@@ -199,66 +203,7 @@ lapack_int core_svd(const Triangles& t, bool vectors, Workspace::Impl& w) {
     return m;
 }
 
-// R such that RᵀR = XᵀX for the n x R column-major matrix X (ld = n) or, with `transposed`,
-// for X = Yᵀ where Y is R x n column-major (ld = R): the R factor of X's thin QR, obtained by
-// pivoted Cholesky of the Gram matrix in double. Returns its rank; `r` receives rank x R,
-// column-major (ld = rank), columns in the original order.
-lapack_int gram_r_factor(const float* x, lapack_int n, lapack_int R, bool transposed, Workspace::Impl& w,
-                         std::vector<double>& gram, std::vector<double>& r) {
-    const std::size_t count = static_cast<std::size_t>(n) * static_cast<std::size_t>(R);
-    double* wide = sized(w.wide, count);
-    for (std::size_t i = 0; i < count; ++i) wide[i] = x[i];
-    double* g = sized(gram, static_cast<std::size_t>(R) * R);
-    if (transposed) cblas_dsyrk(cblas_col_major, cblas_upper, cblas_no_trans, R, n, 1.0, wide, R, 0.0, g, R);
-    else cblas_dsyrk(cblas_col_major, cblas_upper, cblas_trans, R, n, 1.0, wide, n, 0.0, g, R);
-    for (std::size_t i = 0; i < static_cast<std::size_t>(R) * R; ++i)
-        if (!std::isfinite(g[i])) fail(ErrorCode::bad_input, "the factors hold NaN or infinite values");
-    lapack_int* piv = sized(w.piv, static_cast<std::size_t>(R));
-    lapack_int rank = 0;
-    double* work = sized(w.dwork, static_cast<std::size_t>(2 * R));
-    // tol < 0: LAPACK's default, R * eps * max pivot; smaller pivots count as rank deficiency.
-    const lapack_int info = LAPACKE_dpstrf_work(LAPACK_COL_MAJOR, 'U', R, g, R, piv, &rank, -1.0, work);
-    if (info < 0) check_lapack(info, "dpstrf");
-    if (info == 0) rank = R;
-    // Pᵀ G P = UᵀU, so G = (U Pᵀ)ᵀ (U Pᵀ): R factor = U with its columns put back in place.
-    double* out = sized(r, static_cast<std::size_t>(rank) * R);
-    std::fill(out, out + static_cast<std::size_t>(rank) * R, 0.0);
-    for (lapack_int j = 0; j < R; ++j) {
-        const std::size_t column = static_cast<std::size_t>(piv[j] - 1);
-        for (lapack_int i = 0; i <= std::min(j, rank - 1); ++i)
-            out[i + column * rank] = g[i + static_cast<std::size_t>(j) * R];
-    }
-    return rank;
-}
-
 }  // namespace
-
-std::vector<double> factored_singular_values(std::span<const LowRankTerm> terms, Workspace& workspace) {
-    // Values only: the R factors come from Gram matrices in double (dsyrk + pivoted Cholesky).
-    // For f32 factors this is at least as accurate as Householder QR in f32 (the squared
-    // condition number costs ~1e-16 relative, below the inputs' own rounding) and it runs at
-    // BLAS-3 speed, several times faster than sgeqrf on tall-skinny factors.
-    auto& w = workspace.impl();
-    const Stacked s = stack_terms(terms, w);
-    const lapack_int R = to_lapack(s.total_rank, "total rank");
-    const lapack_int out = to_lapack(s.out, "output size"), in = to_lapack(s.in, "input size");
-    const lapack_int rank_b = gram_r_factor(w.b.data(), out, R, true, w, w.gram_b, w.rb);
-    const lapack_int rank_a = gram_r_factor(w.a.data(), in, R, false, w, w.gram_a, w.ra);
-    const auto expected = static_cast<std::size_t>(std::min({s.out, s.in, s.total_rank}));
-    std::vector<double> values(expected, 0.0);
-    if (rank_b == 0 || rank_a == 0) return values;
-    // core = R_b R_aᵀ (rank_b x rank_a).
-    double* core = sized(w.core, static_cast<std::size_t>(rank_b) * rank_a);
-    cblas_dgemm(cblas_col_major, cblas_no_trans, cblas_trans, rank_b, rank_a, R, 1.0, w.rb.data(), rank_b, w.ra.data(),
-                rank_a, 0.0, core, rank_b);
-    Triangles t;
-    t.kb = rank_b;
-    t.ka = rank_a;
-    t.R = R;
-    const lapack_int m = core_svd(t, false, w);
-    for (lapack_int i = 0; i < m && static_cast<std::size_t>(i) < expected; ++i) values[i] = w.s[i];
-    return values;
-}
 
 std::vector<double> factored_singular_values_householder(std::span<const LowRankTerm> terms, Workspace& workspace) {
     auto& w = workspace.impl();
@@ -359,97 +304,232 @@ void stacked_grams(std::span<const LowRankTerm> terms, Workspace& workspace, std
         }
 }
 
+namespace {
+
+// Chunk of stacked rows (or input columns) widened to double at a time: 256 KiB, so that the
+// widened copy stays in cache between being written and being read by dsyrk.
+std::size_t gram_chunk(lapack_int R) { return std::clamp<std::size_t>(32768 / static_cast<std::size_t>(R), 16, 4096); }
+
+// Stacks the terms in f32 (as stack_terms) and accumulates the Gram matrices of the stacks in
+// double on the way, chunk by chunk: G_b = BᵀB into w.gb and G_a = AAᵀ into w.ga, both R x R
+// column-major with both triangles filled. One pass over the factors; no full-size double copy.
+Stacked stack_with_grams(std::span<const LowRankTerm> terms, Workspace::Impl& w) {
+    if (terms.empty()) fail(ErrorCode::internal, "factored SVD of no terms");
+    Stacked s;
+    s.out = terms[0].out;
+    s.in = terms[0].in;
+    for (const auto& t : terms) {
+        if (t.out != s.out || t.in != s.in)
+            fail(ErrorCode::bad_input, "cannot add a {}x{} low-rank term to a {}x{} one", t.out, t.in, s.out, s.in);
+        if (t.rank <= 0 || t.out <= 0 || t.in <= 0)
+            fail(ErrorCode::internal, "low-rank term of shape {}x{}x{}", t.out, t.rank, t.in);
+        s.total_rank += t.rank;
+    }
+    const lapack_int R = to_lapack(s.total_rank, "total rank");
+    to_lapack(s.out, "output size");
+    to_lapack(s.in, "input size");
+    const auto RR = static_cast<std::size_t>(R);
+    const auto out = static_cast<std::size_t>(s.out), in = static_cast<std::size_t>(s.in);
+    float* b = sized(w.b, RR * out);
+    float* a = sized(w.a, RR * in);
+    double* gb = sized(w.gb, RR * RR);
+    double* ga = sized(w.ga, RR * RR);
+    const std::size_t chunk = gram_chunk(R);
+    double* wide = sized(w.wide, RR * chunk);
+    // B: the R x out array (column o = row o of the stacked B), chunk of columns at a time.
+    for (std::size_t o0 = 0; o0 < out; o0 += chunk) {
+        const std::size_t o1 = std::min(out, o0 + chunk);
+        std::size_t column = 0;
+        for (const auto& t : terms) {
+            const auto r = static_cast<std::size_t>(t.rank);
+            const auto c = static_cast<float>(t.coefficient);
+            for (std::size_t o = o0; o < o1; ++o) {
+                const float* src = t.b + o * r;
+                float* dst = b + o * RR + column;
+                double* wd = wide + (o - o0) * RR + column;
+                for (std::size_t k = 0; k < r; ++k) {
+                    const float v = c * src[k];
+                    dst[k] = v;
+                    wd[k] = v;
+                }
+            }
+            column += r;
+        }
+        cblas_dsyrk(cblas_col_major, cblas_upper, cblas_no_trans, R, static_cast<int>(o1 - o0), 1.0, wide, R,
+                    o0 == 0 ? 0.0 : 1.0, gb, R);
+    }
+    // A: the in x R array (column q = row q of the stacked A), chunk of rows at a time, widened
+    // into a chunk x R column-major block.
+    for (std::size_t j0 = 0; j0 < in; j0 += chunk) {
+        const std::size_t j1 = std::min(in, j0 + chunk), n = j1 - j0;
+        std::size_t column = 0;
+        for (const auto& t : terms) {
+            for (std::size_t k = 0; k < static_cast<std::size_t>(t.rank); ++k, ++column) {
+                const float* src = t.a + k * in + j0;
+                std::memcpy(a + column * in + j0, src, n * sizeof(float));
+                double* wd = wide + column * n;
+                for (std::size_t j = 0; j < n; ++j) wd[j] = src[j];
+            }
+        }
+        cblas_dsyrk(cblas_col_major, cblas_upper, cblas_trans, R, static_cast<int>(n), 1.0, wide, static_cast<int>(n),
+                    j0 == 0 ? 0.0 : 1.0, ga, R);
+    }
+    for (std::size_t j = 0; j < RR; ++j)
+        for (std::size_t i = 0; i <= j; ++i) {
+            const std::size_t upper = i + j * RR, lower = j + i * RR;
+            if (!std::isfinite(gb[upper]) || !std::isfinite(ga[upper]))
+                fail(ErrorCode::bad_input, "the factors hold NaN or infinite values");
+            gb[lower] = gb[upper];
+            ga[lower] = ga[upper];
+        }
+    return s;
+}
+
+// R such that RᵀR = G (R x R, column-major, upper triangle read and destroyed): pivoted
+// Cholesky (dpstrf) with LAPACK's default tolerance, so numerically rank-deficient Grams give
+// fewer rows. `r` receives rank x R, column-major, columns in the original order; `u`/`piv`
+// keep dpstrf's triangle (ld R) and pivots for solves. Returns the rank.
+lapack_int cholesky_r(double* g, lapack_int R, Workspace::Impl& w, std::vector<double>& r) {
+    lapack_int* piv = sized(w.piv, static_cast<std::size_t>(R));
+    lapack_int rank = 0;
+    double* work = sized(w.dwork, static_cast<std::size_t>(2 * R));
+    const lapack_int info = LAPACKE_dpstrf_work(LAPACK_COL_MAJOR, 'U', R, g, R, piv, &rank, -1.0, work);
+    if (info < 0) check_lapack(info, "dpstrf");
+    if (info == 0) rank = R;
+    // Pᵀ G P = UᵀU, so G = (U Pᵀ)ᵀ (U Pᵀ): R factor = U with its columns put back in place.
+    double* out = sized(r, static_cast<std::size_t>(rank) * R);
+    std::fill(out, out + static_cast<std::size_t>(rank) * R, 0.0);
+    for (lapack_int j = 0; j < R; ++j) {
+        const std::size_t column = static_cast<std::size_t>(piv[j] - 1);
+        for (lapack_int i = 0; i <= std::min(j, rank - 1); ++i) out[i + column * rank] = g[i + static_cast<std::size_t>(j) * R];
+    }
+    return rank;
+}
+
+// The decomposition behind factored_svd and factored_lora, from the Grams of stack_with_grams.
+// With B P = Q_b [U11 U12] (pivoted Cholesky of G_b, rank t) and R_b = [U11 U12] Pᵀ, the sum is
+// Q_b K with K = R_b A, whose Gram K Kᵀ = R_b G_a R_bᵀ = U_K Σ² U_Kᵀ gives the spectrum. Then
+// U_k = B · X with X = P₁ U11⁻¹ U_K[:, :k] and V_k = Aᵀ · Y with Y = R_bᵀ U_K[:, :k] Σ_k⁻¹.
+// Column j of X is scaled by x_scale(σ_j) and of Y by y_scale(σ_j); both are returned in f32
+// (w.small: X then Y, R x k each, column-major). Directions past the rank or below 1e-7 σ_1 are
+// zero. Everything here is R x R and in double.
+struct Solved {
+    lapack_int R = 0, k = 0;
+    std::int64_t wanted = 0;
+    std::vector<double> values;
+};
+
+template <typename ScaleX, typename ScaleY>
+Solved solve_core(const Stacked& s, const std::function<std::int64_t(const std::vector<double>&)>& keep,
+                  Workspace::Impl& w, ScaleX x_scale, ScaleY y_scale) {
+    Solved result;
+    const lapack_int R = static_cast<lapack_int>(s.total_rank);
+    result.R = R;
+    const auto expected = static_cast<std::size_t>(std::min({s.out, s.in, s.total_rank}));
+    result.values.assign(expected, 0.0);
+    const lapack_int t = cholesky_r(w.gb.data(), R, w, w.rb);
+    const double* rb = w.rb.data();
+    if (t > 0) {
+        // H = G_a R_bᵀ (R x t), then K Kᵀ = R_b H (t x t).
+        double* h = sized(w.gz, static_cast<std::size_t>(R) * t);
+        cblas_dgemm(cblas_col_major, cblas_no_trans, cblas_trans, R, t, R, 1.0, w.ga.data(), R, rb, t, 0.0, h, R);
+        w.kgram.resize(static_cast<std::size_t>(t) * t);
+        cblas_dgemm(cblas_col_major, cblas_no_trans, cblas_no_trans, t, t, R, 1.0, rb, t, h, R, 0.0, w.kgram.data(), t);
+        symmetric_eigen(w.kgram, t, w.mu);  // kgram now holds U_K
+        for (lapack_int j = 0; j < t && static_cast<std::size_t>(j) < expected; ++j)
+            result.values[static_cast<std::size_t>(j)] = std::sqrt(std::max(w.mu[static_cast<std::size_t>(j)], 0.0));
+    }
+    result.wanted = std::max<std::int64_t>(0, keep(result.values));
+    const lapack_int k = static_cast<lapack_int>(std::min<std::int64_t>(result.wanted, static_cast<std::int64_t>(expected)));
+    result.k = k;
+    const lapack_int usable = std::min<lapack_int>(k, t);
+    const auto Rk = static_cast<std::size_t>(R) * static_cast<std::size_t>(k);
+    float* xf = sized(w.small, 2 * Rk);
+    float* yf = xf + Rk;
+    std::fill(xf, xf + 2 * Rk, 0.0f);
+    if (usable <= 0) return result;
+    const double sigma_floor = result.values.front() * 1e-7;
+    // C (t x k): U_K's first k columns, zero for numerically zero σ; Cy = C Σ⁻¹ scaled.
+    double* cx = sized(w.z, 2 * static_cast<std::size_t>(t) * k);
+    double* cy = cx + static_cast<std::size_t>(t) * k;
+    const double* uk = w.kgram.data();
+    for (lapack_int j = 0; j < k; ++j) {
+        const double sigma = j < usable ? result.values[static_cast<std::size_t>(j)] : 0.0;
+        const bool live = j < usable && sigma > sigma_floor;
+        const double sx = live ? x_scale(sigma) : 0.0, sy = live ? y_scale(sigma) / sigma : 0.0;
+        for (lapack_int c = 0; c < t; ++c) {
+            const double u = uk[c + static_cast<std::size_t>(j) * t];
+            cx[c + static_cast<std::size_t>(j) * t] = u * sx;
+            cy[c + static_cast<std::size_t>(j) * t] = u * sy;
+        }
+    }
+    // X = P₁ U11⁻¹ Cx: a triangular solve with dpstrf's U11 (still in w.gb, ld R), rows
+    // scattered to their pivots.
+    cblas_dtrsm(cblas_col_major, cblas_left, cblas_upper, cblas_no_trans, cblas_non_unit, t, k, 1.0, w.gb.data(), R, cx,
+                t);
+    const lapack_int* piv = w.piv.data();
+    for (lapack_int j = 0; j < k; ++j)
+        for (lapack_int i = 0; i < t; ++i)
+            xf[static_cast<std::size_t>(piv[i] - 1) + static_cast<std::size_t>(j) * R] =
+                static_cast<float>(cx[i + static_cast<std::size_t>(j) * t]);
+    // Y = R_bᵀ Cy (R x k).
+    double* y = sized(w.y, Rk);
+    cblas_dgemm(cblas_col_major, cblas_trans, cblas_no_trans, R, k, t, 1.0, rb, t, cy, t, 0.0, y, R);
+    for (std::size_t i = 0; i < Rk; ++i) yf[i] = static_cast<float>(y[i]);
+    return result;
+}
+
+}  // namespace
+
+std::vector<double> factored_singular_values(std::span<const LowRankTerm> terms, Workspace& workspace) {
+    // Values only: the R factors come from Gram matrices in double (dsyrk + pivoted Cholesky).
+    // For f32 factors this is at least as accurate as Householder QR in f32 (the squared
+    // condition number costs ~1e-16 relative, below the inputs' own rounding) and it runs at
+    // BLAS-3 speed, several times faster than sgeqrf on tall-skinny factors.
+    auto& w = workspace.impl();
+    const Stacked s = stack_with_grams(terms, w);
+    const lapack_int R = static_cast<lapack_int>(s.total_rank);
+    const lapack_int rank_b = cholesky_r(w.gb.data(), R, w, w.rb);
+    const lapack_int rank_a = cholesky_r(w.ga.data(), R, w, w.ra);
+    const auto expected = static_cast<std::size_t>(std::min({s.out, s.in, s.total_rank}));
+    std::vector<double> values(expected, 0.0);
+    if (rank_b == 0 || rank_a == 0) return values;
+    // core = R_b R_aᵀ (rank_b x rank_a).
+    double* core = sized(w.core, static_cast<std::size_t>(rank_b) * rank_a);
+    cblas_dgemm(cblas_col_major, cblas_no_trans, cblas_trans, rank_b, rank_a, R, 1.0, w.rb.data(), rank_b, w.ra.data(),
+                rank_a, 0.0, core, rank_b);
+    Triangles t;
+    t.kb = rank_b;
+    t.ka = rank_a;
+    t.R = R;
+    const lapack_int m = core_svd(t, false, w);
+    for (lapack_int i = 0; i < m && static_cast<std::size_t>(i) < expected; ++i) values[i] = w.s[i];
+    return values;
+}
+
 FactoredSvd factored_svd(std::span<const LowRankTerm> terms, const std::function<std::int64_t(const std::vector<double>&)>& keep,
                          Workspace& workspace) {
-    // B = Q_b Λ^½ Wᵀ from the eigendecomposition BᵀB = W Λ Wᵀ; then M = Q_b K with
-    // K = Λ^½ Wᵀ A, whose Gram K Kᵀ = Λ^½ Wᵀ (A Aᵀ) W Λ^½ = U_K Σ² U_Kᵀ gives the spectrum.
-    // U = B · W Λ^-½ U_K and V = Aᵀ · W Λ^½ U_K Σ^-1. Everything but two thin products is
-    // R x R; all of it runs in double, so the f32 inputs' rounding dominates the error.
     auto& w = workspace.impl();
-    const Stacked s = stack_terms(terms, w);
-    const lapack_int R = to_lapack(s.total_rank, "total rank");
-    const lapack_int out = to_lapack(s.out, "output size"), in = to_lapack(s.in, "input size");
-    const auto rr = static_cast<std::size_t>(R) * R;
-    double* bd = sized(w.bd, static_cast<std::size_t>(out) * R);
-    double* ad = sized(w.ad, static_cast<std::size_t>(in) * R);
-    for (std::size_t i = 0, n = static_cast<std::size_t>(out) * R; i < n; ++i) bd[i] = w.b[i];
-    for (std::size_t i = 0, n = static_cast<std::size_t>(in) * R; i < n; ++i) ad[i] = w.a[i];
-    double* gb = sized(w.gb, rr);
-    double* ga = sized(w.ga, rr);
-    // bd is R x out column-major (= stacked B row-major): G_b = bd·bdᵀ. ad is in x R: G_a = adᵀ·ad.
-    cblas_dsyrk(cblas_col_major, cblas_upper, cblas_no_trans, R, out, 1.0, bd, R, 0.0, gb, R);
-    cblas_dsyrk(cblas_col_major, cblas_upper, cblas_trans, R, in, 1.0, ad, in, 0.0, ga, R);
-    for (std::size_t i = 0; i < rr; ++i)
-        if (!std::isfinite(gb[i]) || !std::isfinite(ga[i])) fail(ErrorCode::bad_input, "the factors hold NaN or infinite values");
-    for (lapack_int j = 0; j < R; ++j)
-        for (lapack_int i = j + 1; i < R; ++i) ga[i + static_cast<std::size_t>(j) * R] = ga[j + static_cast<std::size_t>(i) * R];
-    std::vector<double>& lambda = w.lambda;
-    symmetric_eigen(w.gb, R, lambda);  // gb now holds W
-    gb = w.gb.data();
-    const double floor = std::max(lambda.front(), 0.0) * 1e-13;
-    lapack_int t = 0;
-    while (t < R && lambda[t] > floor && lambda[t] > 0) ++t;
-
+    const Stacked s = stack_with_grams(terms, w);
+    const Solved solved = solve_core(s, keep, w, [](double) { return 1.0; }, [](double) { return 1.0; });
     FactoredSvd result;
     result.out = s.out;
     result.in = s.in;
-    const auto expected = static_cast<std::size_t>(std::min({s.out, s.in, s.total_rank}));
-    result.singular_values.assign(expected, 0.0);
-    if (t > 0) {
-        // Z = W_t Λ_t^½ (R x t); K Kᵀ = Zᵀ G_a Z.
-        double* z = sized(w.z, static_cast<std::size_t>(R) * t);
-        double* gz = sized(w.gz, static_cast<std::size_t>(R) * t);
-        for (lapack_int j = 0; j < t; ++j)
-            for (lapack_int i = 0; i < R; ++i) z[i + static_cast<std::size_t>(j) * R] = gb[i + static_cast<std::size_t>(j) * R] * std::sqrt(lambda[j]);
-        cblas_dgemm(cblas_col_major, cblas_no_trans, cblas_no_trans, R, t, R, 1.0, ga, R, z, R, 0.0, gz, R);
-        w.kgram.resize(static_cast<std::size_t>(t) * t);
-        cblas_dgemm(cblas_col_major, cblas_trans, cblas_no_trans, t, t, R, 1.0, z, R, gz, R, 0.0, w.kgram.data(), t);
-        symmetric_eigen(w.kgram, t, w.mu);  // kgram now holds U_K
-        for (lapack_int j = 0; j < t && static_cast<std::size_t>(j) < expected; ++j)
-            result.singular_values[j] = std::sqrt(std::max(w.mu[j], 0.0));
-    }
-    const std::int64_t wanted = keep(result.singular_values);
-    const lapack_int k = static_cast<lapack_int>(std::clamp<std::int64_t>(wanted, 0, static_cast<std::int64_t>(expected)));
-    result.kept = k;
-    result.u.assign(static_cast<std::size_t>(out) * k, 0.0f);
-    result.v.assign(static_cast<std::size_t>(in) * k, 0.0f);
-    const double sigma_floor = result.singular_values.empty() ? 0.0 : result.singular_values.front() * 1e-7;
-    const lapack_int usable = std::min<lapack_int>(k, t);
-    if (usable > 0) {
-        // X = W_t Λ^-½ U_K[:, :k] and Y = W_t Λ^½ U_K[:, :k] Σ^-1 (R x k, column-major).
-        // Scaled copies of U_K's first k columns (t x k each, zero for numerically zero σ),
-        // then X = W_t · that and Y likewise, as two small dgemms.
-        double* cx = sized(w.z, 2 * static_cast<std::size_t>(t) * k);
-        double* cy = cx + static_cast<std::size_t>(t) * k;
-        const double* uk = w.kgram.data();
-        for (lapack_int j = 0; j < k; ++j) {
-            const double sigma = j < usable ? result.singular_values[j] : 0.0;
-            const bool live = j < usable && sigma > sigma_floor;  // else leave the direction empty
-            for (lapack_int c = 0; c < t; ++c) {
-                const double coefficient = live ? uk[c + static_cast<std::size_t>(j) * t] : 0.0;
-                const double root = std::sqrt(lambda[c]);
-                cx[c + static_cast<std::size_t>(j) * t] = live ? coefficient / root : 0.0;
-                cy[c + static_cast<std::size_t>(j) * t] = live ? coefficient * root / sigma : 0.0;
-            }
-        }
-        double* x = sized(w.x, static_cast<std::size_t>(R) * k);
-        double* y = sized(w.y, static_cast<std::size_t>(R) * k);
-        cblas_dgemm(cblas_col_major, cblas_no_trans, cblas_no_trans, R, k, t, 1.0, gb, R, cx, t, 0.0, x, R);
-        cblas_dgemm(cblas_col_major, cblas_no_trans, cblas_no_trans, R, k, t, 1.0, gb, R, cy, t, 0.0, y, R);
-        // U (out x k, row-major = column-major k x out) = Xᵀ · B; V (in x k) = Yᵀ · Aᵀ. These
-        // two thin products are half the work; they run in f32 on the f32 stacks (the result
-        // is f32 anyway, and the R x k coefficients carry the double-precision accuracy).
-        float* xf = sized(w.small, 2 * static_cast<std::size_t>(R) * k);
-        float* yf = xf + static_cast<std::size_t>(R) * k;
-        for (std::size_t i = 0, n = static_cast<std::size_t>(R) * k; i < n; ++i) {
-            xf[i] = static_cast<float>(x[i]);
-            yf[i] = static_cast<float>(y[i]);
-        }
-        cblas_sgemm(cblas_col_major, cblas_trans, cblas_no_trans, k, out, R, 1.0f, xf, R, w.b.data(), R, 0.0f,
-                    result.u.data(), k);
-        cblas_sgemm(cblas_col_major, cblas_trans, cblas_trans, k, in, R, 1.0f, yf, R, w.a.data(), in, 0.0f,
-                    result.v.data(), k);
-    }
+    result.kept = solved.k;
+    result.singular_values = solved.values;
+    const lapack_int R = solved.R, k = solved.k;
+    const auto out = static_cast<int>(s.out), in = static_cast<int>(s.in);
+    result.u.resize(static_cast<std::size_t>(out) * k);
+    result.v.resize(static_cast<std::size_t>(in) * k);
+    if (k == 0) return result;
+    const float* xf = w.small.data();
+    const float* yf = xf + static_cast<std::size_t>(R) * k;
+    // U (out x k, row-major = column-major k x out) = Xᵀ · B; V (in x k) = Yᵀ · Aᵀ. In f32 on the
+    // f32 stacks: the result is f32 anyway, and X, Y carry the double-precision accuracy.
+    cblas_sgemm(cblas_col_major, cblas_trans, cblas_no_trans, k, out, R, 1.0f, xf, R, w.b.data(), R, 0.0f,
+                result.u.data(), k);
+    cblas_sgemm(cblas_col_major, cblas_trans, cblas_trans, k, in, R, 1.0f, yf, R, w.a.data(), in, 0.0f, result.v.data(),
+                k);
     return result;
 }
 
@@ -460,6 +540,44 @@ FactoredSvd factored_svd(std::span<const LowRankTerm> terms, std::int64_t keep, 
             return keep <= 0 ? all : std::min(keep, all);
         },
         workspace);
+}
+
+FactoredLora factored_lora(std::span<const LowRankTerm> terms,
+                           const std::function<std::int64_t(const std::vector<double>&)>& keep, bool balanced,
+                           Workspace& workspace, std::vector<float>& up, std::vector<float>& down) {
+    auto& w = workspace.impl();
+    const Stacked s = stack_with_grams(terms, w);
+    const auto root = [](double sigma) { return std::sqrt(sigma); };
+    const Solved solved = balanced ? solve_core(s, keep, w, root, root)
+                                   : solve_core(s, keep, w, [](double sigma) { return sigma; }, [](double) { return 1.0; });
+    FactoredLora result;
+    result.out = s.out;
+    result.in = s.in;
+    result.kept = solved.k;
+    result.rank = solved.wanted;
+    result.singular_values = solved.values;
+    const lapack_int R = solved.R, k = solved.k;
+    const auto out = static_cast<std::size_t>(s.out), in = static_cast<std::size_t>(s.in);
+    const auto width = static_cast<std::size_t>(solved.wanted);
+    // Resized, not cleared: every value is written below (a reused buffer keeps its capacity).
+    up.resize(out * width);
+    down.resize(width * in);
+    if (width == 0) return result;
+    const float* xf = w.small.data();
+    const float* yf = xf + static_cast<std::size_t>(R) * k;
+    if (k > 0) {
+        // up (out x width, row-major = column-major width x out): its first k rows = Xᵀ · B.
+        cblas_sgemm(cblas_col_major, cblas_trans, cblas_no_trans, k, static_cast<int>(out), R, 1.0f, xf, R, w.b.data(), R,
+                    0.0f, up.data(), static_cast<int>(width));
+        // down (width x in, row-major = column-major in x width): its first k columns = Aᵀ · Y.
+        cblas_sgemm(cblas_col_major, cblas_no_trans, cblas_no_trans, static_cast<int>(in), k, R, 1.0f, w.a.data(),
+                    static_cast<int>(in), yf, R, 0.0f, down.data(), static_cast<int>(in));
+    }
+    if (width > static_cast<std::size_t>(k)) {
+        for (std::size_t o = 0; o < out; ++o) std::fill(up.data() + o * width + k, up.data() + (o + 1) * width, 0.0f);
+        std::fill(down.data() + static_cast<std::size_t>(k) * in, down.data() + width * in, 0.0f);
+    }
+    return result;
 }
 
 void split_factors(const std::vector<float>& u, const std::vector<double>& singular_values, const std::vector<float>& v,

@@ -112,24 +112,37 @@ std::int64_t svd_rank(const std::vector<Term>& terms, const std::vector<double>&
     return choose_rank(spectrum, full, std::max(total_rank, spec.rank), conv3, spec).rank;
 }
 
+// Buffers the svd method's factors live in between modules (fresh pages are slow to touch):
+// svd_merge takes them, merge_module gives them back once the tensors are encoded.
+thread_local std::vector<float> spare_up, spare_down;
+
 Factors svd_merge(const std::vector<Term>& terms, const std::vector<double>& coefficients, const MergeOptions& o) {
     const LoraModule& first = *terms[0].module;
     const std::int64_t out = first.out_features(), in = first.flat_in_features();
-    std::vector<std::vector<float>> a(terms.size()), b(terms.size());
+    // f32 factors read in place when the inputs are f32, else converted into per-thread scratch.
+    thread_local std::vector<std::vector<float>> scratch_a, scratch_b;
+    if (scratch_a.size() < terms.size()) {
+        scratch_a.resize(terms.size());
+        scratch_b.resize(terms.size());
+    }
     std::vector<linalg::LowRankTerm> low;
     std::int64_t total = 0;
     for (std::size_t i = 0; i < terms.size(); ++i) {
-        a[i] = terms[i].module->down.to_f32();
-        b[i] = terms[i].module->up.to_f32();
-        low.push_back({b[i].data(), a[i].data(), out, terms[i].module->rank(), in, coefficients[i]});
+        const float* a = terms[i].module->down.view().f32_data(scratch_a[i]);
+        const float* b = terms[i].module->up.view().f32_data(scratch_b[i]);
+        low.push_back({b, a, out, terms[i].module->rank(), in, coefficients[i]});
         total += terms[i].module->rank();
     }
     thread_local linalg::Workspace workspace;
-    std::int64_t k = 0;
-    const linalg::FactoredSvd svd = linalg::factored_svd(
-        low, [&](const std::vector<double>& spectrum) { return k = svd_rank(terms, spectrum, total, o); }, workspace);
-    Factors f = from_svd(svd, out, in, k, o.split);
-    const RankChoice stats = rank_statistics(svd.singular_values, k);
+    Factors f;
+    f.up.swap(spare_up);
+    f.down.swap(spare_down);
+    const linalg::FactoredLora svd = linalg::factored_lora(
+        low, [&](const std::vector<double>& spectrum) { return svd_rank(terms, spectrum, total, o); },
+        o.split == FactorSplit::balanced, workspace, f.up, f.down);
+    f.rank = svd.rank;
+    f.alpha = static_cast<double>(svd.rank);  // scale 1
+    const RankChoice stats = rank_statistics(svd.singular_values, svd.rank);
     f.fro_retained = stats.fro_retained;
     f.relative_error = stats.relative_error;
     return f;
@@ -280,6 +293,10 @@ LoraModule merge_module(const std::vector<Term>& terms, const MergeOptions& o, s
     up_shape[1] = f.rank;
     m.down = Tensor::from_f32(type, down_shape, f.down);
     m.up = Tensor::from_f32(type, up_shape, f.up);
+    if (o.method == MergeMethod::svd) {
+        spare_up.swap(f.up);
+        spare_down.swap(f.down);
+    }
     m.scale_rule = ScaleRule::alpha_over_rank;
     m.alpha = f.alpha.value_or(static_cast<double>(f.rank));
     m.alpha_dtype = first.alpha_dtype;

@@ -27,11 +27,9 @@ std::optional<double> alpha_for(const LoraModule& m, std::int64_t k) {
 
 namespace {
 
-// New factors of rank k from the kept triplets of an SVD of B·A (zero directions past `kept`).
-LoraModule module_from_svd(const LoraModule& m, const linalg::FactoredSvd& svd, std::int64_t k, FactorSplit split,
-                           std::optional<DType> dtype) {
-    std::vector<float> down, up;
-    linalg::split_factors(svd, k, split == FactorSplit::balanced, up, down);
+// The module with new factors of rank k (up: out x k and down: k x in, row-major f32).
+LoraModule module_with_factors(const LoraModule& m, const std::vector<float>& up, const std::vector<float>& down,
+                               std::int64_t k, std::optional<DType> dtype) {
     LoraModule result = m;
     Shape down_shape = m.down.shape();
     down_shape[0] = k;
@@ -42,6 +40,9 @@ LoraModule module_from_svd(const LoraModule& m, const linalg::FactoredSvd& svd, 
     result.alpha = alpha_for(m, k);
     return result;
 }
+
+// Factor buffers reused across modules by each worker (fresh pages are slow to touch).
+thread_local std::vector<float> up_buffer, down_buffer;
 
 // The factors as f32, reading mapped f32 data in place; NaN/Inf refused.
 struct FactorsF32 {
@@ -70,9 +71,11 @@ LoraModule refactor_module(const LoraModule& m, std::int64_t k, FactorSplit spli
         const FactorsF32 f = checked_factors(m, scratch_a, scratch_b);
         thread_local linalg::Workspace workspace;
         const linalg::LowRankTerm term{f.b, f.a, m.out_features(), m.rank(), m.flat_in_features(), 1.0};
-        const linalg::FactoredSvd svd = linalg::factored_svd({&term, 1}, k, workspace);
+        const linalg::FactoredLora svd = linalg::factored_lora(
+            {&term, 1}, [k](const std::vector<double>&) { return k; }, split == FactorSplit::balanced, workspace,
+            up_buffer, down_buffer);
         if (singular_values) *singular_values = svd.singular_values;
-        return module_from_svd(m, svd, k, split, dtype);
+        return module_with_factors(m, up_buffer, down_buffer, k, dtype);
     });
 }
 
@@ -96,21 +99,22 @@ ResizeResult resize_adapter(const Adapter& input, const ResizeOptions& options, 
                                            m.flat_in_features(), 1.0};
             const std::int64_t full = std::min(m.out_features(), m.flat_in_features());
             // One decomposition: the rule sees the spectrum, vectors are formed only for what it keeps.
-            const linalg::FactoredSvd svd = linalg::factored_svd(
+            linalg::factored_lora(
                 {&term, 1},
                 [&](const std::vector<double>& spectrum) -> std::int64_t {
                     report.choice = choose_rank(spectrum, full, m.rank(), m.kind == ModuleKind::conv, options.rank);
                     report.unchanged = !compat && report.choice.rank >= m.rank();
                     return report.unchanged ? 0 : report.choice.rank;
                 },
-                workspace);
+                options.split == FactorSplit::balanced, workspace, up_buffer, down_buffer);
             if (report.unchanged) {
                 if (options.dtype) {
                     result.adapter.modules[i].down = m.down.converted(*options.dtype);
                     result.adapter.modules[i].up = m.up.converted(*options.dtype);
                 }
             } else {
-                result.adapter.modules[i] = module_from_svd(m, svd, report.choice.rank, options.split, options.dtype);
+                result.adapter.modules[i] =
+                    module_with_factors(m, up_buffer, down_buffer, report.choice.rank, options.dtype);
             }
         });
         return 0;

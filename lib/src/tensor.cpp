@@ -124,9 +124,16 @@ Tensor Tensor::from_f32(DType type, Shape shape, std::span<const float> values) 
     const auto count = checked_element_count(shape);
     if (static_cast<std::size_t>(count) != values.size())
         fail(ErrorCode::internal, "from_f32: {} values for shape {}", values.size(), format_shape(shape));
-    std::vector<std::byte> bytes(values.size() * dtype_size(type));
-    convert_from_f32(type, values, bytes);
-    return own(type, std::move(shape), std::move(bytes));
+    // Not zero-filled first: the conversion writes every byte (outputs are hundreds of MB).
+    const std::size_t size = values.size() * dtype_size(type);
+    std::shared_ptr<std::byte[]> holder = std::make_shared_for_overwrite<std::byte[]>(size);
+    convert_from_f32(type, values, std::span<std::byte>(holder.get(), size));
+    Tensor t;
+    t.type_ = type;
+    t.shape_ = std::move(shape);
+    t.size_ = size;
+    t.data_ = std::shared_ptr<const std::byte>(holder, holder.get());
+    return t;
 }
 
 Tensor Tensor::zeros(DType type, Shape shape) {

@@ -2,9 +2,10 @@
 //
 // For M = Σ_i c_i · B_i · A_i (B_i: out x r_i, A_i: r_i x in, all row-major f32) the factors
 // are stacked into B = [c_1 B_1 ... c_k B_k] (out x R) and A = [A_1; ...; A_k] (R x in),
-// thin Householder QRs B = Q_b R_b and Aᵀ = Q_a R_a are taken with LAPACK (sgeqrf), and the
-// small R x R core R_b R_aᵀ is decomposed in double precision (dgesdd). The singular values
-// of the core are those of M; U = Q_b U_c and V = Q_a V_c. Cost O((out + in) R² + R³).
+// their R x R Gram matrices are accumulated in double (dsyrk), and everything else is R x R:
+// the R factor of B from a pivoted Cholesky of BᵀB, and the spectrum from the small core.
+// Only U_k = B·X and V_k = Aᵀ·Y (R x k coefficients) touch the long dimensions again.
+// Cost O((out + in) R² + R³). Householder QRs in f32 (sgeqrf) are kept as the cross-check.
 //
 // LAPACK is called through LAPACKE directly (not through Eigen, whose LAPACKE routing picks
 // the slow ?gesvd): see shared research/performance.md §1.1 and §2.
@@ -69,10 +70,28 @@ struct FactoredSvd {
 };
 FactoredSvd factored_svd(std::span<const LowRankTerm> terms, std::int64_t keep, Workspace& workspace);
 // The same with the number of kept triplets chosen from the spectrum by `keep` (a rank rule),
-// so that vectors are only formed for what is kept. The vectors come from the eigenvectors of
-// the two R x R Gram matrices in double (see linalg.cpp); values below 1e-7 σ_1 get zero vectors.
+// so that vectors are only formed for what is kept. The spectrum comes from the Gram matrices
+// of the stacks in double (pivoted Cholesky of BᵀB, then the eigenproblem of the R x R core's
+// Gram; see linalg.cpp); values below 1e-7 σ_1 get zero vectors.
 FactoredSvd factored_svd(std::span<const LowRankTerm> terms,
                          const std::function<std::int64_t(const std::vector<double>&)>& keep, Workspace& workspace);
+
+// The best rank-k approximation of Σ c_i B_i A_i as LoRA factors, written straight into the
+// caller's buffers with no U or V in between: up = U_k·Σ_k (out x rank, row-major) and
+// down = V_kᵀ (rank x in, row-major), or √Σ_k on each side when `balanced`. rank = keep(spectrum)
+// (>= 0; it may exceed min(out, in, R), and directions past `kept` are zero, as in
+// split_factors). `up` and `down` are resized to out·rank and rank·in values and written
+// whole; buffers reused across calls keep their capacity (fresh pages are slow to touch).
+struct FactoredLora {
+    std::int64_t out = 0;
+    std::int64_t in = 0;
+    std::int64_t rank = 0;                // width of the factors
+    std::int64_t kept = 0;                // directions computed: min(rank, out, in, R)
+    std::vector<double> singular_values;  // full spectrum, descending
+};
+FactoredLora factored_lora(std::span<const LowRankTerm> terms,
+                           const std::function<std::int64_t(const std::vector<double>&)>& keep, bool balanced,
+                           Workspace& workspace, std::vector<float>& up, std::vector<float>& down);
 // LoRA factors of rank k from an SVD: up = U_k·Σ_k (out x k) and down = V_kᵀ (k x in), both
 // row-major, or √Σ on each side when `balanced`. Directions past svd.kept are zero.
 // `u` is out x kept and `v` in x kept, row-major (FactoredSvd and DenseSvd alike).
