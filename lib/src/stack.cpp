@@ -22,13 +22,17 @@ void cblas_dgemm(int layout, int trans_a, int trans_b, int m, int n, int k, doub
                  const double* b, int ldb, double beta, double* c, int ldc);
 void cblas_dgemv(int layout, int trans, int m, int n, double alpha, const double* a, int lda, const double* x, int incx,
                  double beta, double* y, int incy);
+void cblas_dtrsm(int layout, int side, int uplo, int trans_a, int diag, int m, int n, double alpha, const double* a,
+                 int lda, double* b, int ldb);
+void cblas_sgemm(int layout, int trans_a, int trans_b, int m, int n, int k, float alpha, const float* a, int lda,
+                 const float* b, int ldb, float beta, float* c, int ldc);
 }
 
 namespace lorakit {
 
 namespace {
 
-constexpr int col_major = 102, no_trans = 111, trans = 112;
+constexpr int col_major = 102, no_trans = 111, trans = 112, upper = 121, non_unit = 131, left = 141;
 
 using Matrix = std::vector<double>;  // column-major
 
@@ -62,19 +66,31 @@ struct Spectrum {
     std::int64_t k = 0;
 };
 
-Spectrum adapter_spectrum(const Matrix& gb, const Matrix& ga, std::int64_t r, double energy) {
+Spectrum adapter_spectrum(Matrix gb, const Matrix& ga, std::int64_t r, double energy) {
+    // B P = Q [U11 U12] from a pivoted Cholesky of G_b = BᵀB (R_b = [U11 U12] Pᵀ, rank t);
+    // then D = Q K with K = R_b A, and K Kᵀ = R_b G_a R_bᵀ = U_K Σ² U_Kᵀ. U_k = B·X with
+    // X = P₁ U11⁻¹ U_K[:, :k] and V_k = Aᵀ·Y with Y = R_bᵀ U_K[:, :k] Σ⁻¹ (as linalg::factored_svd).
     Spectrum s;
-    Matrix w = gb;
-    std::vector<double> lambda;
-    linalg::symmetric_eigen(w, r, lambda);
-    const double floor = std::max(lambda.empty() ? 0.0 : lambda.front(), 0.0) * 1e-13;
-    std::int64_t t = 0;
-    while (t < r && lambda[static_cast<std::size_t>(t)] > floor && lambda[static_cast<std::size_t>(t)] > 0) ++t;
+    const auto n = static_cast<lapack_int>(r);
+    if (n == 0) return s;
+    double top = 0;
+    for (lapack_int i = 0; i < n; ++i) top = std::max(top, gb[static_cast<std::size_t>(i) * (n + 1)]);
+    if (!(top > 0)) return s;
+    std::vector<lapack_int> piv(static_cast<std::size_t>(n));
+    std::vector<double> work(static_cast<std::size_t>(2 * n));
+    lapack_int t = 0;
+    // Pivots below 1e-13 of the largest count as rank deficiency (the Grams are accumulated in f32).
+    const lapack_int info = LAPACKE_dpstrf_work(LAPACK_COL_MAJOR, 'U', n, gb.data(), n, piv.data(), &t, 1e-13 * top,
+                                                work.data());
+    if (info < 0) fail(ErrorCode::internal, "dpstrf failed (info {})", info);
+    if (info == 0) t = n;
     if (t == 0) return s;
-    Matrix z(static_cast<std::size_t>(r * t));
-    for (std::int64_t j = 0; j < t; ++j)
-        for (std::int64_t i = 0; i < r; ++i)
-            z[static_cast<std::size_t>(i + j * r)] = w[static_cast<std::size_t>(i + j * r)] * std::sqrt(lambda[static_cast<std::size_t>(j)]);
+    // z = R_bᵀ (r x t): row piv[j] holds column j of U's first t rows.
+    Matrix z(static_cast<std::size_t>(r * t), 0.0);
+    for (lapack_int j = 0; j < n; ++j)
+        for (lapack_int i = 0; i <= std::min(j, t - 1); ++i)
+            z[static_cast<std::size_t>(piv[static_cast<std::size_t>(j)] - 1) + static_cast<std::size_t>(i) * r] =
+                gb[static_cast<std::size_t>(i) + static_cast<std::size_t>(j) * n];
     Matrix kk = sandwich(z, r, t, ga, r, z, t);
     std::vector<double> mu;
     linalg::symmetric_eigen(kk, t, mu);
@@ -86,36 +102,82 @@ Spectrum adapter_spectrum(const Matrix& gb, const Matrix& ga, std::int64_t r, do
     while (s.k < t && sum < energy * total) sum += std::max(mu[static_cast<std::size_t>(s.k++)], 0.0);
     const double sigma_floor = s.sigma.front() * 1e-7;
     while (s.k > 1 && s.sigma[static_cast<std::size_t>(s.k - 1)] <= sigma_floor) --s.k;
-    s.x.assign(static_cast<std::size_t>(r * s.k), 0.0);
-    s.y.assign(static_cast<std::size_t>(r * s.k), 0.0);
-    for (std::int64_t j = 0; j < s.k; ++j) {
+    const auto k = static_cast<lapack_int>(s.k);
+    Matrix cx(static_cast<std::size_t>(t) * k, 0.0), cy(static_cast<std::size_t>(t) * k, 0.0);
+    for (lapack_int j = 0; j < k; ++j) {
         const double sigma = s.sigma[static_cast<std::size_t>(j)];
         if (sigma <= sigma_floor) continue;
-        for (std::int64_t c = 0; c < t; ++c) {
-            const double u = kk[static_cast<std::size_t>(c + j * t)], root = std::sqrt(lambda[static_cast<std::size_t>(c)]);
-            for (std::int64_t i = 0; i < r; ++i) {
-                const double wic = w[static_cast<std::size_t>(i + c * r)];
-                s.x[static_cast<std::size_t>(i + j * r)] += wic * u / root;
-                s.y[static_cast<std::size_t>(i + j * r)] += wic * u * root / sigma;
-            }
+        for (lapack_int c = 0; c < t; ++c) {
+            const double u = kk[static_cast<std::size_t>(c) + static_cast<std::size_t>(j) * t];
+            cx[static_cast<std::size_t>(c) + static_cast<std::size_t>(j) * t] = u;
+            cy[static_cast<std::size_t>(c) + static_cast<std::size_t>(j) * t] = u / sigma;
         }
     }
+    cblas_dtrsm(col_major, left, upper, no_trans, non_unit, t, k, 1.0, gb.data(), n, cx.data(), t);
+    s.x.assign(static_cast<std::size_t>(r * s.k), 0.0);
+    for (lapack_int j = 0; j < k; ++j)
+        for (lapack_int i = 0; i < t; ++i)
+            s.x[static_cast<std::size_t>(piv[static_cast<std::size_t>(i)] - 1) + static_cast<std::size_t>(j) * r] =
+                cx[static_cast<std::size_t>(i) + static_cast<std::size_t>(j) * t];
+    s.y.assign(static_cast<std::size_t>(r * s.k), 0.0);
+    cblas_dgemm(col_major, no_trans, no_trans, n, k, t, 1.0, z.data(), n, cy.data(), t, 0.0, s.y.data(), n);
     return s;
 }
 
-// Singular values of a small column-major m x n matrix (through the eigenvalues of its Gram).
-std::vector<double> small_singular_values(const Matrix& m, std::int64_t rows, std::int64_t cols) {
-    std::vector<double> values(static_cast<std::size_t>(cols));
-    if (cols == 0 || rows == 0) return values;
-    Matrix g(static_cast<std::size_t>(cols * cols));  // mᵀm
-    cblas_dgemm(col_major, trans, no_trans, static_cast<int>(cols), static_cast<int>(cols), static_cast<int>(rows), 1.0,
-                m.data(), static_cast<int>(rows), m.data(), static_cast<int>(rows), 0.0, g.data(), static_cast<int>(cols));
-    const lapack_int info = LAPACKE_dsyevd(LAPACK_COL_MAJOR, 'N', 'U', static_cast<lapack_int>(cols), g.data(),
-                                           static_cast<lapack_int>(cols), values.data());
-    if (info != 0) fail(ErrorCode::internal, "dsyevd failed (info {})", info);
-    std::sort(values.begin(), values.end(), std::greater<>());
-    for (double& v : values) v = std::sqrt(std::max(v, 0.0));
-    return values;
+// The largest eigenvalue of the symmetric tridiagonal matrix (diagonal, off): Newton's method on
+// det(T - λI) from the Gershgorin bound, which for a polynomial with real roots descends
+// monotonically onto the largest one: a few O(n) steps instead of the whole spectrum.
+double largest_tridiagonal_eigenvalue(const std::vector<double>& diagonal, const std::vector<double>& off) {
+    const std::size_t n = diagonal.size();
+    auto e2 = [&](std::size_t i) { return i < off.size() ? off[i] * off[i] : 0.0; };
+    double lambda = -std::numeric_limits<double>::infinity();
+    for (std::size_t i = 0; i < n; ++i)
+        lambda = std::max(lambda, diagonal[i] + (i > 0 && i - 1 < off.size() ? std::abs(off[i - 1]) : 0.0) +
+                                      (i < off.size() ? std::abs(off[i]) : 0.0));
+    for (int iteration = 0; iteration < 500; ++iteration) {
+        // q_i = d_i - λ - e_{i-1}² / q_{i-1} (all negative above the spectrum) and the
+        // derivative of log|det| = Σ q_i' / q_i, with q_i' = -1 + e_{i-1}² q_{i-1}' / q_{i-1}².
+        double q = 0, dq = 0, ratio = 0;
+        bool singular = false;
+        for (std::size_t i = 0; i < n; ++i) {
+            const double e = i > 0 ? e2(i - 1) : 0.0;
+            const double next = diagonal[i] - lambda - (i > 0 ? e / q : 0.0);
+            const double dnext = -1.0 + (i > 0 ? e * dq / (q * q) : 0.0);
+            q = next;
+            dq = dnext;
+            if (q == 0) {
+                singular = true;
+                break;
+            }
+            ratio += dq / q;
+        }
+        if (singular || !(ratio > 0)) break;  // λ is (numerically) the top eigenvalue
+        const double step = 1.0 / ratio;
+        lambda -= step;
+        if (step <= 1e-15 * std::abs(lambda)) break;
+    }
+    return lambda;
+}
+
+// The largest singular value of a small column-major rows x cols matrix: the square root of
+// the top eigenvalue of its smaller Gram (tridiagonalised, then the top root alone).
+double top_singular_value(const Matrix& m, std::int64_t rows, std::int64_t cols) {
+    if (cols == 0 || rows == 0) return 0.0;
+    const bool wide = cols > rows;
+    const auto size = static_cast<int>(wide ? rows : cols);
+    Matrix g(static_cast<std::size_t>(size) * size);  // mᵀm, or m mᵀ when that is smaller
+    if (wide)
+        cblas_dgemm(col_major, no_trans, trans, size, size, static_cast<int>(cols), 1.0, m.data(), static_cast<int>(rows),
+                    m.data(), static_cast<int>(rows), 0.0, g.data(), size);
+    else
+        cblas_dgemm(col_major, trans, no_trans, size, size, static_cast<int>(rows), 1.0, m.data(), static_cast<int>(rows),
+                    m.data(), static_cast<int>(rows), 0.0, g.data(), size);
+    std::vector<double> diagonal(static_cast<std::size_t>(size)), off(static_cast<std::size_t>(std::max(size - 1, 1))),
+        tau(static_cast<std::size_t>(std::max(size - 1, 1)));
+    const lapack_int info = LAPACKE_dsytrd(LAPACK_COL_MAJOR, 'U', size, g.data(), size, diagonal.data(), off.data(), tau.data());
+    if (info != 0) fail(ErrorCode::internal, "dsytrd failed (info {})", info);
+    off.resize(static_cast<std::size_t>(size - 1));
+    return std::sqrt(std::max(largest_tridiagonal_eigenvalue(diagonal, off), 0.0));
 }
 
 // λ_max(G_bw · G_a): the operator is self-adjoint in the inner product ⟨x, y⟩ = xᵀ G_a y, so
@@ -128,12 +190,8 @@ double top_eigenvalue(const Matrix& gbw, const Matrix& ga, std::int64_t R, std::
                     0.0, y, 1);
     };
     // The largest eigenvalue of the tridiagonal matrix built so far.
-    auto ritz = [](std::vector<double> diagonal, std::vector<double> off) {
-        const auto n = static_cast<lapack_int>(diagonal.size());
-        off.resize(diagonal.size());
-        const lapack_int info = LAPACKE_dstev(LAPACK_COL_MAJOR, 'N', n, diagonal.data(), off.data(), nullptr, 1);
-        if (info != 0) fail(ErrorCode::internal, "dstev failed (info {})", info);
-        return *std::max_element(diagonal.begin(), diagonal.end());
+    auto ritz = [](const std::vector<double>& diagonal, const std::vector<double>& off) {
+        return largest_tridiagonal_eigenvalue(diagonal, off);
     };
     double previous = -1;
     auto dot = [&](const double* a, const double* b) {
@@ -270,12 +328,19 @@ ModuleStack analyse_module(const std::vector<Member>& members, const StackOption
     const LoraModule& first = *members[0].module;
     const std::int64_t out = first.out_features(), in = first.flat_in_features();
     const std::size_t n = members.size();
-    std::vector<std::vector<float>> as(n), bs(n);
+    // f32 factors in per-thread buffers reused across modules (fresh pages are slow to touch).
+    thread_local std::vector<std::vector<float>> as, bs;
+    if (as.size() < n) {
+        as.resize(n);
+        bs.resize(n);
+    }
     std::vector<linalg::LowRankTerm> terms;
     std::vector<std::int64_t> offset(n + 1, 0);
     for (std::size_t i = 0; i < n; ++i) {
-        as[i] = members[i].module->down.to_f32();
-        bs[i] = members[i].module->up.to_f32();
+        as[i].resize(static_cast<std::size_t>(members[i].module->down.element_count()));
+        bs[i].resize(static_cast<std::size_t>(members[i].module->up.element_count()));
+        members[i].module->down.view().to_f32(as[i]);
+        members[i].module->up.view().to_f32(bs[i]);
         const std::int64_t r = members[i].module->rank();
         terms.push_back({bs[i].data(), as[i].data(), out, r, in, members[i].module->scale()});
         offset[i + 1] = offset[i] + r;
@@ -306,7 +371,9 @@ ModuleStack analyse_module(const std::vector<Member>& members, const StackOption
     // Sampled entries for the sign-conflict estimate, the same positions for every adapter: a
     // seeded grid of P rows x Q columns (P·Q ≈ samples), so the sampled values are one small
     // product B[rows, :] · A[:, columns] per adapter instead of scattered dot products.
-    std::vector<std::vector<float>> samples(n);
+    thread_local std::vector<std::vector<float>> samples;  // reused like as/bs; cleared per module
+    samples.resize(std::max(samples.size(), n));
+    for (auto& v : samples) v.clear();
     if (n > 1 && o.samples > 0) {
         SplitMix64 random(seed ^ 0x9e3779b97f4a7c15ULL);
         const std::int64_t p_count = std::min<std::int64_t>(out, std::max<std::int64_t>(1, std::llround(std::sqrt(static_cast<double>(o.samples)))));
@@ -322,7 +389,7 @@ ModuleStack analyse_module(const std::vector<Member>& members, const StackOption
             return all;
         };
         const auto rows = pick(p_count, out), columns = pick(q_count, in);
-        std::vector<float> a_columns;
+        std::vector<float> a_columns, b_rows;
         for (std::size_t i = 0; i < n; ++i) {
             const std::int64_t r = offset[i + 1] - offset[i];
             const float c = static_cast<float>(members[i].weight * members[i].module->scale());
@@ -330,16 +397,14 @@ ModuleStack analyse_module(const std::vector<Member>& members, const StackOption
             for (std::int64_t k = 0; k < r; ++k)
                 for (std::int64_t j = 0; j < q_count; ++j)
                     a_columns[static_cast<std::size_t>(k * q_count + j)] = as[i][static_cast<std::size_t>(k * in + columns[static_cast<std::size_t>(j)])];
-            samples[i].assign(static_cast<std::size_t>(p_count * q_count), 0.0f);
-            for (std::int64_t pi = 0; pi < p_count; ++pi) {
-                const float* b = bs[i].data() + rows[static_cast<std::size_t>(pi)] * r;
-                float* row = samples[i].data() + pi * q_count;
-                for (std::int64_t k = 0; k < r; ++k) {
-                    const float bk = c * b[k];
-                    const float* ak = a_columns.data() + k * q_count;
-                    for (std::int64_t j = 0; j < q_count; ++j) row[j] += bk * ak[j];
-                }
-            }
+            b_rows.resize(static_cast<std::size_t>(p_count * r));
+            for (std::int64_t pi = 0; pi < p_count; ++pi)
+                std::copy_n(bs[i].data() + rows[static_cast<std::size_t>(pi)] * r, r, b_rows.data() + pi * r);
+            // samples (p x q, row-major = column-major q x p) = c · B[rows, :] · A[:, columns].
+            samples[i].resize(static_cast<std::size_t>(p_count * q_count));
+            cblas_sgemm(col_major, no_trans, no_trans, static_cast<int>(q_count), static_cast<int>(p_count),
+                        static_cast<int>(r), c, a_columns.data(), static_cast<int>(q_count), b_rows.data(),
+                        static_cast<int>(r), 0.0f, samples[i].data(), static_cast<int>(q_count));
         }
     }
     auto top_threshold = [&](const std::vector<float>& values) {
@@ -382,8 +447,7 @@ ModuleStack analyse_module(const std::vector<Member>& members, const StackOption
                     double f2 = 0;
                     for (double x : c) f2 += x * x;
                     phi = std::min(1.0, f2 / static_cast<double>(std::min(si.k, sj.k)));
-                    const auto values = small_singular_values(c, si.k, sj.k);
-                    max_cos = values.empty() ? 0.0 : std::min(1.0, values.front());
+                    max_cos = std::min(1.0, top_singular_value(c, si.k, sj.k));
                 };
                 overlap(si.x, gbij, sj.x, p.out_max_cosine, p.out_phi);
                 overlap(si.y, gaij, sj.y, p.in_max_cosine, p.in_phi);
