@@ -16,7 +16,9 @@ int main(int argc, char** argv) {
     auto& app = tool.app();
     app.add_option("input", request.input, "adapter file or directory")->required()->type_name("IN");
     tool.add_output_option(request.output, "write the converted adapter to OUT (a directory for peft and mlx)");
-    app.add_option("--to", request.to, "target convention: peft, kohya, diffusers, mlx, gguf (default: the input's)")
+    app.add_option("--to", request.to,
+                   "target convention: peft, kohya, diffusers, mlx, gguf (default: the input's, or from OUT's name:\n"
+                   "*.gguf is gguf, a name ending in / is peft)")
         ->check(CLI::IsMember({"peft", "kohya", "diffusers", "mlx", "gguf", "cloneofsimo"}));
     app.add_option("--dtype", request.dtype, "factor dtype: f32, f16, bf16, or q8_0 (gguf only; default: as the input)")
         ->check(CLI::IsMember({"f32", "f16", "bf16", "q8_0"}));

@@ -177,9 +177,9 @@ ToolResult run_extract(const Registry& registry, const ExtractRequest& request, 
         const auto tuned = registry.open_checkpoint(request.tuned);
         const BaseModelHint hint = base->model_hint();
         const bool diffusion = hint.family == "SD1.5" || hint.family == "SDXL" || hint.family == "Flux";
-        const std::string convention = !request.to.empty() ? request.to : diffusion ? "kohya" : "peft";
         refuse_replacing(*base, "base", request.output);
         refuse_replacing(*tuned, "tuned checkpoint", request.output);
+        const std::string convention = registry.output_convention(request.to, diffusion ? "kohya" : "peft", request.output);
         registry.check_output(convention, request.output, request.force);  // before any work
 
         // Pair every LoRA-targetable tensor of the tuned model with its base rows.

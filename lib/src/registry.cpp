@@ -3,6 +3,7 @@
 #include "lorakit/atomic_file.h"
 
 #include <algorithm>
+#include <cctype>
 #include <cstdlib>
 #include <cmath>
 #include <fstream>
@@ -79,8 +80,21 @@ const ConventionDriver* Registry::convention(std::string_view name) const {
     return nullptr;
 }
 
-void Registry::write_adapter(const Adapter& adapter, std::string_view name, const fs::path& target,
+namespace {
+
+// "out/" names the directory "out": writers and checks take the path without the separator.
+fs::path without_trailing_slash(const fs::path& target) {
+    const std::string text = target.string();
+    const std::size_t end = text.find_last_not_of('/');
+    if (end == std::string::npos || end + 1 == text.size()) return target;
+    return fs::path(text.substr(0, end + 1));
+}
+
+}  // namespace
+
+void Registry::write_adapter(const Adapter& adapter, std::string_view name, const fs::path& given_target,
                              const WriteOptions& options, std::vector<std::string>& notes) const {
+    const fs::path target = without_trailing_slash(given_target);
     const ConventionDriver* driver = convention(name == "lycoris" ? std::string_view("kohya") : name);
     if (!driver) {
         std::vector<std::string_view> names;
@@ -90,7 +104,65 @@ void Registry::write_adapter(const Adapter& adapter, std::string_view name, cons
     with_context(quote(target.string()), [&] { driver->write(adapter, target, options, notes); });
 }
 
-void Registry::check_output(std::string_view name, const fs::path& target, bool overwrite) const {
+std::string Registry::output_convention(std::string_view requested, std::string_view input, const fs::path& target) const {
+    enum class Kind { any, gguf_file, safetensors_file, directory };
+    const std::string text = target.string();
+    std::string extension = target.extension().string();
+    std::transform(extension.begin(), extension.end(), extension.begin(),
+                   [](unsigned char c) { return static_cast<char>(std::tolower(c)); });
+    std::error_code ec;
+    Kind kind = Kind::any;
+    if (text.empty() || text == "-") kind = Kind::any;  // no output, or standard output
+    else if (!text.empty() && text.back() == '/') kind = Kind::directory;
+    else if (fs::is_directory(target, ec)) kind = Kind::directory;
+    else if (extension == ".gguf") kind = Kind::gguf_file;
+    else if (extension == ".safetensors") kind = Kind::safetensors_file;
+    auto driver_of = [&](std::string_view name) {
+        const ConventionDriver* d = convention(name == "lycoris" ? std::string_view("kohya") : name);
+        if (!d) {
+            std::vector<std::string_view> names;
+            for (const auto& c : conventions_) names.push_back(c->name());
+            fail(ErrorCode::usage, "unknown convention {} (known: {})", quote(name), fmt::join(names, ", "));
+        }
+        return d;
+    };
+    auto what = [&](std::string_view name) -> std::string_view {
+        const ConventionDriver* d = driver_of(name);
+        return d->writes_directory() ? "a directory" : d->name() == "gguf" ? "a GGUF file" : "a safetensors file";
+    };
+    auto fits = [&](std::string_view name) {
+        const ConventionDriver* d = driver_of(name);
+        switch (kind) {
+        case Kind::gguf_file: return d->name() == "gguf";
+        case Kind::safetensors_file: return !d->writes_directory() && d->name() != "gguf";
+        case Kind::directory: return d->writes_directory();
+        case Kind::any: return true;
+        }
+        return true;
+    };
+    const std::string_view named = kind == Kind::gguf_file          ? "a GGUF file"
+                                   : kind == Kind::safetensors_file ? "a safetensors file"
+                                                                    : "a directory";
+    if (!requested.empty()) {
+        if (!fits(requested))
+            fail(ErrorCode::usage, "--to {} writes {}, but the output {} names {}", requested, what(requested),
+                 quote(text), named);
+        return std::string(requested);
+    }
+    if (fits(input)) return std::string(input);
+    switch (kind) {
+    case Kind::gguf_file: return "gguf";
+    case Kind::directory: return "peft";
+    default:
+        fail(ErrorCode::usage,
+             "the output {} names a safetensors file, but the input's convention ({}) writes {}: give --to (kohya or "
+             "diffusers write one safetensors file) or name a directory",
+             quote(text), input, what(input));
+    }
+}
+
+void Registry::check_output(std::string_view name, const fs::path& given_target, bool overwrite) const {
+    const fs::path target = without_trailing_slash(given_target);
     const ConventionDriver* driver = convention(name == "lycoris" ? std::string_view("kohya") : name);
     if (driver && driver->writes_directory()) {
         if (target == "-")

@@ -21,7 +21,7 @@ Json finite_or_null(double v) { return std::isfinite(v) ? Json(v) : Json(nullptr
 ToolResult run_resize(const Registry& registry, const ResizeRequest& request, Progress& progress) {
     return guarded([&](ToolResult& result) {
         const Adapter input = registry.load_adapter(request.input);
-        const std::string convention = request.to.empty() ? input.convention : request.to;
+        const std::string convention = registry.output_convention(request.to, input.convention, request.output);
         if (!request.output.empty()) {
             registry.check_output(convention, request.output, request.force);  // before any work
         }

@@ -176,7 +176,7 @@ ToolResult run_stack(const Registry& registry, const StackRequest& request, Prog
             if (weight && explicit_weights) fail(ErrorCode::usage, "give weights either as PATH:W or with --weights, not both");
         if (!explicit_weights)
             for (const auto& weight : given) options.weights.push_back(weight.value_or(1.0));
-        const std::string convention = request.to.empty() ? adapters[0].convention : request.to;
+        const std::string convention = registry.output_convention(request.to, adapters[0].convention, request.output);
         if (!request.output.empty()) registry.check_output(convention, request.output, request.force);
         std::unique_ptr<Checkpoint> checkpoint;
         std::unique_ptr<CheckpointWeights> base;

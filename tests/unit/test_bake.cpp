@@ -525,7 +525,7 @@ TEST_CASE("lora-bake and lora-extract killed with SIGKILL mid-write leave nothin
             ExtractRequest request;
             request.base = base;
             request.tuned = (dir / "tuned.safetensors").string();
-            request.output = (dir / "out" / "x.safetensors").string();
+            request.output = (dir / "out" / "x").string();
             request.to = "peft";
             request.fit.rank.rank = 4;
             run_extract(registry, request, progress);

@@ -222,3 +222,57 @@ TEST_CASE("many inputs open under a small descriptor limit (mapped inputs keep d
     CHECK(r.exit_code == 0);
     CHECK_THAT(r.out, Catch::Contains("pair 59+60") && Catch::Contains("verdict: ok"));
 }
+
+TEST_CASE("the output's name decides the convention where --to is absent, and a contradicting --to is refused",
+          "[cli][contract]") {
+    // Regression: `-o x.gguf` used to write the input's convention under that name (a PEFT
+    // directory called x.gguf, a kohya file called x.gguf), and `-o x.safetensors` of a PEFT
+    // input a directory called x.safetensors.
+    ScratchDir dir;
+    const std::string peft = samples + "/peft-llama", kohya = samples + "/kohya-sdxl.safetensors";
+    const std::vector<std::string> heads = {"--head-count", "8", "--head-count-kv", "2"};
+    SECTION("*.gguf: a GGUF file, from any tool that writes") {
+        std::vector<std::string> args = {peft, "-o", (dir / "a.gguf").string()};
+        args.insert(args.end(), heads.begin(), heads.end());
+        auto r = run_tool("lora-convert", args);
+        INFO(r.err);
+        REQUIRE(r.exit_code == 0);
+        CHECK(fs::is_regular_file(dir / "a.gguf"));
+        CHECK(read_file(dir / "a.gguf").substr(0, 4) == "GGUF");
+        r = run_tool("lora-resize", {(dir / "a.gguf").string(), "-o", (dir / "b.gguf").string(), "--rank", "2"});
+        INFO(r.err);
+        CHECK(r.exit_code == 0);
+        CHECK(read_file(dir / "b.gguf").substr(0, 4) == "GGUF");
+        // An SD adapter has no GGUF form: refused, nothing written.
+        r = run_tool("lora-convert", {kohya, "-o", (dir / "c.gguf").string()});
+        CHECK(r.exit_code != 0);
+        CHECK_FALSE(fs::exists(dir / "c.gguf"));
+    }
+    SECTION("a directory-writing input to *.safetensors: refused with what to pass") {
+        auto r = run_tool("lora-convert", {peft, "-o", (dir / "x.safetensors").string()});
+        CHECK(r.exit_code == 2);
+        CHECK_THAT(r.err, Catch::Contains("names a safetensors file") && Catch::Contains("--to"));
+        r = run_tool("lora-merge", {peft, peft, "-o", (dir / "x.safetensors").string()});
+        CHECK(r.exit_code == 2);
+        CHECK_THAT(r.err, Catch::Contains("names a safetensors file") && Catch::Contains("--to"));
+        CHECK(fs::is_empty(dir.path()));
+    }
+    SECTION("--to contradicting the name: refused") {
+        auto r = run_tool("lora-convert", {kohya, "-o", (dir / "y.safetensors").string(), "--to", "peft"});
+        CHECK(r.exit_code == 2);
+        CHECK_THAT(r.err, Catch::Contains("--to peft writes a directory"));
+        r = run_tool("lora-convert", {kohya, "-o", (dir / "y.gguf").string(), "--to", "kohya"});
+        CHECK(r.exit_code == 2);
+        CHECK_THAT(r.err, Catch::Contains("names a GGUF file"));
+        CHECK(fs::is_empty(dir.path()));
+    }
+    SECTION("a name ending in '/' or an existing directory: PEFT for a single-file input") {
+        std::vector<std::string> args = {peft, "-o", (dir / "g.gguf").string()};
+        args.insert(args.end(), heads.begin(), heads.end());
+        REQUIRE(run_tool("lora-convert", args).exit_code == 0);
+        const auto r = run_tool("lora-convert", {(dir / "g.gguf").string(), "-o", (dir / "back").string() + "/"});
+        INFO(r.err);
+        CHECK(r.exit_code == 0);
+        CHECK(fs::is_regular_file(dir / "back" / "adapter_config.json"));
+    }
+}

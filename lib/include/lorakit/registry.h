@@ -177,6 +177,16 @@ public:
     std::unique_ptr<TensorFile> open_tensor_file(const std::filesystem::path& path) const;
     std::unique_ptr<TensorFile> open_tensor_file(std::shared_ptr<const MappedFile> file) const;
 
+    // The convention an output is written in: `requested` (--to) when given, else `input` (the
+    // input's). The output's name must agree: "*.gguf" is a GGUF file, "*.safetensors" a single
+    // safetensors file (not a directory convention such as peft or mlx), an existing directory
+    // or a name ending in '/' a directory convention. Without --to, a name that disagrees with
+    // the input's convention decides (*.gguf -> gguf, a directory -> peft), except a
+    // *.safetensors name for an input whose convention is a directory or GGUF, which is refused
+    // (usage error) with what to pass; with --to, a disagreeing name is refused. An empty
+    // target (no output) or "-" (standard output) accepts any convention.
+    std::string output_convention(std::string_view requested, std::string_view input,
+                                  const std::filesystem::path& target) const;
     // Refuses, before any work is done, an output that write_adapter could not create: an
     // existing file or directory without `overwrite`, or a missing parent directory.
     void check_output(std::string_view convention, const std::filesystem::path& target, bool overwrite) const;
