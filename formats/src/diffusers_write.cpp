@@ -55,12 +55,12 @@ void write_diffusers(const Adapter& a, const std::filesystem::path& target, cons
         if (s != 1.0) ++folded;
         if (m.kind == ModuleKind::embedding) {
             out.add(stem + ".lora_embedding_A", m.down);
-            out.add(stem + ".lora_embedding_B", scaled(m.up, s));
+            out.add(stem + ".lora_embedding_B", m.up, s);
         } else {
             out.add(stem + ".lora_A.weight", m.down);
-            out.add(stem + ".lora_B.weight", scaled(m.up, s));
+            out.add(stem + ".lora_B.weight", m.up, s);
         }
-        if (m.bias) out.add(stem + ".lora_B.bias", scaled(*m.bias, s));
+        if (m.bias) out.add(stem + ".lora_B.bias", *m.bias, s);
         if (m.magnitude) out.add(stem + ".lora_magnitude_vector", magnitude_as_rows(m, "diffusers"));
     }
     for (const auto& t : a.other_tensors) out.add(t.name, t.tensor);

@@ -7,9 +7,11 @@
 // The scale llama.cpp applies is alpha / rank with one alpha per file and the rank of each
 // tensor. For arch "llama" the q and k LoRAs have llama.cpp's rotary row order on lora_b: undoing
 // it (and writing it) needs the head counts, which the adapter does not record.
+#include <algorithm>
 #include <cctype>
 #include <cmath>
 #include <cstring>
+#include <future>
 
 #include <fmt/format.h>
 
@@ -315,8 +317,37 @@ void GgufLoraDriver::write(const Adapter& a, const std::filesystem::path& target
     }
     std::size_t folded = 0, permuted = 0, fallback = 0;
     HeadSizeCheck head_sizes;
+    // Each tensor is produced when its turn comes in the file (write_gguf_streamed): unchanged
+    // factors go straight from the input (file to file where it is mapped), the rest are folded,
+    // permuted, transposed or encoded one at a time, so memory stays at the largest tensor.
+    struct Pending {
+        Tensor source;
+        double factor = 1.0;     // scale folded into the values (1: none)
+        std::int64_t heads = 0;  // q/k rows to llama.cpp's rotary order (0: none)
+        bool transpose = false;  // embedding lora_a: [in, r] -> [r, in]
+        std::string module;
+    };
     std::vector<GgufTensorToWrite> tensors;
-    std::vector<Tensor> keep_alive;
+    std::vector<Pending> pending;
+    auto add = [&](std::string name, Pending p, std::uint32_t type) {
+        GgufTensorToWrite t;
+        t.name = std::move(name);
+        t.type = type;
+        t.shape = p.source.shape();
+        if (p.transpose) std::reverse(t.shape.begin(), t.shape.end());
+        const auto count = static_cast<std::uint64_t>(p.source.element_count());
+        if (type == ggml_q8_0) {
+            if (t.shape.empty() || t.shape.back() % 32)
+                fail(ErrorCode::unsupported, "tensor {}: Q8_0 needs rows of a multiple of 32 elements", quote(t.name));
+            t.streamed_size = count / 32 * 34;
+        } else if (type == ggml_f32 || type == ggml_f16 || type == ggml_bf16) {
+            t.streamed_size = count * (type == ggml_f32 ? 4 : 2);
+        } else {
+            fail(ErrorCode::unsupported, "writing ggml type {} is not supported", type);
+        }
+        tensors.push_back(std::move(t));
+        pending.push_back(std::move(p));
+    };
     for (const auto& m : a.modules) {
         if (m.magnitude) fail(ErrorCode::unsupported, "module {} is DoRA; llama.cpp has no DoRA adapters", quote(m.name));
         if (m.kind == ModuleKind::conv) fail(ErrorCode::unsupported, "module {} is a convolution", quote(m.name));
@@ -332,9 +363,9 @@ void GgufLoraDriver::write(const Adapter& a, const std::filesystem::path& target
                  quote(m.name));
         // llama.cpp applies alpha / rank, or 1 when alpha is 0.
         const double wanted = m.scale(), applied = *alpha != 0 ? *alpha / static_cast<double>(m.rank()) : 1.0;
-        Tensor up = m.up;
+        Pending up{m.up, 1.0, 0, false, m.name};
         if (std::abs(wanted - applied) > 1e-12 * std::abs(wanted)) {
-            up = scaled(up, wanted / applied);
+            up.factor = wanted / applied;
             ++folded;
         }
         // Rows already in llama.cpp order stay; Hugging Face ones are permuted for "llama".
@@ -344,27 +375,64 @@ void GgufLoraDriver::write(const Adapter& a, const std::filesystem::path& target
                 fail(ErrorCode::usage,
                      "writing q/k LoRAs for arch llama needs the attention head counts (--head-count, --head-count-kv): "
                      "llama.cpp permutes their rows");
-            head_sizes.check(m.name, up.dim(0), heads_for(base, hints), hints);
-            up = permute_rows(up, heads_for(base, hints), true, m.name);
+            head_sizes.check(m.name, m.up.dim(0), heads_for(base, hints), hints);
+            up.heads = heads_for(base, hints);
             ++permuted;
         }
-        Tensor down = m.down;
-        if (m.kind == ModuleKind::embedding) down = down.transposed_2d();
-        for (auto [suffix, tensor] : {std::pair{".weight.lora_a", &down}, std::pair{".weight.lora_b", &up}}) {
-            std::uint32_t type = ggml_type_for(options.tensor_type, tensor->dtype());
-            if (type == ggml_q8_0 && tensor->shape().back() % 32 != 0) {
+        Pending down{m.down, 1.0, 0, m.kind == ModuleKind::embedding, m.name};
+        for (auto [suffix, p] : {std::pair{".weight.lora_a", &down}, std::pair{".weight.lora_b", &up}}) {
+            std::uint32_t type = ggml_type_for(options.tensor_type, p->source.dtype());
+            const std::int64_t last = p->transpose ? p->source.dim(0) : p->source.shape().back();
+            if (type == ggml_q8_0 && last % 32 != 0) {
                 type = ggml_f16;  // as gguf-py does (QuantError -> F16)
                 ++fallback;
             }
-            tensors.push_back(gguf_tensor(base + suffix, tensor->view(), type));
-            keep_alive.push_back(*tensor);  // the writer may point into its bytes
+            add(base + suffix, std::move(*p), type);
         }
     }
     for (const auto& t : a.other_tensors) {
         std::string name = t.name;
         if (auto g = hf_to_gguf(t.name.substr(0, t.name.rfind(".weight")))) name = *g + ".weight";
-        tensors.push_back(gguf_tensor(name, t.tensor.view(), ggml_f32));
+        add(std::move(name), Pending{t.tensor, 1.0, 0, false, t.name}, ggml_f32);
     }
+    // A tensor that needs work is made on a helper thread while the one before it is written,
+    // so the folding and permuting overlap the kernel's copying.
+    auto direct = [&](std::size_t i) {
+        const Pending& p = pending[i];
+        const std::uint32_t type = tensors[i].type;
+        const DType want = type == ggml_f16 ? DType::F16 : type == ggml_bf16 ? DType::BF16 : DType::F32;
+        return p.factor == 1.0 && p.heads == 0 && !p.transpose && type != ggml_q8_0 && p.source.dtype() == want;
+    };
+    struct Made {
+        Tensor values;          // keeps the bytes `encoded` may view
+        GgufTensorToWrite encoded;
+    };
+    auto make = [&](std::size_t i) {
+        const Pending& p = pending[i];
+        Made made{p.source, {}};
+        if (p.factor != 1.0) made.values = scaled(made.values, p.factor);
+        if (p.heads) made.values = permute_rows(made.values, p.heads, true, p.module);
+        if (p.transpose) made.values = made.values.transposed_2d();
+        made.encoded = gguf_tensor(tensors[i].name, made.values.view(), tensors[i].type);
+        return made;
+    };
+    std::future<Made> ahead;
+    std::size_t ahead_index = pending.size();
+    auto produce = [&](std::size_t i, AtomicFile& out) {
+        if (direct(i)) {
+            out.write(pending[i].source.bytes());
+            return;
+        }
+        Made made = ahead_index == i ? ahead.get() : make(i);
+        ahead_index = pending.size();
+        for (std::size_t j = i + 1; j < pending.size(); ++j)
+            if (!direct(j)) {
+                ahead = std::async(std::launch::async, make, j);
+                ahead_index = j;
+                break;
+            }
+        out.write(made.encoded.bytes());
+    };
     std::vector<std::pair<std::string, GgufValue>> kv{
         {"general.architecture", GgufValue::string(arch)},
         {"general.type", GgufValue::string("adapter")},
@@ -393,7 +461,11 @@ void GgufLoraDriver::write(const Adapter& a, const std::filesystem::path& target
                                     folded, alpha.value_or(0.0)));
     if (permuted) notes.push_back(fmt::format("{} q/k lora_b tensor(s) permuted to llama.cpp's rotary row order", permuted));
     if (fallback) notes.push_back(fmt::format("{} tensor(s) have rows not a multiple of 32: written F16, not Q8_0", fallback));
-    write_gguf(target, kv, tensors, options.overwrite);
+    with_context(quote(target.string()), [&] {
+        AtomicFile out(target, options.overwrite);
+        write_gguf_streamed(out, kv, tensors, produce);
+        out.commit();
+    });
 }
 
 }  // namespace

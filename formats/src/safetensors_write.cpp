@@ -129,8 +129,70 @@ void write_safetensors_streamed(AtomicFile& out, std::vector<SafetensorsRecord> 
     }
 }
 
+namespace {
+
+// A scaled tensor's bytes (TensorToWrite::scale), not zero-filled first.
+struct ScaledBytes {
+    std::unique_ptr<std::byte[]> data;
+    std::size_t size = 0;
+    std::span<const std::byte> bytes() const { return {data.get(), size}; }
+};
+
+ScaledBytes scaled_bytes(const TensorToWrite& t) {
+    ScaledBytes out{std::make_unique_for_overwrite<std::byte[]>(t.view.bytes().size()), t.view.bytes().size()};
+    scale_encoded(t.view.dtype(), t.view.bytes().data(), out.data.get(), static_cast<std::size_t>(t.view.element_count()),
+                  t.scale);
+    return out;
+}
+
+// Writes the tensors' data in order; a scaled tensor is computed on a helper thread while the
+// tensors before it are written, so the scaling overlaps the copying.
+void write_data(AtomicFile& out, const std::vector<TensorToWrite>& tensors) {
+    std::future<ScaledBytes> ahead;
+    std::size_t ahead_index = tensors.size();
+    auto schedule_after = [&](std::size_t i) {
+        ahead_index = tensors.size();
+        for (std::size_t j = i; j < tensors.size(); ++j)
+            if (tensors[j].scale != 1.0) {
+                ahead = std::async(std::launch::async, [&tensors, j] { return scaled_bytes(tensors[j]); });
+                ahead_index = j;
+                return;
+            }
+    };
+    schedule_after(0);
+    try {
+        for (std::size_t i = 0; i < tensors.size(); ++i) {
+            if (tensors[i].scale == 1.0) {
+                out.write(tensors[i].view.bytes());
+                continue;
+            }
+            const ScaledBytes made = ahead_index == i ? ahead.get() : scaled_bytes(tensors[i]);
+            schedule_after(i + 1);
+            out.write(made.bytes());
+        }
+    } catch (...) {
+        if (ahead.valid()) ahead.wait();
+        throw;
+    }
+}
+
+// Replaces scaled tensors by views of their scaled bytes (kept in `store`), for the paths that
+// read every tensor's bytes more than once (the data hash) or all at once.
+void materialize_scaled(std::vector<TensorToWrite>& tensors, std::vector<ScaledBytes>& store) {
+    for (auto& t : tensors)
+        if (t.scale != 1.0) {
+            store.push_back(scaled_bytes(t));
+            t.view = TensorView(t.view.dtype(), t.view.shape(), store.back().bytes());
+            t.scale = 1.0;
+        }
+}
+
+}  // namespace
+
 std::vector<std::byte> serialize_safetensors(std::vector<TensorToWrite> tensors,
                                              const std::map<std::string, std::string>& metadata) {
+    std::vector<ScaledBytes> store;
+    materialize_scaled(tensors, store);
     std::vector<std::byte> out = serialize_safetensors_header(tensors, metadata);
     for (const auto& t : tensors) out.insert(out.end(), t.view.bytes().begin(), t.view.bytes().end());
     return out;
@@ -139,7 +201,7 @@ std::vector<std::byte> serialize_safetensors(std::vector<TensorToWrite> tensors,
 void write_safetensors(AtomicFile& out, std::vector<TensorToWrite> tensors,
                        const std::map<std::string, std::string>& metadata) {
     out.write(serialize_safetensors_header(tensors, metadata));
-    for (const auto& t : tensors) out.write(t.view.bytes());
+    write_data(out, tensors);
 }
 
 void write_safetensors(AtomicFile& out, std::vector<TensorToWrite> tensors, std::map<std::string, std::string> metadata,
@@ -148,6 +210,8 @@ void write_safetensors(AtomicFile& out, std::vector<TensorToWrite> tensors, std:
         write_safetensors(out, std::move(tensors), metadata);
         return;
     }
+    std::vector<ScaledBytes> store;  // the hash and the write both read every tensor
+    materialize_scaled(tensors, store);
     sort_for_safetensors(tensors);
     auto hash_data = [&tensors] {
         Sha256 hash;

@@ -8,34 +8,37 @@
 
 namespace lorakit::formats {
 
-void OutputTensors::add(std::string name, Tensor tensor) {
+void OutputTensors::add(std::string name, Tensor tensor, double scale) {
     if (!names_.insert(name).second) fail(ErrorCode::bad_input, "two tensors would be written as {}", quote(name));
-    items_.emplace_back(std::move(name), std::move(tensor));
+    items_.push_back({std::move(name), std::move(tensor), scale});
 }
 
 std::vector<TensorToWrite> OutputTensors::views() const {
     std::vector<TensorToWrite> out;
     out.reserve(items_.size());
-    for (const auto& [name, t] : items_) out.push_back({name, t.view()});
+    for (const auto& item : items_) out.push_back({item.name, item.tensor.view(), item.scale});
     return out;
+}
+
+void scale_encoded(DType type, const std::byte* src, std::byte* dst, std::size_t count, double factor) {
+    // Chunk by chunk through a small f32 buffer: no full-size f32 copy, whose fresh pages are
+    // slow to touch.
+    const std::size_t width = dtype_size(type);
+    constexpr std::size_t chunk = 4096;
+    float buffer[chunk];
+    for (std::size_t at = 0; at < count; at += chunk) {
+        const std::size_t n = std::min(chunk, count - at);
+        convert_to_f32(type, src + at * width, buffer, n);
+        for (std::size_t i = 0; i < n; ++i) buffer[i] = static_cast<float>(static_cast<double>(buffer[i]) * factor);
+        convert_from_f32(type, buffer, dst + at * width, n);
+    }
 }
 
 Tensor scaled(const Tensor& t, double factor) {
     if (factor == 1.0) return t;
-    // Chunk by chunk through a small f32 buffer: no full-size f32 copy, whose fresh pages are
-    // slow to touch. Each value: widened to f32, multiplied in f64, rounded to f32, then once
-    // to the tensor's dtype.
     const std::size_t count = static_cast<std::size_t>(t.element_count()), width = dtype_size(t.dtype());
     std::vector<std::byte> out(count * width);
-    constexpr std::size_t chunk = 4096;
-    float buffer[chunk];
-    const std::byte* src = t.bytes().data();
-    for (std::size_t at = 0; at < count; at += chunk) {
-        const std::size_t n = std::min(chunk, count - at);
-        convert_to_f32(t.dtype(), src + at * width, buffer, n);
-        for (std::size_t i = 0; i < n; ++i) buffer[i] = static_cast<float>(static_cast<double>(buffer[i]) * factor);
-        convert_from_f32(t.dtype(), buffer, out.data() + at * width, n);
-    }
+    scale_encoded(t.dtype(), t.bytes().data(), out.data(), count, factor);
     return Tensor::own(t.dtype(), t.shape(), std::move(out));
 }
 

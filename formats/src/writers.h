@@ -27,12 +27,19 @@ void write_cloneofsimo(const Adapter& adapter, const std::filesystem::path& targ
 // Tensors collected for one output file; keeps the tensors alive while their views are written.
 class OutputTensors {
 public:
-    void add(std::string name, Tensor tensor);
+    // `scale` != 1: written as tensor × scale, computed while the file is written (see
+    // TensorToWrite::scale), so no scaled copy is held.
+    void add(std::string name, Tensor tensor, double scale = 1.0);
     std::vector<TensorToWrite> views() const;
     std::size_t size() const { return items_.size(); }
 
 private:
-    std::vector<std::pair<std::string, Tensor>> items_;
+    struct Item {
+        std::string name;
+        Tensor tensor;
+        double scale = 1.0;
+    };
+    std::vector<Item> items_;
     std::set<std::string> names_;
 };
 

@@ -36,7 +36,15 @@ std::unique_ptr<TensorFile> read_safetensors(std::shared_ptr<const MappedFile> f
 struct TensorToWrite {
     std::string name;
     TensorView view;
+    // Written as the view's values times `scale`, each rounded once to the view's dtype (through
+    // f32, as formats::scaled): the writers fold a scale while writing, a tensor at a time,
+    // instead of holding scaled copies of them all.
+    double scale = 1.0;
 };
+
+// count values of `type` from src, times factor, into dst (same type): widened to f32, multiplied
+// in f64, rounded to f32 and then once to `type`.
+void scale_encoded(DType type, const std::byte* src, std::byte* dst, std::size_t count, double factor);
 
 // The order tensors are laid out in, the reference writer's: by dtype, widest first in the
 // reference enum's order (U64, I64, F64, F32, U32, I32, BF16, F16, U16, I16, F8_E4M3,
