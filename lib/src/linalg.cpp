@@ -93,8 +93,8 @@ struct Stacked {
     std::int64_t out = 0, in = 0, total_rank = 0;
 };
 
-// Fills the workspace with [c_1 B_1 ... c_k B_k] and [A_1; ...; A_k], checking shapes.
-Stacked stack_terms(std::span<const LowRankTerm> terms, Workspace::Impl& w) {
+// The common shape of the terms and their total rank; refuses terms that disagree.
+Stacked check_terms(std::span<const LowRankTerm> terms) {
     if (terms.empty()) fail(ErrorCode::internal, "factored SVD of no terms");
     Stacked s;
     s.out = terms[0].out;
@@ -106,6 +106,12 @@ Stacked stack_terms(std::span<const LowRankTerm> terms, Workspace::Impl& w) {
             fail(ErrorCode::internal, "low-rank term of shape {}x{}x{}", t.out, t.rank, t.in);
         s.total_rank += t.rank;
     }
+    return s;
+}
+
+// Fills the workspace with [c_1 B_1 ... c_k B_k] and [A_1; ...; A_k], checking shapes.
+Stacked stack_terms(std::span<const LowRankTerm> terms, Workspace::Impl& w) {
+    const Stacked s = check_terms(terms);
     const auto R = static_cast<std::size_t>(s.total_rank);
     const auto out = static_cast<std::size_t>(s.out);
     const auto in = static_cast<std::size_t>(s.in);
@@ -314,17 +320,7 @@ std::size_t gram_chunk(lapack_int R) { return std::clamp<std::size_t>(32768 / st
 // double on the way, chunk by chunk: G_b = BᵀB into w.gb and G_a = AAᵀ into w.ga, both R x R
 // column-major with both triangles filled. One pass over the factors; no full-size double copy.
 Stacked stack_with_grams(std::span<const LowRankTerm> terms, Workspace::Impl& w) {
-    if (terms.empty()) fail(ErrorCode::internal, "factored SVD of no terms");
-    Stacked s;
-    s.out = terms[0].out;
-    s.in = terms[0].in;
-    for (const auto& t : terms) {
-        if (t.out != s.out || t.in != s.in)
-            fail(ErrorCode::bad_input, "cannot add a {}x{} low-rank term to a {}x{} one", t.out, t.in, s.out, s.in);
-        if (t.rank <= 0 || t.out <= 0 || t.in <= 0)
-            fail(ErrorCode::internal, "low-rank term of shape {}x{}x{}", t.out, t.rank, t.in);
-        s.total_rank += t.rank;
-    }
+    const Stacked s = check_terms(terms);
     const lapack_int R = to_lapack(s.total_rank, "total rank");
     to_lapack(s.out, "output size");
     to_lapack(s.in, "input size");
