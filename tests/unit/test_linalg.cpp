@@ -207,3 +207,64 @@ TEST_CASE("MappedFile::release drops pages but never the data", "[core]") {
     file->release(std::span<const std::byte>(memory));  // outside the mapping: no-op
     CHECK(memory[4096] == std::byte{5});
 }
+
+TEST_CASE("factored_lora writes the split factors of the best rank-k approximation straight into reused buffers",
+          "[linalg]") {
+    Workspace workspace;
+    std::mt19937 g(11);
+    // Rank-deficient sum: the second term repeats the first's B (the stacked B has rank 7 of 9).
+    std::vector<Factor> fs = {random_factor(g, 50, 4, 36, 0.7), random_factor(g, 50, 2, 36, -1.1),
+                              random_factor(g, 50, 3, 36, 0.4)};
+    for (std::int64_t i = 0; i < 50; ++i)
+        for (std::int64_t k = 0; k < 2; ++k) fs[1].b[static_cast<std::size_t>(i * 2 + k)] = fs[0].b[static_cast<std::size_t>(i * 4 + k)];
+    const auto dense = dense_sum(fs);
+    const FactoredSvd svd = factored_svd(terms_of(fs), 0, workspace);
+    // up·down against U_k Σ_k V_kᵀ from factored_svd, for both splits and widths below, at and above
+    // the number of directions; buffers start dirty and are reused across calls.
+    std::vector<float> up(10000, 123.0f), down(10000, -7.0f);
+    for (const bool balanced : {false, true})
+        for (const std::int64_t width : {3, 7, 12}) {
+            DYNAMIC_SECTION("balanced " << balanced << ", width " << width) {
+                const FactoredLora f = factored_lora(
+                    terms_of(fs), [&](const std::vector<double>& values) {
+                        CHECK(values.size() == 9);
+                        return width;
+                    },
+                    balanced, workspace, up, down);
+                REQUIRE(f.rank == width);
+                CHECK(f.kept == std::min<std::int64_t>(width, 9));
+                REQUIRE(up.size() == static_cast<std::size_t>(50 * width));
+                REQUIRE(down.size() == static_cast<std::size_t>(width * 36));
+                for (std::size_t k = 0; k < svd.singular_values.size(); ++k)
+                    CHECK(f.singular_values[k] == Approx(svd.singular_values[k]).epsilon(1e-9).margin(1e-9));
+                double error = 0, norm = 0, optimal = 0;
+                for (std::size_t k = static_cast<std::size_t>(width); k < svd.singular_values.size(); ++k)
+                    optimal += svd.singular_values[k] * svd.singular_values[k];
+                for (std::int64_t i = 0; i < 50; ++i)
+                    for (std::int64_t j = 0; j < 36; ++j) {
+                        double x = 0;
+                        for (std::int64_t k = 0; k < width; ++k)
+                            x += double(up[static_cast<std::size_t>(i * width + k)]) * down[static_cast<std::size_t>(k * 36 + j)];
+                        const double want = dense[static_cast<std::size_t>(i * 36 + j)];
+                        error += (x - want) * (x - want);
+                        norm += want * want;
+                    }
+                // Eckart–Young: the error is the dropped tail (0 once every direction is kept).
+                CHECK(std::sqrt(error) == Approx(std::sqrt(optimal)).margin(1e-5 * std::sqrt(norm)));
+                // Directions past the sum's rank (7) are numerically zero; past kept exactly zero.
+                for (std::int64_t k = 9; k < width; ++k) {
+                    for (std::int64_t i = 0; i < 50; ++i) CHECK(up[static_cast<std::size_t>(i * width + k)] == 0.0f);
+                    for (std::int64_t j = 0; j < 36; ++j) CHECK(down[static_cast<std::size_t>(k * 36 + j)] == 0.0f);
+                }
+                // The split: unbalanced puts Σ on up (down rows orthonormal); balanced √Σ on each.
+                for (std::int64_t k = 0; k < std::min<std::int64_t>(width, 7); ++k) {
+                    double up2 = 0, down2 = 0;
+                    for (std::int64_t i = 0; i < 50; ++i) up2 += std::pow(double(up[static_cast<std::size_t>(i * width + k)]), 2);
+                    for (std::int64_t j = 0; j < 36; ++j) down2 += std::pow(double(down[static_cast<std::size_t>(k * 36 + j)]), 2);
+                    const double sigma = svd.singular_values[static_cast<std::size_t>(k)];
+                    CHECK(std::sqrt(up2) == Approx(balanced ? std::sqrt(sigma) : sigma).epsilon(1e-5));
+                    CHECK(std::sqrt(down2) == Approx(balanced ? std::sqrt(sigma) : 1.0).epsilon(1e-5));
+                }
+            }
+        }
+}
