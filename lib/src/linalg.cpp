@@ -454,7 +454,8 @@ Solved solve_core(const Stacked& s, const std::function<std::int64_t(const std::
         const bool live = j < usable && sigma > sigma_floor;
         const double sx = live ? x_scale(sigma) : 0.0, sy = live ? y_scale(sigma) / sigma : 0.0;
         for (lapack_int c = 0; c < t; ++c) {
-            const double u = uk[c + static_cast<std::size_t>(j) * t];
+            // U_K has t columns; past them (k > t: a rank-deficient stack) the direction is empty.
+            const double u = live ? uk[c + static_cast<std::size_t>(j) * t] : 0.0;
             cx[c + static_cast<std::size_t>(j) * t] = u * sx;
             cy[c + static_cast<std::size_t>(j) * t] = u * sy;
         }
