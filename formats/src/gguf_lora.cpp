@@ -11,7 +11,6 @@
 #include <cctype>
 #include <cmath>
 #include <cstring>
-#include <future>
 
 #include <fmt/format.h>
 
@@ -19,6 +18,7 @@
 #include "lorakit/error.h"
 #include "lorakit/formats/gguf.h"
 #include "lorakit/names.h"
+#include "made_ahead.h"
 #include "writers.h"
 
 namespace lorakit::formats {
@@ -335,16 +335,13 @@ void GgufLoraDriver::write(const Adapter& a, const std::filesystem::path& target
         t.type = type;
         t.shape = p.source.shape();
         if (p.transpose) std::reverse(t.shape.begin(), t.shape.end());
-        const auto count = static_cast<std::uint64_t>(p.source.element_count());
-        if (type == ggml_q8_0) {
-            if (t.shape.empty() || t.shape.back() % 32)
-                fail(ErrorCode::unsupported, "tensor {}: Q8_0 needs rows of a multiple of 32 elements", quote(t.name));
-            t.streamed_size = count / 32 * 34;
-        } else if (type == ggml_f32 || type == ggml_f16 || type == ggml_bf16) {
-            t.streamed_size = count * (type == ggml_f32 ? 4 : 2);
-        } else {
+        // The checks gguf_tensor makes when the data is encoded, made here before the header is out.
+        if (type != ggml_f32 && type != ggml_f16 && type != ggml_bf16 && type != ggml_q8_0)
             fail(ErrorCode::unsupported, "writing ggml type {} is not supported", type);
-        }
+        if (type == ggml_q8_0 && (t.shape.empty() || t.shape.back() % 32))
+            fail(ErrorCode::unsupported, "tensor {}: Q8_0 needs rows of a multiple of 32 elements", quote(t.name));
+        const GgmlTypeInfo info = *ggml_type_info(type);
+        t.streamed_size = static_cast<std::uint64_t>(p.source.element_count()) / info.block_elements * info.block_bytes;
         tensors.push_back(std::move(t));
         pending.push_back(std::move(p));
     };
@@ -395,7 +392,7 @@ void GgufLoraDriver::write(const Adapter& a, const std::filesystem::path& target
         if (auto g = hf_to_gguf(t.name.substr(0, t.name.rfind(".weight")))) name = *g + ".weight";
         add(std::move(name), Pending{t.tensor, 1.0, 0, false, t.name}, ggml_f32);
     }
-    // A tensor that needs work is made on a helper thread while the one before it is written,
+    // A tensor that needs work is made on a helper thread while the ones before it are written,
     // so the folding and permuting overlap the kernel's copying.
     auto direct = [&](std::size_t i) {
         const Pending& p = pending[i];
@@ -416,22 +413,10 @@ void GgufLoraDriver::write(const Adapter& a, const std::filesystem::path& target
         made.encoded = gguf_tensor(tensors[i].name, made.values.view(), tensors[i].type);
         return made;
     };
-    std::future<Made> ahead;
-    std::size_t ahead_index = pending.size();
+    MadeAhead<Made> made(pending.size(), [&](std::size_t i) { return !direct(i); }, make);
     auto produce = [&](std::size_t i, AtomicFile& out) {
-        if (direct(i)) {
-            out.write(pending[i].source.bytes());
-            return;
-        }
-        Made made = ahead_index == i ? ahead.get() : make(i);
-        ahead_index = pending.size();
-        for (std::size_t j = i + 1; j < pending.size(); ++j)
-            if (!direct(j)) {
-                ahead = std::async(std::launch::async, make, j);
-                ahead_index = j;
-                break;
-            }
-        out.write(made.encoded.bytes());
+        if (direct(i)) out.write(pending[i].source.bytes());
+        else out.write(made.take(i).encoded.bytes());
     };
     std::vector<std::pair<std::string, GgufValue>> kv{
         {"general.architecture", GgufValue::string(arch)},

@@ -4,6 +4,7 @@
 #include <cstring>
 #include <functional>
 #include <future>
+#include <memory>
 #include <set>
 
 #include <fmt/format.h>
@@ -12,6 +13,7 @@
 #include "lorakit/error.h"
 #include "lorakit/formats/safetensors.h"
 #include "lorakit/sha256.h"
+#include "made_ahead.h"
 
 namespace lorakit::formats {
 
@@ -148,31 +150,12 @@ ScaledBytes scaled_bytes(const TensorToWrite& t) {
 // Writes the tensors' data in order; a scaled tensor is computed on a helper thread while the
 // tensors before it are written, so the scaling overlaps the copying.
 void write_data(AtomicFile& out, const std::vector<TensorToWrite>& tensors) {
-    std::future<ScaledBytes> ahead;
-    std::size_t ahead_index = tensors.size();
-    auto schedule_after = [&](std::size_t i) {
-        ahead_index = tensors.size();
-        for (std::size_t j = i; j < tensors.size(); ++j)
-            if (tensors[j].scale != 1.0) {
-                ahead = std::async(std::launch::async, [&tensors, j] { return scaled_bytes(tensors[j]); });
-                ahead_index = j;
-                return;
-            }
-    };
-    schedule_after(0);
-    try {
-        for (std::size_t i = 0; i < tensors.size(); ++i) {
-            if (tensors[i].scale == 1.0) {
-                out.write(tensors[i].view.bytes());
-                continue;
-            }
-            const ScaledBytes made = ahead_index == i ? ahead.get() : scaled_bytes(tensors[i]);
-            schedule_after(i + 1);
-            out.write(made.bytes());
-        }
-    } catch (...) {
-        if (ahead.valid()) ahead.wait();
-        throw;
+    MadeAhead<ScaledBytes> scaled(
+        tensors.size(), [&](std::size_t i) { return tensors[i].scale != 1.0; },
+        [&](std::size_t i) { return scaled_bytes(tensors[i]); });
+    for (std::size_t i = 0; i < tensors.size(); ++i) {
+        if (tensors[i].scale == 1.0) out.write(tensors[i].view.bytes());
+        else out.write(scaled.take(i).bytes());
     }
 }
 

@@ -94,8 +94,6 @@ ToolResult run_convert(const Registry& registry, const ConvertRequest& request, 
         Adapter adapter = registry.load_adapter(request.input, hints);
         progress.advance(1, 0);
         const std::string convention = registry.output_convention(request.to, adapter.convention, request.output);
-        if (!registry.convention(convention == "lycoris" ? "kohya" : convention))
-            fail(ErrorCode::usage, "unknown target convention {}", quote(convention));
         registry.check_output(convention, request.output, request.force);
         Json lycoris_report = Json::array();
         std::string lycoris_table;

@@ -381,10 +381,10 @@ Stacked stack_with_grams(std::span<const LowRankTerm> terms, Workspace::Impl& w)
     return s;
 }
 
-// R such that RᵀR = G (R x R, column-major, upper triangle read and destroyed): pivoted
-// Cholesky (dpstrf) with LAPACK's default tolerance, so numerically rank-deficient Grams give
-// fewer rows. `r` receives rank x R, column-major, columns in the original order; `u`/`piv`
-// keep dpstrf's triangle (ld R) and pivots for solves. Returns the rank.
+// R such that RᵀR = G (R x R, column-major, upper triangle read): pivoted Cholesky (dpstrf)
+// with LAPACK's default tolerance, so numerically rank-deficient Grams give fewer rows. `r`
+// receives rank x R, column-major, columns in the original order; dpstrf's triangle stays in
+// `g` (ld R) and its pivots in w.piv, for solves. Returns the rank.
 lapack_int cholesky_r(double* g, lapack_int R, Workspace::Impl& w, std::vector<double>& r) {
     lapack_int* piv = sized(w.piv, static_cast<std::size_t>(R));
     lapack_int rank = 0;
@@ -415,9 +415,10 @@ struct Solved {
     std::vector<double> values;
 };
 
-template <typename ScaleX, typename ScaleY>
+using Scale = double (*)(double sigma);
+
 Solved solve_core(const Stacked& s, const std::function<std::int64_t(const std::vector<double>&)>& keep,
-                  Workspace::Impl& w, ScaleX x_scale, ScaleY y_scale) {
+                  Workspace::Impl& w, Scale x_scale, Scale y_scale) {
     Solved result;
     const lapack_int R = static_cast<lapack_int>(s.total_rank);
     result.R = R;
@@ -508,7 +509,8 @@ FactoredSvd factored_svd(std::span<const LowRankTerm> terms, const std::function
                          Workspace& workspace) {
     auto& w = workspace.impl();
     const Stacked s = stack_with_grams(terms, w);
-    const Solved solved = solve_core(s, keep, w, [](double) { return 1.0; }, [](double) { return 1.0; });
+    const Scale one = [](double) { return 1.0; };
+    const Solved solved = solve_core(s, keep, w, one, one);
     FactoredSvd result;
     result.out = s.out;
     result.in = s.in;
@@ -544,9 +546,10 @@ FactoredLora factored_lora(std::span<const LowRankTerm> terms,
                            Workspace& workspace, std::vector<float>& up, std::vector<float>& down) {
     auto& w = workspace.impl();
     const Stacked s = stack_with_grams(terms, w);
-    const auto root = [](double sigma) { return std::sqrt(sigma); };
-    const Solved solved = balanced ? solve_core(s, keep, w, root, root)
-                                   : solve_core(s, keep, w, [](double sigma) { return sigma; }, [](double) { return 1.0; });
+    // up = U·Σ and down = Vᵀ, or √Σ on each side.
+    const Scale root = [](double sigma) { return std::sqrt(sigma); }, same = [](double sigma) { return sigma; },
+                one = [](double) { return 1.0; };
+    const Solved solved = balanced ? solve_core(s, keep, w, root, root) : solve_core(s, keep, w, same, one);
     FactoredLora result;
     result.out = s.out;
     result.in = s.in;

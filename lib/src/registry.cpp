@@ -92,16 +92,21 @@ fs::path without_trailing_slash(const fs::path& target) {
 
 }  // namespace
 
-void Registry::write_adapter(const Adapter& adapter, std::string_view name, const fs::path& given_target,
-                             const WriteOptions& options, std::vector<std::string>& notes) const {
-    const fs::path target = without_trailing_slash(given_target);
+const ConventionDriver& Registry::writer(std::string_view name) const {
     const ConventionDriver* driver = convention(name == "lycoris" ? std::string_view("kohya") : name);
     if (!driver) {
         std::vector<std::string_view> names;
         for (const auto& d : conventions_) names.push_back(d->name());
         fail(ErrorCode::usage, "unknown convention {} (known: {})", quote(name), fmt::join(names, ", "));
     }
-    with_context(quote(target.string()), [&] { driver->write(adapter, target, options, notes); });
+    return *driver;
+}
+
+void Registry::write_adapter(const Adapter& adapter, std::string_view name, const fs::path& given_target,
+                             const WriteOptions& options, std::vector<std::string>& notes) const {
+    const fs::path target = without_trailing_slash(given_target);
+    const ConventionDriver& driver = writer(name);
+    with_context(quote(target.string()), [&] { driver.write(adapter, target, options, notes); });
 }
 
 std::string Registry::output_convention(std::string_view requested, std::string_view input, const fs::path& target) const {
@@ -113,29 +118,20 @@ std::string Registry::output_convention(std::string_view requested, std::string_
     std::error_code ec;
     Kind kind = Kind::any;
     if (text.empty() || text == "-") kind = Kind::any;  // no output, or standard output
-    else if (!text.empty() && text.back() == '/') kind = Kind::directory;
+    else if (text.back() == '/') kind = Kind::directory;
     else if (fs::is_directory(target, ec)) kind = Kind::directory;
     else if (extension == ".gguf") kind = Kind::gguf_file;
     else if (extension == ".safetensors") kind = Kind::safetensors_file;
-    auto driver_of = [&](std::string_view name) {
-        const ConventionDriver* d = convention(name == "lycoris" ? std::string_view("kohya") : name);
-        if (!d) {
-            std::vector<std::string_view> names;
-            for (const auto& c : conventions_) names.push_back(c->name());
-            fail(ErrorCode::usage, "unknown convention {} (known: {})", quote(name), fmt::join(names, ", "));
-        }
-        return d;
-    };
     auto what = [&](std::string_view name) -> std::string_view {
-        const ConventionDriver* d = driver_of(name);
-        return d->writes_directory() ? "a directory" : d->name() == "gguf" ? "a GGUF file" : "a safetensors file";
+        const ConventionDriver& d = writer(name);
+        return d.writes_directory() ? "a directory" : d.name() == "gguf" ? "a GGUF file" : "a safetensors file";
     };
     auto fits = [&](std::string_view name) {
-        const ConventionDriver* d = driver_of(name);
+        const ConventionDriver& d = writer(name);
         switch (kind) {
-        case Kind::gguf_file: return d->name() == "gguf";
-        case Kind::safetensors_file: return !d->writes_directory() && d->name() != "gguf";
-        case Kind::directory: return d->writes_directory();
+        case Kind::gguf_file: return d.name() == "gguf";
+        case Kind::safetensors_file: return !d.writes_directory() && d.name() != "gguf";
+        case Kind::directory: return d.writes_directory();
         case Kind::any: return true;
         }
         return true;

@@ -101,22 +101,21 @@ std::int64_t Tensor::element_count() const noexcept { return static_cast<std::in
 
 Tensor Tensor::alias(DType type, Shape shape, std::span<const std::byte> bytes, std::shared_ptr<const void> owner) {
     check_size(type, shape, bytes.size());
-    Tensor t;
-    t.type_ = type;
-    t.shape_ = std::move(shape);
-    t.data_ = std::shared_ptr<const std::byte>(std::move(owner), bytes.data());
-    t.size_ = bytes.size();
-    return t;
+    return adopt(type, std::move(shape), std::shared_ptr<const std::byte>(std::move(owner), bytes.data()), bytes.size());
 }
 
 Tensor Tensor::own(DType type, Shape shape, std::vector<std::byte> bytes) {
     check_size(type, shape, bytes.size());
     auto holder = std::make_shared<const std::vector<std::byte>>(std::move(bytes));
+    return adopt(type, std::move(shape), std::shared_ptr<const std::byte>(holder, holder->data()), holder->size());
+}
+
+Tensor Tensor::adopt(DType type, Shape shape, std::shared_ptr<const std::byte> data, std::size_t size) {
     Tensor t;
     t.type_ = type;
     t.shape_ = std::move(shape);
-    t.size_ = holder->size();
-    t.data_ = std::shared_ptr<const std::byte>(holder, holder->data());
+    t.size_ = size;
+    t.data_ = std::move(data);
     return t;
 }
 
@@ -128,12 +127,7 @@ Tensor Tensor::from_f32(DType type, Shape shape, std::span<const float> values) 
     const std::size_t size = values.size() * dtype_size(type);
     std::shared_ptr<std::byte[]> holder = std::make_shared_for_overwrite<std::byte[]>(size);
     convert_from_f32(type, values, std::span<std::byte>(holder.get(), size));
-    Tensor t;
-    t.type_ = type;
-    t.shape_ = std::move(shape);
-    t.size_ = size;
-    t.data_ = std::shared_ptr<const std::byte>(holder, holder.get());
-    return t;
+    return adopt(type, std::move(shape), std::shared_ptr<const std::byte>(holder, holder.get()), size);
 }
 
 Tensor Tensor::zeros(DType type, Shape shape) {

@@ -204,6 +204,9 @@ public:
 
 private:
     std::optional<SidecarConfig> find_sidecar(const std::filesystem::path& weights) const;
+    // The driver that writes `name` ("lycoris" is written by kohya's); usage error naming the
+    // known conventions otherwise.
+    const ConventionDriver& writer(std::string_view name) const;
 
     std::vector<std::unique_ptr<ContainerDriver>> containers_;
     std::vector<std::unique_ptr<ConventionDriver>> conventions_;

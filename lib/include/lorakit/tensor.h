@@ -94,6 +94,9 @@ public:
     Tensor transposed_2d() const;
 
 private:
+    // A tensor over `size` bytes at `data` (which keeps its owner alive).
+    static Tensor adopt(DType type, Shape shape, std::shared_ptr<const std::byte> data, std::size_t size);
+
     DType type_ = DType::F32;
     Shape shape_;
     std::shared_ptr<const std::byte> data_;
