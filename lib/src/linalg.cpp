@@ -55,6 +55,7 @@ struct Workspace::Impl {
     std::vector<double> u, vt, s, dwork;
     std::vector<lapack_int> iwork;
     std::vector<float> small;   // float copies of the core's singular vectors
+    std::vector<float> rows;    // rows of a factor widened to f32 on their way into b
     std::vector<double> wide;   // a chunk of a stacked factor widened to double (Gram route)
     std::vector<double> rb, ra;
     std::vector<lapack_int> piv;
@@ -109,6 +110,35 @@ Stacked check_terms(std::span<const LowRankTerm> terms) {
     return s;
 }
 
+// `count` values of a factor of `type` from element `first`, widened to f32 into dst.
+void widen(DType type, const void* factor, std::size_t first, std::size_t count, float* dst) {
+    convert_to_f32(type, static_cast<const std::byte*>(factor) + first * dtype_size(type), dst, count);
+}
+
+// Rows [o0, o1) of c·B_i (row-major, r wide) into columns `column`.. of the R x out array `b`
+// (ld R), through `scratch` (cache-sized: the widened rows are read back at once). When `wide`
+// is given, the same values also go to it in double (column o - o0, ld R).
+void stack_rows(const LowRankTerm& t, std::size_t o0, std::size_t o1, std::size_t column, std::size_t R, float* b,
+                double* wide, std::vector<float>& scratch) {
+    const auto r = static_cast<std::size_t>(t.rank);
+    const auto c = static_cast<float>(t.coefficient);
+    const std::size_t step = std::max<std::size_t>(1, 16384 / r);
+    float* rows = sized(scratch, std::min(step, o1 - o0) * r);
+    for (std::size_t p0 = o0; p0 < o1; p0 += step) {
+        const std::size_t p1 = std::min(o1, p0 + step);
+        widen(t.b_type, t.b, p0 * r, (p1 - p0) * r, rows);
+        for (std::size_t o = p0; o < p1; ++o) {
+            const float* src = rows + (o - p0) * r;
+            float* dst = b + o * R + column;
+            for (std::size_t k = 0; k < r; ++k) dst[k] = c * src[k];
+            if (wide) {
+                double* wd = wide + (o - o0) * R + column;
+                for (std::size_t k = 0; k < r; ++k) wd[k] = dst[k];
+            }
+        }
+    }
+}
+
 // Fills the workspace with [c_1 B_1 ... c_k B_k] and [A_1; ...; A_k], checking shapes.
 Stacked stack_terms(std::span<const LowRankTerm> terms, Workspace::Impl& w) {
     const Stacked s = check_terms(terms);
@@ -120,15 +150,10 @@ Stacked stack_terms(std::span<const LowRankTerm> terms, Workspace::Impl& w) {
     std::size_t column = 0;
     for (const auto& t : terms) {
         const auto r = static_cast<std::size_t>(t.rank);
-        const auto c = static_cast<float>(t.coefficient);
         // Row o of B_i lands in column o of the R x out array, rows column..column+r.
-        for (std::size_t o = 0; o < out; ++o) {
-            const float* src = t.b + o * r;
-            float* dst = b + o * R + column;
-            for (std::size_t k = 0; k < r; ++k) dst[k] = c * src[k];
-        }
+        stack_rows(t, 0, out, column, R, b, nullptr, w.rows);
         // A_i's rows are the next r columns of the in x R array: one contiguous block.
-        std::memcpy(a + column * in, t.a, r * in * sizeof(float));
+        widen(t.a_type, t.a, 0, r * in, a + column * in);
         column += r;
     }
     return s;
@@ -284,8 +309,8 @@ void symmetric_eigen(std::vector<double>& vectors, std::int64_t size, std::vecto
                          vectors.begin() + static_cast<std::ptrdiff_t>(n - 1 - j) * n);
 }
 
-void stacked_grams(std::span<const LowRankTerm> terms, Workspace& workspace, std::vector<double>& gram_b,
-                   std::vector<double>& gram_a) {
+Stacks stacked_grams(std::span<const LowRankTerm> terms, Workspace& workspace, std::vector<double>& gram_b,
+                     std::vector<double>& gram_a) {
     // In f32 (ssyrk on the stacks as they are, no widened copies): these Grams feed reports
     // (norms, cosines, spectral norms), where f32 accumulation (~1e-7 relative) is ample and
     // twice the speed of double matters (lora-stack spends most of its time here).
@@ -308,6 +333,7 @@ void stacked_grams(std::span<const LowRankTerm> terms, Workspace& workspace, std
             gram_b[upper] = gram_b[lower] = gb[upper];
             gram_a[upper] = gram_a[lower] = ga[upper];
         }
+    return {w.b.data(), w.a.data(), s.total_rank, s.out, s.in};
 }
 
 namespace {
@@ -337,19 +363,8 @@ Stacked stack_with_grams(std::span<const LowRankTerm> terms, Workspace::Impl& w)
         const std::size_t o1 = std::min(out, o0 + chunk);
         std::size_t column = 0;
         for (const auto& t : terms) {
-            const auto r = static_cast<std::size_t>(t.rank);
-            const auto c = static_cast<float>(t.coefficient);
-            for (std::size_t o = o0; o < o1; ++o) {
-                const float* src = t.b + o * r;
-                float* dst = b + o * RR + column;
-                double* wd = wide + (o - o0) * RR + column;
-                for (std::size_t k = 0; k < r; ++k) {
-                    const float v = c * src[k];
-                    dst[k] = v;
-                    wd[k] = v;
-                }
-            }
-            column += r;
+            stack_rows(t, o0, o1, column, RR, b, wide, w.rows);
+            column += static_cast<std::size_t>(t.rank);
         }
         cblas_dsyrk(cblas_col_major, cblas_upper, cblas_no_trans, R, static_cast<int>(o1 - o0), 1.0, wide, R,
                     o0 == 0 ? 0.0 : 1.0, gb, R);
@@ -361,10 +376,10 @@ Stacked stack_with_grams(std::span<const LowRankTerm> terms, Workspace::Impl& w)
         std::size_t column = 0;
         for (const auto& t : terms) {
             for (std::size_t k = 0; k < static_cast<std::size_t>(t.rank); ++k, ++column) {
-                const float* src = t.a + k * in + j0;
-                std::memcpy(a + column * in + j0, src, n * sizeof(float));
+                float* dst = a + column * in + j0;
+                widen(t.a_type, t.a, k * in + j0, n, dst);
                 double* wd = wide + column * n;
-                for (std::size_t j = 0; j < n; ++j) wd[j] = src[j];
+                for (std::size_t j = 0; j < n; ++j) wd[j] = dst[j];
             }
         }
         cblas_dsyrk(cblas_col_major, cblas_upper, cblas_trans, R, static_cast<int>(n), 1.0, wide, static_cast<int>(n),

@@ -119,19 +119,14 @@ thread_local std::vector<float> spare_up, spare_down;
 Factors svd_merge(const std::vector<Term>& terms, const std::vector<double>& coefficients, const MergeOptions& o) {
     const LoraModule& first = *terms[0].module;
     const std::int64_t out = first.out_features(), in = first.flat_in_features();
-    // f32 factors read in place when the inputs are f32, else converted into per-thread scratch.
-    thread_local std::vector<std::vector<float>> scratch_a, scratch_b;
-    if (scratch_a.size() < terms.size()) {
-        scratch_a.resize(terms.size());
-        scratch_b.resize(terms.size());
-    }
     std::vector<linalg::LowRankTerm> low;
     std::int64_t total = 0;
     for (std::size_t i = 0; i < terms.size(); ++i) {
-        const float* a = terms[i].module->down.view().f32_data(scratch_a[i]);
-        const float* b = terms[i].module->up.view().f32_data(scratch_b[i]);
-        low.push_back({b, a, out, terms[i].module->rank(), in, coefficients[i]});
-        total += terms[i].module->rank();
+        // The factors as stored: stacking widens them straight from the mapped inputs.
+        const LoraModule& m = *terms[i].module;
+        low.push_back({m.up.view().bytes().data(), m.down.view().bytes().data(), out, m.rank(), in, coefficients[i],
+                       m.up.dtype(), m.down.dtype()});
+        total += m.rank();
     }
     thread_local linalg::Workspace workspace;
     Factors f;

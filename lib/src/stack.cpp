@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <span>
 #include <limits>
 #include <map>
 
@@ -282,7 +283,7 @@ void judge(ModuleStack& m, const StackThresholds& th) {
 
 // W + ΣΔW against the dtype's limit: a row whose bound max|W_p| + ‖b_p‖·max_q‖a_q‖ stays in
 // range cannot overflow for any factor t in [0, 1]; the others are computed exactly.
-void check_overflow(BaseStats& stats, const std::vector<float>& w, const std::vector<double>& bw, const std::vector<float>& a,
+void check_overflow(BaseStats& stats, const std::vector<float>& w, const std::vector<double>& bw, std::span<const float> a,
                     std::int64_t out, std::int64_t R, std::int64_t in) {
     double amax = 0;
     std::vector<double> column(static_cast<std::size_t>(in), 0.0);
@@ -328,27 +329,21 @@ ModuleStack analyse_module(const std::vector<Member>& members, const StackOption
     const LoraModule& first = *members[0].module;
     const std::int64_t out = first.out_features(), in = first.flat_in_features();
     const std::size_t n = members.size();
-    // f32 factors in per-thread buffers reused across modules (fresh pages are slow to touch).
-    thread_local std::vector<std::vector<float>> as, bs;
-    if (as.size() < n) {
-        as.resize(n);
-        bs.resize(n);
-    }
+    // The factors as stored: stacking widens them straight from the mapped inputs.
     std::vector<linalg::LowRankTerm> terms;
     std::vector<std::int64_t> offset(n + 1, 0);
     for (std::size_t i = 0; i < n; ++i) {
-        as[i].resize(static_cast<std::size_t>(members[i].module->down.element_count()));
-        bs[i].resize(static_cast<std::size_t>(members[i].module->up.element_count()));
-        members[i].module->down.view().to_f32(as[i]);
-        members[i].module->up.view().to_f32(bs[i]);
-        const std::int64_t r = members[i].module->rank();
-        terms.push_back({bs[i].data(), as[i].data(), out, r, in, members[i].module->scale()});
+        const LoraModule& mi = *members[i].module;
+        const std::int64_t r = mi.rank();
+        terms.push_back({mi.up.view().bytes().data(), mi.down.view().bytes().data(), out, r, in, mi.scale(), mi.up.dtype(),
+                         mi.down.dtype()});
         offset[i + 1] = offset[i] + r;
     }
     const std::int64_t R = offset[n];
     thread_local linalg::Workspace workspace;
     Matrix gb, ga;
-    linalg::stacked_grams(terms, workspace, gb, ga);
+    // The stacks (f32, B's blocks times the scales) serve the sampled entries and the overflow check.
+    const linalg::Stacks stacks = linalg::stacked_grams(terms, workspace, gb, ga);
 
     ModuleStack m;
     m.name = first.name;
@@ -392,14 +387,16 @@ ModuleStack analyse_module(const std::vector<Member>& members, const StackOption
         std::vector<float> a_columns, b_rows;
         for (std::size_t i = 0; i < n; ++i) {
             const std::int64_t r = offset[i + 1] - offset[i];
-            const float c = static_cast<float>(members[i].weight * members[i].module->scale());
+            const float c = static_cast<float>(members[i].weight);  // the stacked B holds the scale
             a_columns.resize(static_cast<std::size_t>(r * q_count));
-            for (std::int64_t k = 0; k < r; ++k)
+            for (std::int64_t k = 0; k < r; ++k) {
+                const float* a_row = stacks.a + (offset[i] + k) * in;
                 for (std::int64_t j = 0; j < q_count; ++j)
-                    a_columns[static_cast<std::size_t>(k * q_count + j)] = as[i][static_cast<std::size_t>(k * in + columns[static_cast<std::size_t>(j)])];
+                    a_columns[static_cast<std::size_t>(k * q_count + j)] = a_row[columns[static_cast<std::size_t>(j)]];
+            }
             b_rows.resize(static_cast<std::size_t>(p_count * r));
             for (std::int64_t pi = 0; pi < p_count; ++pi)
-                std::copy_n(bs[i].data() + rows[static_cast<std::size_t>(pi)] * r, r, b_rows.data() + pi * r);
+                std::copy_n(stacks.b + rows[static_cast<std::size_t>(pi)] * R + offset[i], r, b_rows.data() + pi * r);
             // samples (p x q, row-major = column-major q x p) = c · B[rows, :] · A[:, columns].
             samples[i].resize(static_cast<std::size_t>(p_count * q_count));
             cblas_sgemm(col_major, no_trans, no_trans, static_cast<int>(q_count), static_cast<int>(p_count),
@@ -499,17 +496,12 @@ ModuleStack analyse_module(const std::vector<Member>& members, const StackOption
             b.spectral = linalg::spectral_norm(weight->values.data(), out, in, 8, seed);
             b.ratio = b.spectral > 0 ? m.sum_spectral / b.spectral : (m.sum_spectral > 0 ? INFINITY : 0.0);
             if (b.limit > 0) {
+                // Bw = [w_1 s_1 B_1 ... w_n s_n B_n] in double; A is the stacked A as it is.
                 std::vector<double> bw(static_cast<std::size_t>(out * R));
-                std::vector<float> a(static_cast<std::size_t>(R * in));
-                for (std::size_t i = 0; i < n; ++i) {
-                    const std::int64_t r = offset[i + 1] - offset[i];
-                    const double c = members[i].weight * members[i].module->scale();
-                    for (std::int64_t p = 0; p < out; ++p)
-                        for (std::int64_t k = 0; k < r; ++k)
-                            bw[static_cast<std::size_t>(p * R + offset[i] + k)] = c * bs[i][static_cast<std::size_t>(p * r + k)];
-                    std::copy(as[i].begin(), as[i].end(), a.begin() + offset[i] * in);
-                }
-                check_overflow(b, weight->values, bw, a, out, R, in);
+                for (std::int64_t p = 0; p < out; ++p)
+                    for (std::int64_t c = 0; c < R; ++c)
+                        bw[static_cast<std::size_t>(p * R + c)] = d[static_cast<std::size_t>(c)] * stacks.b[p * R + c];
+                check_overflow(b, weight->values, bw, {stacks.a, static_cast<std::size_t>(R * in)}, out, R, in);
             }
             m.base = std::move(b);
         }

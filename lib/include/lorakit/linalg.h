@@ -1,6 +1,6 @@
 // Low-rank linear algebra on LoRA factors, without ever forming the dense out x in product.
 //
-// For M = Σ_i c_i · B_i · A_i (B_i: out x r_i, A_i: r_i x in, all row-major f32) the factors
+// For M = Σ_i c_i · B_i · A_i (B_i: out x r_i, A_i: r_i x in, row-major) the factors
 // are stacked into B = [c_1 B_1 ... c_k B_k] (out x R) and A = [A_1; ...; A_k] (R x in),
 // their R x R Gram matrices are accumulated in double (dsyrk), and everything else is R x R:
 // the R factor of B from a pivoted Cholesky of BᵀB, and the spectrum from the small core.
@@ -17,16 +17,22 @@
 #include <span>
 #include <vector>
 
+#include "lorakit/dtype.h"
+
 namespace lorakit::linalg {
 
-// One term c · B · A. Pointers are row-major f32 and must stay valid for the call.
+// One term c · B · A. The factors are row-major values of b_type / a_type (f32 unless said; any
+// type convert_to_f32 reads, aligned or not) and must stay valid for the call: callers pass mapped
+// file data as it is, and the stacking routines widen it straight into their stacked arrays.
 struct LowRankTerm {
-    const float* b = nullptr;  // out x rank
-    const float* a = nullptr;  // rank x in
+    const void* b = nullptr;  // out x rank
+    const void* a = nullptr;  // rank x in
     std::int64_t out = 0;
     std::int64_t rank = 0;
     std::int64_t in = 0;
     double coefficient = 1.0;
+    DType b_type = DType::F32;
+    DType a_type = DType::F32;
 };
 
 // Reusable scratch memory. Fresh pages are slow to touch on the machines we target, so
@@ -110,9 +116,16 @@ FactoredSvd factored_svd_householder(std::span<const LowRankTerm> terms, std::in
 // both triangles filled, column-major, accumulated in f32 (ssyrk) and returned in double. Everything about
 // the terms' products follows from their blocks without forming any out x in matrix, e.g.
 // ⟨c_i B_i A_i, c_j B_j A_j⟩_F = Σ_ab G_b[i_a, j_b] · G_a[i_a, j_b]. Throws bad_input on
-// NaN or infinite factors.
-void stacked_grams(std::span<const LowRankTerm> terms, Workspace& workspace, std::vector<double>& gram_b,
-                   std::vector<double>& gram_a);
+// NaN or infinite factors. Returns the stacks themselves, in f32: B row-major (entry (o, k) at
+// b[o·R + k], c_i applied) and A row-major (entry (k, j) at a[k·in + j]), valid until the
+// workspace is used again, so callers read entries of the terms without converting them again.
+struct Stacks {
+    const float* b = nullptr;
+    const float* a = nullptr;
+    std::int64_t total_rank = 0, out = 0, in = 0;
+};
+Stacks stacked_grams(std::span<const LowRankTerm> terms, Workspace& workspace, std::vector<double>& gram_b,
+                     std::vector<double>& gram_a);
 
 // Eigenvalues (descending) and eigenvectors of a small symmetric n x n matrix given
 // column-major in `matrix` (upper triangle read); `matrix` receives the eigenvectors as columns.
