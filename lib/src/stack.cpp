@@ -3,11 +3,13 @@
 
 #include <lapacke.h>
 
+#include <Eigen/Dense>
+
 #include <algorithm>
 #include <cmath>
-#include <span>
 #include <limits>
 #include <map>
+#include <span>
 
 #include <fmt/format.h>
 
@@ -173,11 +175,12 @@ double top_singular_value(const Matrix& m, std::int64_t rows, std::int64_t cols)
     else
         cblas_dgemm(col_major, trans, no_trans, size, size, static_cast<int>(rows), 1.0, m.data(), static_cast<int>(rows),
                     m.data(), static_cast<int>(rows), 0.0, g.data(), size);
-    std::vector<double> diagonal(static_cast<std::size_t>(size)), off(static_cast<std::size_t>(std::max(size - 1, 1))),
-        tau(static_cast<std::size_t>(std::max(size - 1, 1)));
-    const lapack_int info = LAPACKE_dsytrd(LAPACK_COL_MAJOR, 'U', size, g.data(), size, diagonal.data(), off.data(), tau.data());
-    if (info != 0) fail(ErrorCode::internal, "dsytrd failed (info {})", info);
-    off.resize(static_cast<std::size_t>(size - 1));
+    // Eigen's Householder tridiagonalisation: half of LAPACKE_dsytrd's time at these sizes
+    // (17 vs 34 us for 32 x 32 here).
+    const Eigen::Tridiagonalization<Eigen::MatrixXd> t(Eigen::Map<const Eigen::MatrixXd>(g.data(), size, size));
+    std::vector<double> diagonal(static_cast<std::size_t>(size)), off(static_cast<std::size_t>(size - 1));
+    Eigen::Map<Eigen::VectorXd>(diagonal.data(), size) = t.diagonal();
+    Eigen::Map<Eigen::VectorXd>(off.data(), size - 1) = t.subDiagonal();
     return std::sqrt(std::max(largest_tridiagonal_eigenvalue(diagonal, off), 0.0));
 }
 
