@@ -62,7 +62,7 @@ struct Workspace::Impl {
     std::vector<double> rb, ra;
     std::vector<lapack_int> piv;
     // The Gram route of factored_svd: kept across calls so that their pages are touched once.
-    std::vector<double> gb, ga, z, gz, kgram, y, mu;
+    std::vector<double> gb, ga, z, gz, kgram, x, y, mu;
 };
 
 Workspace::Workspace() : impl_(new Impl) {}
@@ -411,14 +411,22 @@ Stacked stack_with_grams(std::span<const LowRankTerm> terms, Workspace::Impl& w)
 }
 
 // R such that RᵀR = G (R x R, column-major, upper triangle read): pivoted Cholesky (dpstrf)
-// with LAPACK's default tolerance, so numerically rank-deficient Grams give fewer rows. `r`
+// stopping at pivots below `relative_tolerance` times the largest diagonal entry (LAPACK's
+// default, R·eps, when negative), so numerically rank-deficient Grams give fewer rows. `r`
 // receives rank x R, column-major, columns in the original order; dpstrf's triangle stays in
 // `g` (ld R) and its pivots in w.piv, for solves. Returns the rank.
-lapack_int cholesky_r(double* g, lapack_int R, Workspace::Impl& w, std::vector<double>& r) {
+lapack_int cholesky_r(double* g, lapack_int R, Workspace::Impl& w, std::vector<double>& r,
+                      double relative_tolerance = -1.0) {
     lapack_int* piv = sized(w.piv, static_cast<std::size_t>(R));
     lapack_int rank = 0;
     double* work = sized(w.dwork, static_cast<std::size_t>(2 * R));
-    const lapack_int info = LAPACKE_dpstrf_work(LAPACK_COL_MAJOR, 'U', R, g, R, piv, &rank, -1.0, work);
+    double tolerance = -1.0;
+    if (relative_tolerance >= 0) {
+        double top = 0;
+        for (lapack_int i = 0; i < R; ++i) top = std::max(top, g[static_cast<std::size_t>(i) * (R + 1)]);
+        tolerance = relative_tolerance * top;
+    }
+    const lapack_int info = LAPACKE_dpstrf_work(LAPACK_COL_MAJOR, 'U', R, g, R, piv, &rank, tolerance, work);
     if (info < 0) check_lapack(info, "dpstrf");
     if (info == 0) rank = R;
     // Pᵀ G P = UᵀU, so G = (U Pᵀ)ᵀ (U Pᵀ): R factor = U with its columns put back in place.
@@ -435,9 +443,10 @@ lapack_int cholesky_r(double* g, lapack_int R, Workspace::Impl& w, std::vector<d
 // With B P = Q_b [U11 U12] (pivoted Cholesky of G_b, rank t) and R_b = [U11 U12] Pᵀ, the sum is
 // Q_b K with K = R_b A, whose Gram K Kᵀ = R_b G_a R_bᵀ = U_K Σ² U_Kᵀ gives the spectrum. Then
 // U_k = B · X with X = P₁ U11⁻¹ U_K[:, :k] and V_k = Aᵀ · Y with Y = R_bᵀ U_K[:, :k] Σ_k⁻¹.
-// Column j of X is scaled by x_scale(σ_j) and of Y by y_scale(σ_j); both are returned in f32
-// (w.small: X then Y, R x k each, column-major). Directions past the rank or below 1e-7 σ_1 are
-// zero. Everything here is R x R and in double.
+// Column j of X is scaled by x_scale(σ_j) and of Y by y_scale(σ_j); both are left in w.x and
+// w.y (R x k each, column-major, double). Directions past the rank or below 1e-7 σ_1 are zero.
+// Reads the Grams in w.gb (overwritten by the Cholesky factor) and w.ga. Everything here is
+// R x R and in double; `expected` is the number of singular values the sum can have.
 struct Solved {
     lapack_int R = 0, k = 0;
     std::int64_t wanted = 0;
@@ -446,14 +455,12 @@ struct Solved {
 
 using Scale = double (*)(double sigma);
 
-Solved solve_core(const Stacked& s, const std::function<std::int64_t(const std::vector<double>&)>& keep,
-                  Workspace::Impl& w, Scale x_scale, Scale y_scale) {
+Solved solve_core(lapack_int R, std::size_t expected, const std::function<std::int64_t(const std::vector<double>&)>& keep,
+                  Workspace::Impl& w, Scale x_scale, Scale y_scale, double relative_tolerance = -1.0) {
     Solved result;
-    const lapack_int R = static_cast<lapack_int>(s.total_rank);
     result.R = R;
-    const auto expected = static_cast<std::size_t>(std::min({s.out, s.in, s.total_rank}));
     result.values.assign(expected, 0.0);
-    const lapack_int t = cholesky_r(w.gb.data(), R, w, w.rb);
+    const lapack_int t = cholesky_r(w.gb.data(), R, w, w.rb, relative_tolerance);
     const double* rb = w.rb.data();
     if (t > 0) {
         // H = G_a R_bᵀ (R x t), then K Kᵀ = R_b H (t x t).
@@ -470,9 +477,10 @@ Solved solve_core(const Stacked& s, const std::function<std::int64_t(const std::
     result.k = k;
     const lapack_int usable = std::min<lapack_int>(k, t);
     const auto Rk = static_cast<std::size_t>(R) * static_cast<std::size_t>(k);
-    float* xf = sized(w.small, 2 * Rk);
-    float* yf = xf + Rk;
-    std::fill(xf, xf + 2 * Rk, 0.0f);
+    double* x = sized(w.x, Rk);
+    double* y = sized(w.y, Rk);
+    std::fill(x, x + Rk, 0.0);
+    std::fill(y, y + Rk, 0.0);
     if (usable <= 0) return result;
     const double sigma_floor = result.values.front() * 1e-7;
     // C (t x k): U_K's first k columns, zero for numerically zero σ; Cy = C Σ⁻¹ scaled.
@@ -497,16 +505,50 @@ Solved solve_core(const Stacked& s, const std::function<std::int64_t(const std::
     const lapack_int* piv = w.piv.data();
     for (lapack_int j = 0; j < k; ++j)
         for (lapack_int i = 0; i < t; ++i)
-            xf[static_cast<std::size_t>(piv[i] - 1) + static_cast<std::size_t>(j) * R] =
-                static_cast<float>(cx[i + static_cast<std::size_t>(j) * t]);
+            x[static_cast<std::size_t>(piv[i] - 1) + static_cast<std::size_t>(j) * R] = cx[i + static_cast<std::size_t>(j) * t];
     // Y = R_bᵀ Cy (R x k).
-    double* y = sized(w.y, Rk);
     cblas_dgemm(cblas_col_major, cblas_trans, cblas_no_trans, R, k, t, 1.0, rb, t, cy, t, 0.0, y, R);
-    for (std::size_t i = 0; i < Rk; ++i) yf[i] = static_cast<float>(y[i]);
     return result;
 }
 
+// solve_core on the Grams of stack_with_grams, with X and Y then in f32 (w.small: X then Y, R x k
+// each) for the sgemms on the f32 stacks.
+Solved solve_stack(const Stacked& s, const std::function<std::int64_t(const std::vector<double>&)>& keep,
+                   Workspace::Impl& w, Scale x_scale, Scale y_scale) {
+    const Solved solved = solve_core(static_cast<lapack_int>(s.total_rank),
+                                     static_cast<std::size_t>(std::min({s.out, s.in, s.total_rank})), keep, w, x_scale,
+                                     y_scale);
+    const auto Rk = static_cast<std::size_t>(solved.R) * static_cast<std::size_t>(solved.k);
+    float* xf = sized(w.small, 2 * Rk);
+    for (std::size_t i = 0; i < Rk; ++i) {
+        xf[i] = static_cast<float>(w.x[i]);
+        xf[Rk + i] = static_cast<float>(w.y[i]);
+    }
+    return solved;
+}
+
 }  // namespace
+
+GramSvd gram_svd(std::span<const double> gram_b, std::span<const double> gram_a, std::int64_t R,
+                 const std::function<std::int64_t(const std::vector<double>&)>& keep, double relative_tolerance,
+                 Workspace& workspace) {
+    const auto n = static_cast<std::size_t>(R);
+    if (gram_b.size() != n * n || gram_a.size() != n * n)
+        fail(ErrorCode::internal, "gram_svd: Grams of {} and {} values for R = {}", gram_b.size(), gram_a.size(), R);
+    GramSvd result;
+    if (R == 0) return result;
+    auto& w = workspace.impl();
+    w.gb.assign(gram_b.begin(), gram_b.end());
+    w.ga.assign(gram_a.begin(), gram_a.end());
+    const Scale one = [](double) { return 1.0; };
+    const Solved solved = solve_core(to_lapack(R, "rank"), n, keep, w, one, one, relative_tolerance);
+    result.singular_values = solved.values;
+    result.k = solved.k;
+    const auto Rk = n * static_cast<std::size_t>(solved.k);
+    result.x.assign(w.x.begin(), w.x.begin() + static_cast<std::ptrdiff_t>(Rk));
+    result.y.assign(w.y.begin(), w.y.begin() + static_cast<std::ptrdiff_t>(Rk));
+    return result;
+}
 
 std::vector<double> factored_singular_values(std::span<const LowRankTerm> terms, Workspace& workspace) {
     // Values only: the R factors come from Gram matrices in double (dsyrk + pivoted Cholesky).
@@ -539,7 +581,7 @@ FactoredSvd factored_svd(std::span<const LowRankTerm> terms, const std::function
     auto& w = workspace.impl();
     const Stacked s = stack_with_grams(terms, w);
     const Scale one = [](double) { return 1.0; };
-    const Solved solved = solve_core(s, keep, w, one, one);
+    const Solved solved = solve_stack(s, keep, w, one, one);
     FactoredSvd result;
     result.out = s.out;
     result.in = s.in;
@@ -578,7 +620,7 @@ FactoredLora factored_lora(std::span<const LowRankTerm> terms,
     // up = U·Σ and down = Vᵀ, or √Σ on each side.
     const Scale root = [](double sigma) { return std::sqrt(sigma); }, same = [](double sigma) { return sigma; },
                 one = [](double) { return 1.0; };
-    const Solved solved = balanced ? solve_core(s, keep, w, root, root) : solve_core(s, keep, w, same, one);
+    const Solved solved = balanced ? solve_stack(s, keep, w, root, root) : solve_stack(s, keep, w, same, one);
     FactoredLora result;
     result.out = s.out;
     result.in = s.in;

@@ -1,8 +1,6 @@
 // Stability metrics of a stack of adapters, from the Gram matrices of their factors (see stack.h).
 #include "lorakit/stack.h"
 
-#include <lapacke.h>
-
 #include <Eigen/Dense>
 
 #include <algorithm>
@@ -25,8 +23,6 @@ void cblas_dgemm(int layout, int trans_a, int trans_b, int m, int n, int k, doub
                  const double* b, int ldb, double beta, double* c, int ldc);
 void cblas_dgemv(int layout, int trans, int m, int n, double alpha, const double* a, int lda, const double* x, int incx,
                  double beta, double* y, int incy);
-void cblas_dtrsm(int layout, int side, int uplo, int trans_a, int diag, int m, int n, double alpha, const double* a,
-                 int lda, double* b, int ldb);
 void cblas_sgemm(int layout, int trans_a, int trans_b, int m, int n, int k, float alpha, const float* a, int lda,
                  const float* b, int ldb, float beta, float* c, int ldc);
 }
@@ -35,7 +31,7 @@ namespace lorakit {
 
 namespace {
 
-constexpr int col_major = 102, no_trans = 111, trans = 112, upper = 121, non_unit = 131, left = 141;
+constexpr int col_major = 102, no_trans = 111, trans = 112;
 
 using Matrix = std::vector<double>;  // column-major
 
@@ -61,70 +57,24 @@ Matrix sandwich(const Matrix& a, std::int64_t n, std::int64_t p, const Matrix& g
     return c;
 }
 
-// The SVD of one adapter's D = B·A from its Gram blocks: σ (descending) and the coefficient
-// matrices X, Y (r x k) with U_k = B·X and V_k = Aᵀ·Y (see linalg::factored_svd).
-struct Spectrum {
-    std::vector<double> sigma;
-    Matrix x, y;
-    std::int64_t k = 0;
-};
-
-Spectrum adapter_spectrum(Matrix gb, const Matrix& ga, std::int64_t r, double energy) {
-    // B P = Q [U11 U12] from a pivoted Cholesky of G_b = BᵀB (R_b = [U11 U12] Pᵀ, rank t);
-    // then D = Q K with K = R_b A, and K Kᵀ = R_b G_a R_bᵀ = U_K Σ² U_Kᵀ. U_k = B·X with
-    // X = P₁ U11⁻¹ U_K[:, :k] and V_k = Aᵀ·Y with Y = R_bᵀ U_K[:, :k] Σ⁻¹ (as linalg::factored_svd).
-    Spectrum s;
-    const auto n = static_cast<lapack_int>(r);
-    if (n == 0) return s;
-    double top = 0;
-    for (lapack_int i = 0; i < n; ++i) top = std::max(top, gb[static_cast<std::size_t>(i) * (n + 1)]);
-    if (!(top > 0)) return s;
-    std::vector<lapack_int> piv(static_cast<std::size_t>(n));
-    std::vector<double> work(static_cast<std::size_t>(2 * n));
-    lapack_int t = 0;
+// The SVD of one adapter's D = B·A from its Gram blocks (linalg::gram_svd): σ (descending) and
+// the coefficient matrices X, Y (r x k) with U_k = B·X and V_k = Aᵀ·Y of its top singular
+// subspaces, k the fewest directions holding `energy` of Σσ² (numerically zero ones dropped).
+linalg::GramSvd adapter_spectrum(const Matrix& gb, const Matrix& ga, std::int64_t r, double energy) {
+    thread_local linalg::Workspace workspace;
+    const auto keep = [energy](const std::vector<double>& sigma) -> std::int64_t {
+        double total = 0;
+        for (double v : sigma) total += v * v;
+        if (!(total > 0)) return 0;
+        std::int64_t k = 0;
+        double sum = 0;
+        const auto size = static_cast<std::int64_t>(sigma.size());
+        for (; k < size && sum < energy * total; ++k) sum += sigma[static_cast<std::size_t>(k)] * sigma[static_cast<std::size_t>(k)];
+        while (k > 1 && sigma[static_cast<std::size_t>(k - 1)] <= sigma.front() * 1e-7) --k;
+        return k;
+    };
     // Pivots below 1e-13 of the largest count as rank deficiency (the Grams are accumulated in f32).
-    const lapack_int info = LAPACKE_dpstrf_work(LAPACK_COL_MAJOR, 'U', n, gb.data(), n, piv.data(), &t, 1e-13 * top,
-                                                work.data());
-    if (info < 0) fail(ErrorCode::internal, "dpstrf failed (info {})", info);
-    if (info == 0) t = n;
-    if (t == 0) return s;
-    // z = R_bᵀ (r x t): row piv[j] holds column j of U's first t rows.
-    Matrix z(static_cast<std::size_t>(r * t), 0.0);
-    for (lapack_int j = 0; j < n; ++j)
-        for (lapack_int i = 0; i <= std::min(j, t - 1); ++i)
-            z[static_cast<std::size_t>(piv[static_cast<std::size_t>(j)] - 1) + static_cast<std::size_t>(i) * r] =
-                gb[static_cast<std::size_t>(i) + static_cast<std::size_t>(j) * n];
-    Matrix kk = sandwich(z, r, t, ga, r, z, t);
-    std::vector<double> mu;
-    linalg::symmetric_eigen(kk, t, mu);
-    double total = 0;
-    for (double m : mu) total += std::max(m, 0.0);
-    for (double m : mu) s.sigma.push_back(std::sqrt(std::max(m, 0.0)));
-    if (total <= 0) return s;
-    double sum = 0;
-    while (s.k < t && sum < energy * total) sum += std::max(mu[static_cast<std::size_t>(s.k++)], 0.0);
-    const double sigma_floor = s.sigma.front() * 1e-7;
-    while (s.k > 1 && s.sigma[static_cast<std::size_t>(s.k - 1)] <= sigma_floor) --s.k;
-    const auto k = static_cast<lapack_int>(s.k);
-    Matrix cx(static_cast<std::size_t>(t) * k, 0.0), cy(static_cast<std::size_t>(t) * k, 0.0);
-    for (lapack_int j = 0; j < k; ++j) {
-        const double sigma = s.sigma[static_cast<std::size_t>(j)];
-        if (sigma <= sigma_floor) continue;
-        for (lapack_int c = 0; c < t; ++c) {
-            const double u = kk[static_cast<std::size_t>(c) + static_cast<std::size_t>(j) * t];
-            cx[static_cast<std::size_t>(c) + static_cast<std::size_t>(j) * t] = u;
-            cy[static_cast<std::size_t>(c) + static_cast<std::size_t>(j) * t] = u / sigma;
-        }
-    }
-    cblas_dtrsm(col_major, left, upper, no_trans, non_unit, t, k, 1.0, gb.data(), n, cx.data(), t);
-    s.x.assign(static_cast<std::size_t>(r * s.k), 0.0);
-    for (lapack_int j = 0; j < k; ++j)
-        for (lapack_int i = 0; i < t; ++i)
-            s.x[static_cast<std::size_t>(piv[static_cast<std::size_t>(i)] - 1) + static_cast<std::size_t>(j) * r] =
-                cx[static_cast<std::size_t>(i) + static_cast<std::size_t>(j) * t];
-    s.y.assign(static_cast<std::size_t>(r * s.k), 0.0);
-    cblas_dgemm(col_major, no_trans, no_trans, n, k, t, 1.0, z.data(), n, cy.data(), t, 0.0, s.y.data(), n);
-    return s;
+    return linalg::gram_svd(gb, ga, r, keep, 1e-13, workspace);
 }
 
 // The largest eigenvalue of the symmetric tridiagonal matrix (diagonal, off): Newton's method on
@@ -350,7 +300,7 @@ ModuleStack analyse_module(const std::vector<Member>& members, const StackOption
 
     ModuleStack m;
     m.name = first.name;
-    std::vector<Spectrum> spectra(n);
+    std::vector<linalg::GramSvd> spectra(n);
     std::vector<double> unit_fro(n), unit_spectral(n);
     for (std::size_t i = 0; i < n; ++i) {
         m.inputs.push_back(members[i].adapter);
@@ -360,7 +310,7 @@ ModuleStack analyse_module(const std::vector<Member>& members, const StackOption
         for (std::size_t t = 0; t < gbi.size(); ++t) fro2 += gbi[t] * gai[t];
         unit_fro[i] = std::sqrt(std::max(fro2, 0.0));
         spectra[i] = adapter_spectrum(gbi, gai, r, o.subspace_energy);
-        unit_spectral[i] = spectra[i].sigma.empty() ? 0.0 : spectra[i].sigma.front();
+        unit_spectral[i] = spectra[i].singular_values.empty() ? 0.0 : spectra[i].singular_values.front();
         const double w = std::abs(members[i].weight);
         m.fro.push_back(w * unit_fro[i]);
         m.spectral.push_back(w * unit_spectral[i]);
@@ -440,7 +390,7 @@ ModuleStack analyse_module(const std::vector<Member>& members, const StackOption
             sum_fro2 += 2 * members[i].weight * members[j].weight * inner;
             const double sign = (members[i].weight < 0) != (members[j].weight < 0) ? -1.0 : 1.0;
             if (unit_fro[i] > 0 && unit_fro[j] > 0) p.cosine = std::clamp(sign * inner / (unit_fro[i] * unit_fro[j]), -1.0, 1.0);
-            const Spectrum &si = spectra[i], &sj = spectra[j];
+            const linalg::GramSvd &si = spectra[i], &sj = spectra[j];
             if (si.k > 0 && sj.k > 0) {
                 auto overlap = [&](const Matrix& xi, const Matrix& g, const Matrix& xj, double& max_cos, double& phi) {
                     const Matrix c = sandwich(xi, ri, si.k, g, rj, xj, sj.k);

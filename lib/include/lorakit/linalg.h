@@ -127,6 +127,21 @@ struct Stacks {
 Stacks stacked_grams(std::span<const LowRankTerm> terms, Workspace& workspace, std::vector<double>& gram_b,
                      std::vector<double>& gram_a);
 
+// The SVD of M = B·A known only through its Gram matrices G_b = BᵀB and G_a = AAᵀ (R x R,
+// column-major, double, upper triangles read), by factored_svd's route: a pivoted Cholesky of
+// G_b (pivots below relative_tolerance times its largest diagonal entry count as rank
+// deficiency; negative: LAPACK's default, R·eps), then the eigenproblem of R_b G_a R_bᵀ.
+// keep(σ) chooses k. Returns σ (R values, descending, zero past the rank) and X, Y (R x k,
+// column-major) with U_k = B·X and V_k = Aᵀ·Y; directions below 1e-7 σ_1 are left zero.
+struct GramSvd {
+    std::vector<double> singular_values;
+    std::vector<double> x, y;
+    std::int64_t k = 0;
+};
+GramSvd gram_svd(std::span<const double> gram_b, std::span<const double> gram_a, std::int64_t R,
+                 const std::function<std::int64_t(const std::vector<double>&)>& keep, double relative_tolerance,
+                 Workspace& workspace);
+
 // Eigenvalues (descending) and eigenvectors of a small symmetric n x n matrix given
 // column-major in `matrix` (upper triangle read); `matrix` receives the eigenvectors as columns.
 void symmetric_eigen(std::vector<double>& matrix, std::int64_t n, std::vector<double>& values);
