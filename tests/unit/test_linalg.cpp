@@ -268,3 +268,121 @@ TEST_CASE("factored_lora writes the split factors of the best rank-k approximati
             }
         }
 }
+
+TEST_CASE("factors in other dtypes and unaligned are widened exactly while stacking", "[linalg]") {
+    Workspace workspace;
+    std::mt19937 g(11);
+    for (const DType type : {DType::F16, DType::BF16, DType::F32}) {
+        std::vector<Factor> fs = {random_factor(g, 24, 4, 18, 0.7), random_factor(g, 24, 3, 18, -1.3)};
+        // Round the f32 factors to `type`, then store them encoded, one byte past an aligned start.
+        std::vector<std::vector<std::byte>> storage;
+        std::vector<LowRankTerm> encoded;
+        for (auto& f : fs) {
+            for (auto* values : {&f.b, &f.a}) {
+                std::vector<std::byte> bytes(values->size() * dtype_size(type) + 1);
+                convert_from_f32(type, values->data(), bytes.data() + 1, values->size());
+                convert_to_f32(type, bytes.data() + 1, values->data(), values->size());  // f32 twin: the rounded values
+                storage.push_back(std::move(bytes));
+            }
+            const auto& b = storage[storage.size() - 2];
+            const auto& a = storage.back();
+            encoded.push_back({b.data() + 1, a.data() + 1, f.out, f.rank, f.in, f.coefficient, type, type});
+        }
+        INFO(dtype_name(type));
+        // Exactly the same stacks, so exactly the same results as the f32 twins.
+        CHECK(factored_singular_values(encoded, workspace) == factored_singular_values(terms_of(fs), workspace));
+        std::vector<double> gb1, ga1, gb2, ga2;
+        const Stacks s1 = stacked_grams(encoded, workspace, gb1, ga1);
+        CHECK(s1.total_rank == 7);
+        const std::vector<float> stacked_b(s1.b, s1.b + 24 * 7), stacked_a(s1.a, s1.a + 7 * 18);
+        const Stacks s2 = stacked_grams(terms_of(fs), workspace, gb2, ga2);
+        CHECK(gb1 == gb2);
+        CHECK(ga1 == ga2);
+        CHECK(stacked_b == std::vector<float>(s2.b, s2.b + 24 * 7));
+        CHECK(stacked_a == std::vector<float>(s2.a, s2.a + 7 * 18));
+        // The returned stacks are c_i·B_i side by side and the A_i one under the other.
+        CHECK(s2.b[5 * 7 + 4 + 1] == static_cast<float>(-1.3f * fs[1].b[5 * 3 + 1]));
+        CHECK(s2.a[(4 + 2) * 18 + 9] == fs[1].a[2 * 18 + 9]);
+    }
+}
+
+TEST_CASE("gram_svd: the SVD of B·A from its Grams alone", "[linalg]") {
+    Workspace workspace;
+    for (unsigned seed : {12u, 13u}) {
+        std::mt19937 g(seed);
+        // Three blocks, the third a copy of the first: rank 9 of R = 13.
+        std::vector<Factor> fs = {random_factor(g, 30, 4, 22, 1.0), random_factor(g, 30, 5, 22, 1.0)};
+        fs.push_back(fs[0]);
+        const std::int64_t R = 13, out = 30, in = 22;
+        // B (out x R) and A (R x in), row-major, in double, and their Grams.
+        std::vector<double> b(static_cast<std::size_t>(out * R)), a(static_cast<std::size_t>(R * in));
+        std::int64_t column = 0;
+        for (const auto& f : fs) {
+            for (std::int64_t o = 0; o < out; ++o)
+                for (std::int64_t k = 0; k < f.rank; ++k) b[static_cast<std::size_t>(o * R + column + k)] = f.b[static_cast<std::size_t>(o * f.rank + k)];
+            for (std::int64_t k = 0; k < f.rank; ++k)
+                for (std::int64_t j = 0; j < in; ++j) a[static_cast<std::size_t>((column + k) * in + j)] = f.a[static_cast<std::size_t>(k * in + j)];
+            column += f.rank;
+        }
+        std::vector<double> gb(static_cast<std::size_t>(R * R)), ga(static_cast<std::size_t>(R * R));
+        for (std::int64_t i = 0; i < R; ++i)
+            for (std::int64_t j = 0; j < R; ++j) {
+                double x = 0, y = 0;
+                for (std::int64_t o = 0; o < out; ++o) x += b[static_cast<std::size_t>(o * R + i)] * b[static_cast<std::size_t>(o * R + j)];
+                for (std::int64_t q = 0; q < in; ++q) y += a[static_cast<std::size_t>(i * in + q)] * a[static_cast<std::size_t>(j * in + q)];
+                gb[static_cast<std::size_t>(i + j * R)] = x;
+                ga[static_cast<std::size_t>(i + j * R)] = y;
+            }
+        const auto dense = dense_sum(fs);
+        const auto reference = dense_values(dense, out, in);
+        const GramSvd all = gram_svd(gb, ga, R, [](const std::vector<double>& s) { return static_cast<std::int64_t>(s.size()); },
+                                     -1.0, workspace);
+        REQUIRE(all.singular_values.size() == static_cast<std::size_t>(R));
+        check_values(std::vector<double>(all.singular_values.begin(), all.singular_values.begin() + 13), reference, 13);
+        CHECK(all.singular_values[9] == 0.0);  // past the rank: exactly zero, and no direction
+        // U = B·X and V = Aᵀ·Y: orthonormal, and U Σ Vᵀ is the product.
+        const std::int64_t k = all.k;
+        REQUIRE(k == R);
+        std::vector<double> u(static_cast<std::size_t>(out * k), 0.0), v(static_cast<std::size_t>(in * k), 0.0);
+        for (std::int64_t o = 0; o < out; ++o)
+            for (std::int64_t c = 0; c < k; ++c)
+                for (std::int64_t i = 0; i < R; ++i)
+                    u[static_cast<std::size_t>(o * k + c)] += b[static_cast<std::size_t>(o * R + i)] * all.x[static_cast<std::size_t>(i + c * R)];
+        for (std::int64_t q = 0; q < in; ++q)
+            for (std::int64_t c = 0; c < k; ++c)
+                for (std::int64_t i = 0; i < R; ++i)
+                    v[static_cast<std::size_t>(q * k + c)] += a[static_cast<std::size_t>(i * in + q)] * all.y[static_cast<std::size_t>(i + c * R)];
+        double error = 0, norm = 0;
+        for (std::int64_t o = 0; o < out; ++o)
+            for (std::int64_t q = 0; q < in; ++q) {
+                double x = 0;
+                for (std::int64_t c = 0; c < k; ++c)
+                    x += u[static_cast<std::size_t>(o * k + c)] * all.singular_values[static_cast<std::size_t>(c)] * v[static_cast<std::size_t>(q * k + c)];
+                const double want = dense[static_cast<std::size_t>(o * in + q)];
+                error += (x - want) * (x - want);
+                norm += want * want;
+            }
+        CHECK(std::sqrt(error / norm) < 1e-10);
+        for (std::int64_t c1 = 0; c1 < 9; ++c1)
+            for (std::int64_t c2 = 0; c2 < 9; ++c2) {
+                double uu = 0, vv = 0;
+                for (std::int64_t o = 0; o < out; ++o) uu += u[static_cast<std::size_t>(o * k + c1)] * u[static_cast<std::size_t>(o * k + c2)];
+                for (std::int64_t q = 0; q < in; ++q) vv += v[static_cast<std::size_t>(q * k + c1)] * v[static_cast<std::size_t>(q * k + c2)];
+                CHECK(std::abs(uu - (c1 == c2)) < 1e-10);
+                CHECK(std::abs(vv - (c1 == c2)) < 1e-10);
+            }
+        for (std::int64_t c = 9; c < k; ++c)
+            for (std::int64_t i = 0; i < R; ++i) CHECK(all.x[static_cast<std::size_t>(i + c * R)] == 0.0);
+        // keep() sees the values and chooses k: X and Y have that many columns.
+        const GramSvd top = gram_svd(gb, ga, R, [](const std::vector<double>&) { return std::int64_t{3}; }, 1e-13, workspace);
+        CHECK(top.k == 3);
+        CHECK(top.x.size() == static_cast<std::size_t>(3 * R));
+        CHECK(top.y.size() == static_cast<std::size_t>(3 * R));
+        CHECK(top.singular_values[0] == Approx(all.singular_values[0]).epsilon(1e-12));
+    }
+    const std::vector<double> zero(4, 0.0);
+    const GramSvd none = gram_svd(zero, zero, 2, [](const std::vector<double>&) { return std::int64_t{2}; }, -1.0, workspace);
+    CHECK(none.singular_values == std::vector<double>{0.0, 0.0});
+    CHECK(std::all_of(none.x.begin(), none.x.end(), [](double x) { return x == 0.0; }));
+    CHECK_THROWS_AS(gram_svd(zero, zero, 3, [](const std::vector<double>&) { return std::int64_t{1}; }, -1.0, workspace), Error);
+}
