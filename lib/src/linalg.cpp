@@ -303,10 +303,10 @@ void symmetric_eigen(std::vector<double>& vectors, std::int64_t size, std::vecto
     const lapack_int n = to_lapack(size, "matrix size");
     values.resize(static_cast<std::size_t>(n));
     if (n == 0) return;
-    if (n <= 100) {
-        // Small problems are latency-bound: Eigen's inlined tridiagonal QR takes 0.5x (n = 32)
-        // to 0.75x (n = 96) of LAPACKE_dsyevd's time here (it allocates and checks per call);
-        // from about n = 128 on, dsyevd's divide and conquer wins.
+    if (n <= 48) {
+        // Small problems are latency-bound: Eigen's inlined tridiagonal QR takes 0.56x (n = 24)
+        // to 0.83x (n = 48) of LAPACKE_dsyevd's time in the portable build (dsyevd allocates
+        // and checks per call); from n ~ 56 on, divide and conquer wins (1.4x at n = 96).
         // Eigen reads the lower triangle: mirror the upper one into it.
         const Eigen::MatrixXd m = Eigen::Map<const Eigen::MatrixXd>(vectors.data(), n, n).selfadjointView<Eigen::Upper>();
         const Eigen::SelfAdjointEigenSolver<Eigen::MatrixXd> solver(m);
