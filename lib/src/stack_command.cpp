@@ -21,16 +21,15 @@ Json number(double v) { return std::isfinite(v) ? Json(v) : Json(nullptr); }
 class CheckpointWeights final : public BaseWeights {
 public:
     explicit CheckpointWeights(const Checkpoint& checkpoint) : checkpoint_(checkpoint) {}
-    std::optional<BaseWeight> load(const LoraModule& module) const override {
+    bool load(const LoraModule& module, BaseWeight& w) const override {
         const auto where = checkpoint_.locate(module);
-        if (!where) return std::nullopt;
-        BaseWeight w;
-        w.values = gather_weight(*where, module);
+        if (!where) return false;
+        gather_weight(*where, module, w.values);
         checkpoint_.files()[where->file]->release(*where->entry);  // resident: one tensor, not the base
         w.tensor = where->describe();
         w.dtype = where->entry->dtype_name;
         w.limit = dtype_finite_limit(w.dtype);
-        return w;
+        return true;
     }
 
 private:

@@ -89,8 +89,9 @@ StackReport analyse(const std::vector<Adapter>& adapters, std::vector<double> we
 class FixedBase final : public BaseWeights {
 public:
     FixedBase(std::vector<float> values, double limit) : values_(std::move(values)), limit_(limit) {}
-    std::optional<BaseWeight> load(const LoraModule&) const override {
-        return BaseWeight{values_, "fixed", "F16", limit_};
+    bool load(const LoraModule&, BaseWeight& into) const override {
+        into = BaseWeight{values_, "fixed", "F16", limit_};
+        return true;
     }
 
 private:

@@ -120,8 +120,9 @@ struct BaseWeight {
 class BaseWeights {
 public:
     virtual ~BaseWeights() = default;
-    // nullopt when the checkpoint has no tensor for the module (reported, not an error).
-    virtual std::optional<BaseWeight> load(const LoraModule& module) const = 0;
+    // Fills `into` (its values' memory is reused from module to module: fresh pages are slow
+    // to touch); false when the checkpoint has no tensor for the module (reported, not an error).
+    virtual bool load(const LoraModule& module, BaseWeight& into) const = 0;
 };
 
 // Computes the report. With `auto_scale`, multiplies the weights by the suggested factor and
