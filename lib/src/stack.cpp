@@ -452,7 +452,7 @@ ModuleStack analyse_module(const std::vector<Member>& members, const StackOption
             b.tensor = weight->tensor;
             b.dtype = weight->dtype;
             b.limit = weight->limit;
-            b.spectral = linalg::spectral_norm(weight->values.data(), out, in, 8, seed);
+            b.spectral = linalg::spectral_norm(weight->values.data(), out, in, 6, seed);
             b.ratio = b.spectral > 0 ? m.sum_spectral / b.spectral : (m.sum_spectral > 0 ? INFINITY : 0.0);
             if (b.limit > 0) {
                 // Bw = [w_1 s_1 B_1 ... w_n s_n B_n] in double; A is the stacked A as it is.

@@ -386,3 +386,53 @@ TEST_CASE("gram_svd: the SVD of B·A from its Grams alone", "[linalg]") {
     CHECK(std::all_of(none.x.begin(), none.x.end(), [](double x) { return x == 0.0; }));
     CHECK_THROWS_AS(gram_svd(zero, zero, 3, [](const std::vector<double>&) { return std::int64_t{1}; }, -1.0, workspace), Error);
 }
+
+TEST_CASE("spectral_norm: a lower bound on σ_1, tight for trained-like spectra, close for flat ones", "[linalg]") {
+    std::mt19937 g(21);
+    std::normal_distribution<float> d;
+    auto exact = [](const std::vector<float>& m, std::int64_t rows, std::int64_t cols) {
+        return dense_singular_values(m.data(), rows, cols).front();
+    };
+    // A dominant direction over noise (σ_1/σ_2 ~ 1.5), as trained weights have.
+    {
+        const std::int64_t rows = 300, cols = 200;
+        std::vector<float> m(static_cast<std::size_t>(rows * cols)), u(static_cast<std::size_t>(rows)), v(static_cast<std::size_t>(cols));
+        for (auto& x : m) x = 0.05f * d(g);
+        for (int term = 0; term < 8; ++term) {
+            for (auto& x : u) x = d(g);
+            for (auto& x : v) x = d(g);
+            const float w = 2.0f / static_cast<float>(term + 1) / std::sqrt(static_cast<float>(rows * cols));
+            for (std::int64_t i = 0; i < rows; ++i)
+                for (std::int64_t j = 0; j < cols; ++j) m[static_cast<std::size_t>(i * cols + j)] += w * u[static_cast<std::size_t>(i)] * v[static_cast<std::size_t>(j)];
+        }
+        const double s1 = exact(m, rows, cols);
+        const double estimate = spectral_norm(m.data(), rows, cols);
+        CHECK(estimate <= s1 * (1 + 1e-6));
+        CHECK(estimate == Approx(s1).epsilon(1e-5));
+    }
+    // A flat (Gaussian) spectrum: the hardest case; still a lower bound, within a few percent.
+    for (const auto& [rows, cols] : {std::pair<std::int64_t, std::int64_t>{256, 256}, {128, 640}, {640, 96}}) {
+        std::vector<float> m(static_cast<std::size_t>(rows * cols));
+        for (auto& x : m) x = d(g);
+        const double s1 = exact(m, rows, cols);
+        const double estimate = spectral_norm(m.data(), rows, cols);
+        CHECK(estimate <= s1 * (1 + 1e-6));
+        CHECK(estimate >= 0.95 * s1);
+        CHECK(spectral_norm(m.data(), rows, cols, 6, 99) <= s1 * (1 + 1e-6));  // any seed
+    }
+    // Rank one: the Krylov space is invariant after one block; exact.
+    {
+        std::vector<float> m(40 * 30);
+        for (std::int64_t i = 0; i < 40; ++i)
+            for (std::int64_t j = 0; j < 30; ++j) m[static_cast<std::size_t>(i * 30 + j)] = static_cast<float>((i + 1) * (j % 7 - 3));
+        CHECK(spectral_norm(m.data(), 40, 30) == Approx(exact(m, 40, 30)).epsilon(1e-6));
+    }
+    // Tiny shapes, zeros, and non-finite values.
+    const std::vector<float> one = {-3.0f};
+    CHECK(spectral_norm(one.data(), 1, 1) == Approx(3.0));
+    const std::vector<float> zeros(12, 0.0f);
+    CHECK(spectral_norm(zeros.data(), 3, 4) == 0.0);
+    std::vector<float> bad(12, 1.0f);
+    bad[5] = std::numeric_limits<float>::infinity();
+    CHECK_THROWS_AS(spectral_norm(bad.data(), 3, 4), Error);
+}

@@ -146,10 +146,13 @@ GramSvd gram_svd(std::span<const double> gram_b, std::span<const double> gram_a,
 // column-major in `matrix` (upper triangle read); `matrix` receives the eigenvectors as columns.
 void symmetric_eigen(std::vector<double>& matrix, std::int64_t n, std::vector<double>& values);
 
-// ‖W‖_2 of a dense row-major rows x cols f32 matrix, estimated by seeded block power
-// iteration (a block of 4 vectors, `iterations` rounds, Rayleigh–Ritz on the block): a lower
-// bound that converges to σ_1; 8 rounds put it within 1e-3 relative for typical weights.
-double spectral_norm(const float* matrix, std::int64_t rows, std::int64_t cols, int iterations = 8,
+// ‖W‖_2 of a dense row-major rows x cols f32 matrix, estimated by seeded block Krylov
+// iteration (blocks of 4 vectors, `iterations` passes over W, Rayleigh–Ritz on the whole
+// Krylov space): a lower bound that converges to σ_1. Measured (bench shapes, 6 passes): within
+// 1e-6 relative for weights with a dominant singular value (σ_1/σ_2 >= 1.4), within 2e-2 for
+// flat Gaussian spectra (σ_1/σ_2 ~ 1.003), where the block power iteration it replaced was
+// 2-4e-2 off after 9 passes.
+double spectral_norm(const float* matrix, std::int64_t rows, std::int64_t cols, int iterations = 6,
                      std::uint64_t seed = 0x5eed);
 
 // One pass over dense values: ‖x‖², max |x| and whether all are finite (vectorised; the sum in
