@@ -17,7 +17,7 @@
 //   sign_conflict_ij         among sampled entries (a seeded grid of rows x columns) that are in
 //                            the top `top_fraction` by magnitude for both i and j, the fraction
 //                            of opposite signs
-//   with a base checkpoint:  base_ratio = ‖Σ ΔW_i‖_2 / ‖W‖_2 (block power iteration on W) and
+//   with a base checkpoint:  base_ratio = ‖Σ ΔW_i‖_2 / ‖W‖_2 (block Krylov iteration on W) and
 //                            whether W + Σ ΔW_i exceeds the largest finite value of W's dtype
 // Verdict per module (thresholds in StackThresholds, justified in README.md "lora-stack"):
 //   unstable  strength >= strength_unstable, base_ratio >= base_unstable, or an overflow
