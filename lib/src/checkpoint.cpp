@@ -18,7 +18,7 @@ std::string WeightLocation::describe() const {
     return fmt::format("{} ({} rows, permuted)", name, rows.size());
 }
 
-void gather_weight(const WeightLocation& where, const LoraModule& module, std::vector<float>& w) {
+std::span<float> gather_weight_into(const WeightLocation& where, const LoraModule& module, std::vector<float>& storage) {
     const TensorEntry& e = *where.entry;
     if (!e.supported())
         fail(ErrorCode::unsupported, "base tensor {} has type {}, which lorakit cannot compute with", quote(e.name),
@@ -31,12 +31,14 @@ void gather_weight(const WeightLocation& where, const LoraModule& module, std::v
     if (tensor_cols != in || (where.rows.empty() ? tensor_rows != out : static_cast<std::int64_t>(where.rows.size()) != out))
         fail(ErrorCode::bad_input, "base tensor {} has shape {}, which cannot take module {} ({} -> {})", quote(e.name),
              format_shape(e.shape), quote(module.name), in, out);
+    const auto size = static_cast<std::size_t>(out * in);
+    if (storage.size() < size) storage.resize(size);
+    const std::span<float> w(storage.data(), size);
     if (where.rows.empty() && !where.transposed) {  // the tensor as it is
         e.to_f32(w);
-        return;
+        return w;
     }
     const std::vector<float> all = e.to_f32();
-    w.resize(static_cast<std::size_t>(out * in));
     for (std::int64_t p = 0; p < out; ++p) {
         const std::int64_t row = where.rows.empty() ? p : where.rows[static_cast<std::size_t>(p)];
         if (row < 0 || row >= tensor_rows) fail(ErrorCode::internal, "row {} outside base tensor {}", row, quote(e.name));
@@ -44,6 +46,12 @@ void gather_weight(const WeightLocation& where, const LoraModule& module, std::v
             w[static_cast<std::size_t>(p * in + q)] =
                 where.transposed ? all[static_cast<std::size_t>(q * tensor_rows + row)] : all[static_cast<std::size_t>(row * in + q)];
     }
+    return w;
+}
+
+void gather_weight(const WeightLocation& where, const LoraModule& module, std::vector<float>& w) {
+    const std::size_t size = gather_weight_into(where, module, w).size();
+    w.resize(size);
 }
 
 std::vector<float> gather_weight(const WeightLocation& where, const LoraModule& module) {

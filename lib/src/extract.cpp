@@ -240,7 +240,7 @@ ToolResult run_extract(const Registry& registry, const ExtractRequest& request, 
         progress.begin("extract", plan.size(), total_bytes);
         std::uint64_t done_bytes = 0;
         std::size_t done = 0;
-        std::vector<float> delta, base_weight;
+        std::vector<float> delta_storage, base_storage;  // only grow (gather_weight_into)
         for (const auto& p : plan) {
             const LoraModule& m = p.probe;
             Extracted x;
@@ -250,14 +250,15 @@ ToolResult run_extract(const Registry& registry, const ExtractRequest& request, 
             x.kernel = m.kernel_size();
             const std::int64_t rows = m.out_features(), cols = m.flat_in_features();
             // Both weights at once (the base on a second thread), into buffers reused throughout.
+            std::span<float> delta, base_weight;
             auto base_done = std::async(std::launch::async, [&] {
                 with_context(fmt::format("{}: module {}", quote(request.base), quote(m.name)),
-                             [&] { gather_weight(p.base, m, base_weight); });
+                             [&] { base_weight = gather_weight_into(p.base, m, base_storage); });
             });
             std::exception_ptr failure;
             try {
                 with_context(fmt::format("{}: module {}", quote(request.tuned), quote(m.name)),
-                             [&] { gather_weight(p.tuned, m, delta); });
+                             [&] { delta = gather_weight_into(p.tuned, m, delta_storage); });
             } catch (...) {
                 failure = std::current_exception();
             }

@@ -50,6 +50,14 @@ void TensorEntry::to_f32(std::vector<float>& out) const {
     if (!supported())
         fail(ErrorCode::unsupported, "tensor {} has type {}, which lorakit cannot compute with", quote(name), dtype_name);
     out.resize(static_cast<std::size_t>(element_count()));
+    to_f32(std::span<float>(out));
+}
+
+void TensorEntry::to_f32(std::span<float> out) const {
+    if (!supported())
+        fail(ErrorCode::unsupported, "tensor {} has type {}, which lorakit cannot compute with", quote(name), dtype_name);
+    if (out.size() != static_cast<std::size_t>(element_count()))
+        fail(ErrorCode::internal, "tensor {}: {} values into room for {}", quote(name), element_count(), out.size());
     if (decode) decode(out);
     else tensor.view().to_f32(out);
 }

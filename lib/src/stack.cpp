@@ -237,7 +237,7 @@ void judge(ModuleStack& m, const StackThresholds& th) {
 
 // W + ΣΔW against the dtype's limit: a row whose bound max|W_p| + ‖b_p‖·max_q‖a_q‖ stays in
 // range cannot overflow for any factor t in [0, 1]; the others are computed exactly.
-void check_overflow(BaseStats& stats, const std::vector<float>& w, const std::vector<double>& bw, std::span<const float> a,
+void check_overflow(BaseStats& stats, std::span<const float> w, const std::vector<double>& bw, std::span<const float> a,
                     std::int64_t out, std::int64_t R, std::int64_t in) {
     double amax = 0;
     std::vector<double> column(static_cast<std::size_t>(in), 0.0);

@@ -24,7 +24,7 @@ public:
     bool load(const LoraModule& module, BaseWeight& w) const override {
         const auto where = checkpoint_.locate(module);
         if (!where) return false;
-        gather_weight(*where, module, w.values);
+        w.values = gather_weight_into(*where, module, w.storage);
         checkpoint_.files()[where->file]->release(*where->entry);  // resident: one tensor, not the base
         w.tensor = where->describe();
         w.dtype = where->entry->dtype_name;

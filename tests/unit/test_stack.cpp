@@ -90,7 +90,10 @@ class FixedBase final : public BaseWeights {
 public:
     FixedBase(std::vector<float> values, double limit) : values_(std::move(values)), limit_(limit) {}
     bool load(const LoraModule&, BaseWeight& into) const override {
-        into = BaseWeight{values_, "fixed", "F16", limit_};
+        into.values = values_;
+        into.tensor = "fixed";
+        into.dtype = "F16";
+        into.limit = limit_;
         return true;
     }
 

@@ -8,6 +8,7 @@
 #include <filesystem>
 #include <memory>
 #include <optional>
+#include <span>
 #include <string>
 #include <string_view>
 #include <utility>
@@ -100,6 +101,10 @@ std::vector<float> gather_weight(const WeightLocation& where, const LoraModule& 
 // The same into `out` (resized; its capacity is reused, so streaming many tensors through one
 // buffer touches no fresh memory).
 void gather_weight(const WeightLocation& where, const LoraModule& module, std::vector<float>& out);
+// The same into the first out x flat_in values of `storage`, which only grows: a larger tensor
+// after smaller ones costs no zero-filling of memory about to be overwritten (std::vector::resize
+// would fill it). Returns those values.
+std::span<float> gather_weight_into(const WeightLocation& where, const LoraModule& module, std::vector<float>& storage);
 
 // Refuses (usage error) an output path that is the checkpoint or any of its files: inputs are
 // never modified.

@@ -46,6 +46,8 @@ struct TensorEntry {
     // the dtype is one lorakit does not compute with.
     void to_f32(std::vector<float>& out) const;
     std::vector<float> to_f32() const;
+    // The same into `out`, which must hold exactly element_count() values.
+    void to_f32(std::span<float> out) const;
 };
 
 // A parsed container: its tensors in the order the file lists them, and its metadata.

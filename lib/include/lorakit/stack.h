@@ -29,6 +29,7 @@
 
 #include <cstdint>
 #include <optional>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -112,7 +113,8 @@ struct StackReport {
 // checkpoint tensor the module's ΔW adds to, as out x flat_in row-major f32 (transposed already
 // for fan_in_fan_out and embeddings), its dtype's finite limit (0: no overflow check), and names.
 struct BaseWeight {
-    std::vector<float> values;
+    std::span<const float> values;  // out x flat_in, usually into `storage`
+    std::vector<float> storage;     // reused by load() from module to module; only grows
     std::string tensor;
     std::string dtype;
     double limit = 0;
@@ -120,8 +122,9 @@ struct BaseWeight {
 class BaseWeights {
 public:
     virtual ~BaseWeights() = default;
-    // Fills `into` (its values' memory is reused from module to module: fresh pages are slow
-    // to touch); false when the checkpoint has no tensor for the module (reported, not an error).
+    // Fills `into` (its storage is reused from module to module: fresh pages are slow to touch,
+    // and a resize would zero-fill); false when the checkpoint has no tensor for the module
+    // (reported, not an error).
     virtual bool load(const LoraModule& module, BaseWeight& into) const = 0;
 };
 
