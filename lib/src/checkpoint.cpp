@@ -49,14 +49,9 @@ std::span<float> gather_weight_into(const WeightLocation& where, const LoraModul
     return w;
 }
 
-void gather_weight(const WeightLocation& where, const LoraModule& module, std::vector<float>& w) {
-    const std::size_t size = gather_weight_into(where, module, w).size();
-    w.resize(size);
-}
-
 std::vector<float> gather_weight(const WeightLocation& where, const LoraModule& module) {
     std::vector<float> w;
-    gather_weight(where, module, w);
+    w.resize(gather_weight_into(where, module, w).size());
     return w;
 }
 

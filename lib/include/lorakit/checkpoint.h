@@ -98,9 +98,6 @@ public:
 // The dense base weight rows a module applies to, as out x flat_in row-major f32 (gathered
 // through the location's rows, transposed back when the tensor holds ΔWᵀ's layout).
 std::vector<float> gather_weight(const WeightLocation& where, const LoraModule& module);
-// The same into `out` (resized; its capacity is reused, so streaming many tensors through one
-// buffer touches no fresh memory).
-void gather_weight(const WeightLocation& where, const LoraModule& module, std::vector<float>& out);
 // The same into the first out x flat_in values of `storage`, which only grows: a larger tensor
 // after smaller ones costs no zero-filling of memory about to be overwritten (std::vector::resize
 // would fill it). Returns those values.
