@@ -378,11 +378,16 @@ ModuleStack analyse_module(const std::vector<Member>& members, const StackOption
     for (std::size_t i = 0; i < n; ++i) {
         if (samples[i].empty()) continue;
         const float threshold = top_threshold(samples[i]);
-        top[i].resize(samples[i].size());
-        negative[i].resize(samples[i].size());
-        for (std::size_t s = 0; s < samples[i].size(); ++s) {
-            top[i][s] = !(std::abs(samples[i][s]) < threshold);
-            negative[i][s] = samples[i][s] < 0;
+        const std::size_t count = samples[i].size();
+        top[i].resize(count);
+        negative[i].resize(count);
+        // Plain pointers: through the thread_local vector the compiler reloaded its address
+        // (a TLS lookup) on every entry, since the byte stores might alias it.
+        const float* values = samples[i].data();
+        std::uint8_t *in_top = top[i].data(), *is_negative = negative[i].data();
+        for (std::size_t s = 0; s < count; ++s) {
+            in_top[s] = !(std::abs(values[s]) < threshold);
+            is_negative[s] = values[s] < 0;
         }
     }
 
@@ -415,7 +420,8 @@ ModuleStack analyse_module(const std::vector<Member>& members, const StackOption
             if (!samples[i].empty()) {
                 std::int64_t both = 0, conflicts = 0;
                 const std::uint8_t *ti = top[i].data(), *tj = top[j].data(), *ni = negative[i].data(), *nj = negative[j].data();
-                for (std::size_t s = 0; s < top[i].size(); ++s) {
+                const std::size_t count = top[i].size();
+                for (std::size_t s = 0; s < count; ++s) {
                     const unsigned in_both = ti[s] & tj[s];
                     both += in_both;
                     conflicts += in_both & (ni[s] ^ nj[s]);

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <random>
 
 #include <nlohmann/json.hpp>
@@ -411,20 +412,31 @@ TEST_CASE("lora-stack CLI: report, --json, --strict, -o writes the exact sum", "
     }
 }
 
-TEST_CASE("the top-fraction threshold (radix select) equals nth_element's order statistic", "[stack]") {
+TEST_CASE("the top-fraction threshold (bracketed select) equals nth_element's order statistic", "[stack]") {
     std::mt19937 g(5);
     std::normal_distribution<float> normal;
-    for (int trial = 0; trial < 60; ++trial) {
+    for (int trial = 0; trial < 120; ++trial) {
         const std::size_t n = 1 + static_cast<std::size_t>(g() % 9000);
         std::vector<float> values(n);
         for (auto& v : values) {
-            switch (trial % 5) {
+            switch (trial % 8) {
             case 0: v = normal(g); break;                                            // one scale
             case 1: v = normal(g) * std::ldexp(1.0f, static_cast<int>(g() % 60) - 30); break;  // many exponents
             case 2: v = static_cast<float>(static_cast<int>(g() % 7) - 3); break;    // duplicates and zeros
             case 3: v = normal(g) * 1e-40f; break;                                   // subnormal
-            default: v = 0.25f; break;                                               // all equal
+            case 4: v = g() % 50 == 0 ? std::numeric_limits<float>::infinity() : normal(g); break;  // infinities
+            case 5: v = 0.25f; break;                                                // all equal
+            default: v = normal(g); break;                                           // arranged below
             }
+        }
+        if (trial % 8 == 6) {
+            // Sorted: the strided subsample is evenly spread; then the worst case for it, the
+            // positions it reads hold the largest values and every other value is tiny (the
+            // bracket misses and the whole set is used).
+            std::sort(values.begin(), values.end());
+        } else if (trial % 8 == 7) {
+            for (std::size_t i = 0; i < n; ++i) values[i] = 1e-3f * normal(g);
+            for (std::size_t i = 0; i < 256 && n >= 1024; ++i) values[i * n / 256] = 1e3f + static_cast<float>(i);
         }
         for (std::size_t keep : {std::size_t{1}, std::max<std::size_t>(1, n / 5), n}) {
             std::vector<float> magnitudes(n);
