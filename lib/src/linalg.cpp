@@ -24,6 +24,9 @@ extern "C" {
 // OpenBLAS's thread control (declared here: the right cblas.h depends on the BLAS variant).
 void openblas_set_num_threads(int threads);
 int openblas_get_num_threads(void);
+// OpenBLAS (pthreads build) stops its worker threads; the next multi-threaded call starts them
+// again. Weak: absent from other BLAS builds, where it is simply not called.
+void blas_thread_shutdown_(void) __attribute__((weak));
 // CBLAS routines (from libopenblas).
 void cblas_sgemm(int layout, int trans_a, int trans_b, int m, int n, int k, float alpha, const float* a, int lda,
                  const float* b, int ldb, float beta, float* c, int ldc);
@@ -689,6 +692,20 @@ std::vector<double> dense_singular_values(const float* matrix, std::int64_t rows
     check_lapack(LAPACKE_dgesdd(LAPACK_COL_MAJOR, 'N', m, n, a.data(), m, s.data(), nullptr, 1, nullptr, 1), "dgesdd");
     return s;
 }
+
+namespace {
+
+// OpenBLAS starts its worker threads when it is loaded, and an idle worker spins on
+// sched_yield for ~0.1 s (2^28 cycles) before it sleeps: on 2 cores a short run (converting an
+// SDXL LoRA takes ~0.2 s) lost a third of its CPU samples to that spinning. Most lorakit work
+// calls BLAS single-threaded from its own workers, so the pool is stopped at load; a
+// multi-threaded call (bake, extract) starts it again when it needs it.
+[[maybe_unused]] const bool blas_pool_stopped = [] {
+    if (blas_thread_shutdown_) blas_thread_shutdown_();
+    return true;
+}();
+
+}  // namespace
 
 void set_blas_threads(int threads) noexcept {
     openblas_set_num_threads(threads > 0 ? threads : static_cast<int>(std::max(1u, std::thread::hardware_concurrency())));
