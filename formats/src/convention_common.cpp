@@ -4,6 +4,7 @@
 #include <cstdlib>
 #include <regex>
 #include <set>
+#include <unordered_set>
 
 #include <fmt/format.h>
 
@@ -323,37 +324,36 @@ const std::set<std::string, std::less<>>& compound_identifiers() {
 }  // namespace
 
 std::string unflatten_module_path(std::string_view flat) {
-    std::vector<std::string_view> tokens;
-    for (auto token : split(flat, '_'))
-        if (!token.empty()) tokens.push_back(token);
-    const auto& words = compound_identifiers();
-    std::vector<std::string> parts;
+    // The tokens joined again by single underscores (empty tokens, from "__", dropped), so that
+    // every run of tokens is a substring: candidates are looked up as views, without building
+    // strings (this ran ~3 times per tensor while loading a kohya file, 13 ms of an SDXL load).
+    static const std::unordered_set<std::string_view> words(compound_identifiers().begin(),
+                                                            compound_identifiers().end());
+    std::string joined;
+    joined.reserve(flat.size());
+    std::vector<std::pair<std::size_t, std::size_t>> tokens;  // [begin, end) in joined
+    for (auto token : split(flat, '_')) {
+        if (token.empty()) continue;
+        if (!joined.empty()) joined += '_';
+        tokens.emplace_back(joined.size(), joined.size() + token.size());
+        joined += token;
+    }
+    auto run = [&](std::size_t first, std::size_t count) {
+        return std::string_view(joined).substr(tokens[first].first, tokens[first + count - 1].second - tokens[first].first);
+    };
+    std::string out;
+    out.reserve(joined.size());
     std::size_t i = 0;
     while (i < tokens.size()) {
         std::size_t taken = 1;
-        for (std::size_t length = std::min<std::size_t>(5, tokens.size() - i); length >= 2; --length) {
-            std::string candidate(tokens[i]);
-            for (std::size_t k = 1; k < length; ++k) {
-                candidate += '_';
-                candidate += tokens[i + k];
-            }
-            if (words.count(candidate)) {
+        for (std::size_t length = std::min<std::size_t>(5, tokens.size() - i); length >= 2; --length)
+            if (words.contains(run(i, length))) {
                 taken = length;
                 break;
             }
-        }
-        std::string part(tokens[i]);
-        for (std::size_t k = 1; k < taken; ++k) {
-            part += '_';
-            part += tokens[i + k];
-        }
-        parts.push_back(std::move(part));
+        if (!out.empty()) out += '.';
+        out += run(i, taken);
         i += taken;
-    }
-    std::string out;
-    for (std::size_t k = 0; k < parts.size(); ++k) {
-        if (k) out += '.';
-        out += parts[k];
     }
     return out;
 }

@@ -8,6 +8,7 @@
 
 #include "lorakit/error.h"
 #include "lorakit/formats/builtin.h"
+#include "convention_common.h"
 #include "memory_tensor_file.h"
 #include "support.h"
 
@@ -473,5 +474,26 @@ TEST_CASE("unflattening kohya names", "[conventions][names]") {
         const Adapter a = read(f);
         CHECK(a.modules.at(0).name == c.canonical);
         CHECK(a.modules.at(0).source_name == c.key);
+    }
+}
+
+TEST_CASE("kohya flattened names unflatten to dotted paths, compound identifiers kept whole", "[conventions]") {
+    using lorakit::formats::unflatten_module_path;
+    const std::pair<const char*, const char*> cases[] = {
+        {"down_blocks_0_attentions_1_transformer_blocks_0_attn1_to_q", "down_blocks.0.attentions.1.transformer_blocks.0.attn1.to_q"},
+        {"text_model_encoder_layers_11_self_attn_out_proj", "text_model.encoder.layers.11.self_attn.out_proj"},
+        {"double_blocks_0_img_attn_qkv", "double_blocks.0.img_attn.qkv"},
+        {"single_transformer_blocks_3_proj_mlp", "single_transformer_blocks.3.proj_mlp"},  // three tokens
+        {"blocks_2_adaln_modulation_cross_attn_1", "blocks.2.adaln_modulation_cross_attn.1"},  // four tokens
+        {"model_layers_0_mlp_gate_up_proj", "model.layers.0.mlp.gate_up_proj"},
+        {"input_blocks_4_1_proj_in", "input_blocks.4.1.proj_in"},
+        {"to__q", "to_q"},              // a doubled underscore is one separator
+        {"_a__b___c_", "a.b.c"},        // leading, trailing and repeated underscores
+        {"x", "x"},
+        {"", ""},
+    };
+    for (const auto& [flat, dotted] : cases) {
+        INFO(flat);
+        CHECK(unflatten_module_path(flat) == dotted);
     }
 }
