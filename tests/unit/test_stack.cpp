@@ -412,7 +412,7 @@ TEST_CASE("lora-stack CLI: report, --json, --strict, -o writes the exact sum", "
     }
 }
 
-TEST_CASE("the top-fraction threshold (bracketed select) equals nth_element's order statistic", "[stack]") {
+TEST_CASE("the top-fraction threshold (radix select) equals nth_element's order statistic", "[stack]") {
     std::mt19937 g(5);
     std::normal_distribution<float> normal;
     for (int trial = 0; trial < 120; ++trial) {
@@ -430,9 +430,7 @@ TEST_CASE("the top-fraction threshold (bracketed select) equals nth_element's or
             }
         }
         if (trial % 8 == 6) {
-            // Sorted: the strided subsample is evenly spread; then the worst case for it, the
-            // positions it reads hold the largest values and every other value is tiny (the
-            // bracket misses and the whole set is used).
+            // Sorted, and then a few large values at regular positions among tiny ones.
             std::sort(values.begin(), values.end());
         } else if (trial % 8 == 7) {
             for (std::size_t i = 0; i < n; ++i) values[i] = 1e-3f * normal(g);
