@@ -15,8 +15,7 @@ ToolResult run_merge(const Registry& registry, const MergeRequest& request, Prog
     return guarded([&](ToolResult& result) {
         if (request.inputs.size() < 2 && request.options.method != MergeMethod::svd)
             fail(ErrorCode::usage, "give at least two adapters to merge (or one with --method svd to re-factor it)");
-        std::vector<Adapter> inputs;
-        for (const auto& path : request.inputs) inputs.push_back(registry.load_adapter(path));
+        std::vector<Adapter> inputs = load_adapters(registry, request.inputs);
         const std::string convention = registry.output_convention(request.to, inputs[0].convention, request.output);
         if (!request.output.empty()) {
             registry.check_output(convention, request.output, request.force);  // before any work

@@ -3,6 +3,10 @@
 #include "lorakit/atomic_file.h"
 
 #include <algorithm>
+#include <atomic>
+#include <exception>
+#include <optional>
+#include <thread>
 #include <cctype>
 #include <cstdlib>
 #include <cmath>
@@ -241,12 +245,46 @@ std::pair<std::string, std::optional<double>> split_weight(const std::string& ar
 
 WeightedAdapters load_weighted_adapters(const Registry& registry, const std::vector<std::string>& arguments) {
     WeightedAdapters result;
+    std::vector<std::string> paths;
     for (const auto& argument : arguments) {
         auto [path, weight] = split_weight(argument);
-        result.adapters.push_back(registry.load_adapter(path));
+        paths.push_back(std::move(path));
         result.weights.push_back(weight);
     }
+    result.adapters = load_adapters(registry, paths);
     return result;
+}
+
+std::vector<Adapter> load_adapters(const Registry& registry, const std::vector<std::string>& paths) {
+    const std::size_t count = paths.size();
+    std::vector<std::optional<Adapter>> loaded(count);
+    std::vector<std::exception_ptr> failures(count);
+    std::atomic<std::size_t> next{0};
+    auto worker = [&] {
+        for (std::size_t i; (i = next.fetch_add(1)) < count;) {
+            try {
+                loaded[i].emplace(registry.load_adapter(paths[i]));
+            } catch (...) {
+                failures[i] = std::current_exception();
+            }
+        }
+    };
+    // Standard input is read whole by whichever load opens it: with it among the paths, one at a
+    // time in order, as before (a second "-" then finds it empty, deterministically).
+    const bool reads_stdin = std::find(paths.begin(), paths.end(), "-") != paths.end();
+    const std::size_t threads =
+        reads_stdin ? 1 : std::min<std::size_t>(count, std::max(1u, std::thread::hardware_concurrency()));
+    std::vector<std::thread> helpers;
+    for (std::size_t t = 1; t < threads; ++t) helpers.emplace_back(worker);
+    worker();
+    for (auto& h : helpers) h.join();
+    std::vector<Adapter> adapters;
+    adapters.reserve(count);
+    for (std::size_t i = 0; i < count; ++i) {
+        if (failures[i]) std::rethrow_exception(failures[i]);
+        adapters.push_back(std::move(*loaded[i]));
+    }
+    return adapters;
 }
 
 Adapter Registry::load_adapter(const fs::path& path, const ModelHints& hints) const {

@@ -2,7 +2,11 @@
 #include <catch2/catch.hpp>
 
 #include <cmath>
+#include <filesystem>
+#include <fstream>
 #include <random>
+
+#include <nlohmann/json.hpp>
 
 #include "lorakit/error.h"
 #include "lorakit/linalg.h"
@@ -383,4 +387,41 @@ TEST_CASE("lora-merge end to end: exact concat of the samples, then svd", "[merg
     CHECK(r.exit_code == 2);
     r = test::run_tool("lora-merge", {llama, llama, "--weights", "1,x", "-o", (dir / "z").string()});
     CHECK(r.exit_code == 2);
+}
+
+TEST_CASE("several inputs load together: order kept, the first failure in argument order reported", "[merge][cli]") {
+    test::ScratchDir dir;
+    const auto samples = std::filesystem::path(LORAKIT_SOURCE_DIR) / "samples";
+    const std::string llama = (samples / "peft-llama").string();
+    const std::string sdxl = (samples / "kohya-sdxl.safetensors").string();
+    // A file whose header is garbage, loaded (and failing) beside a missing one listed earlier.
+    const auto garbage = dir / "garbage.safetensors";
+    {
+        std::ofstream f(garbage, std::ios::binary);
+        f << std::string(64, '\xff');
+    }
+    const auto missing = dir / "missing.safetensors";
+    for (int round = 0; round < 5; ++round) {  // the loads race; the report must not
+        auto r = test::run_tool("lora-merge", {llama, missing.string(), garbage.string(), "-o", (dir / "m").string()});
+        INFO(r.err);
+        CHECK(r.exit_code == 4);  // io: the missing file, not the garbage one (bad input, 3)
+        CHECK_THAT(r.err, Catch::Contains("missing.safetensors"));
+        CHECK_THAT(r.err, !Catch::Contains("garbage.safetensors"));
+        r = test::run_tool("lora-merge", {llama, garbage.string(), missing.string(), "-o", (dir / "m").string()});
+        CHECK(r.exit_code == 3);
+        CHECK_THAT(r.err, Catch::Contains("garbage.safetensors"));
+    }
+    // Inputs keep their order: the stack's JSON lists them as given.
+    const auto copy = dir / "copy.safetensors";
+    std::filesystem::copy_file(sdxl, copy);
+    auto r = test::run_tool("lora-stack", {copy.string() + ":0.5", sdxl + ":0.25", copy.string(), "--json"});
+    INFO(r.err);
+    REQUIRE(r.exit_code == 0);
+    const auto report = nlohmann::json::parse(r.out);
+    REQUIRE(report["adapters"].size() == 3);
+    CHECK(report["adapters"][0]["path"] == copy.string());
+    CHECK(report["adapters"][0]["weight"] == 0.5);
+    CHECK(report["adapters"][1]["path"] == sdxl);
+    CHECK(report["adapters"][1]["weight"] == 0.25);
+    CHECK(report["adapters"][2]["path"] == copy.string());
 }
