@@ -4,14 +4,14 @@
 
 #include <algorithm>
 #include <atomic>
-#include <exception>
-#include <optional>
-#include <thread>
 #include <cctype>
-#include <cstdlib>
 #include <cmath>
+#include <cstdlib>
+#include <exception>
 #include <fstream>
+#include <optional>
 #include <sstream>
+#include <thread>
 
 #include <fmt/format.h>
 
