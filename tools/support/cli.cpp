@@ -14,6 +14,7 @@
 
 #include "lorakit/atomic_file.h"
 #include "lorakit/error.h"
+#include "lorakit/linalg.h"
 #include "lorakit/version.h"
 #include "support/progress_bar.h"
 
@@ -26,6 +27,8 @@ Tool::Tool(std::string name, std::string description) : name_(std::move(name)), 
         limit.rlim_cur = limit.rlim_max;
         ::setrlimit(RLIMIT_NOFILE, &limit);
     }
+    // OpenBLAS started its worker pool when it was loaded; its idle worker would spin beside us.
+    linalg::stop_blas_pool();
     app_.set_version_flag("--version", fmt::format("{} (lorakit) {}", name_, LORAKIT_VERSION_STRING));
     app_.get_formatter()->column_width(34);
 }

@@ -200,8 +200,16 @@ DenseSvd truncated_svd(const float* matrix, std::int64_t rows, std::int64_t cols
 std::vector<double> dense_singular_values(const float* matrix, std::int64_t rows, std::int64_t cols);
 
 // Sets the number of threads BLAS/LAPACK may use (OpenBLAS); 1 inside our own parallel loops,
-// 0 (or less) for all cores.
+// 0 (or less) for all cores. Then stops the worker pool (stop_blas_pool), which setting the count
+// starts. Not while another thread is inside a BLAS call.
 void set_blas_threads(int threads) noexcept;
 int blas_threads() noexcept;
+
+// OpenBLAS (its pthreads build) keeps worker threads, and an idle one spins on sched_yield for
+// ~0.1 s (2^28 cycles) before it sleeps: on 2 cores a 0.2 s conversion lost a third of its CPU
+// samples to that. This stops them; the next multi-threaded BLAS call starts them again. The
+// tools call it first thing; nothing happens with other BLAS builds. Not while another thread is
+// inside a BLAS call.
+void stop_blas_pool() noexcept;
 
 }  // namespace lorakit::linalg
