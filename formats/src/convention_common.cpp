@@ -286,8 +286,8 @@ bool matches_peft_targets(const OrderedJson& targets, std::string_view module_na
 namespace {
 
 // Identifiers that contain underscores in the module trees LoRAs are trained on.
-const std::set<std::string, std::less<>>& compound_identifiers() {
-    static const std::set<std::string, std::less<>> words = {
+const std::unordered_set<std::string_view>& compound_identifiers() {
+    static const std::unordered_set<std::string_view> words = {
         // diffusers UNet
         "down_blocks", "up_blocks", "mid_block", "transformer_blocks", "to_q", "to_k", "to_v", "to_out", "proj_in",
         "proj_out", "time_emb_proj", "conv_shortcut", "conv_in", "conv_out", "conv_norm_out", "time_embedding",
@@ -327,8 +327,7 @@ std::string unflatten_module_path(std::string_view flat) {
     // The tokens joined again by single underscores (empty tokens, from "__", dropped), so that
     // every run of tokens is a substring: candidates are looked up as views, without building
     // strings (this ran ~3 times per tensor while loading a kohya file, 13 ms of an SDXL load).
-    static const std::unordered_set<std::string_view> words(compound_identifiers().begin(),
-                                                            compound_identifiers().end());
+    const auto& words = compound_identifiers();
     std::string joined;
     joined.reserve(flat.size());
     std::vector<std::pair<std::size_t, std::size_t>> tokens;  // [begin, end) in joined

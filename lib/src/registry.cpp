@@ -3,7 +3,6 @@
 #include "lorakit/atomic_file.h"
 
 #include <algorithm>
-#include <atomic>
 #include <cctype>
 #include <cmath>
 #include <cstdlib>
@@ -11,7 +10,6 @@
 #include <fstream>
 #include <optional>
 #include <sstream>
-#include <thread>
 
 #include <fmt/format.h>
 
@@ -19,6 +17,8 @@
 #include "lorakit/checkpoint.h"
 #include "lorakit/error.h"
 #include "lorakit/names.h"
+#include "lorakit/progress.h"
+#include "parallel.h"
 
 namespace lorakit {
 
@@ -259,25 +259,19 @@ std::vector<Adapter> load_adapters(const Registry& registry, const std::vector<s
     const std::size_t count = paths.size();
     std::vector<std::optional<Adapter>> loaded(count);
     std::vector<std::exception_ptr> failures(count);
-    std::atomic<std::size_t> next{0};
-    auto worker = [&] {
-        for (std::size_t i; (i = next.fetch_add(1)) < count;) {
-            try {
-                loaded[i].emplace(registry.load_adapter(paths[i]));
-            } catch (...) {
-                failures[i] = std::current_exception();
-            }
-        }
-    };
     // Standard input is read whole by whichever load opens it: with it among the paths, one at a
     // time in order, as before (a second "-" then finds it empty, deterministically).
     const bool reads_stdin = std::find(paths.begin(), paths.end(), "-") != paths.end();
-    const std::size_t threads =
-        reads_stdin ? 1 : std::min<std::size_t>(count, std::max(1u, std::thread::hardware_concurrency()));
-    std::vector<std::thread> helpers;
-    for (std::size_t t = 1; t < threads; ++t) helpers.emplace_back(worker);
-    worker();
-    for (auto& h : helpers) h.join();
+    // Failures are kept per path (not left to parallel_for, which stops at whichever comes first
+    // in time), so that the first in argument order is the one thrown.
+    detail::parallel_for(count, reads_stdin ? 1 : 0, no_progress(), [&](std::size_t i) -> std::uint64_t {
+        try {
+            loaded[i].emplace(registry.load_adapter(paths[i]));
+        } catch (...) {
+            failures[i] = std::current_exception();
+        }
+        return 0;
+    });
     std::vector<Adapter> adapters;
     adapters.reserve(count);
     for (std::size_t i = 0; i < count; ++i) {
