@@ -66,6 +66,7 @@ struct Workspace::Impl {
     std::vector<lapack_int> piv;
     // The Gram route of factored_svd: kept across calls so that their pages are touched once.
     std::vector<double> gb, ga, z, gz, kgram, x, y, mu;
+    std::vector<double> coefficients;  // per stacked column: its term's coefficient
 };
 
 Workspace::Workspace() : impl_(new Impl) {}
@@ -144,8 +145,9 @@ void stack_rows(const LowRankTerm& t, std::size_t o0, std::size_t o1, std::size_
     }
 }
 
-// Fills the workspace with [c_1 B_1 ... c_k B_k] and [A_1; ...; A_k], checking shapes.
-Stacked stack_terms(std::span<const LowRankTerm> terms, Workspace::Impl& w) {
+// Fills the workspace with [c_1 B_1 ... c_k B_k] (or [B_1 ... B_k] when not `scaled`) and
+// [A_1; ...; A_k], checking shapes.
+Stacked stack_terms(std::span<const LowRankTerm> terms, Workspace::Impl& w, bool scaled = true) {
     const Stacked s = check_terms(terms);
     const auto R = static_cast<std::size_t>(s.total_rank);
     const auto out = static_cast<std::size_t>(s.out);
@@ -156,7 +158,12 @@ Stacked stack_terms(std::span<const LowRankTerm> terms, Workspace::Impl& w) {
     for (const auto& t : terms) {
         const auto r = static_cast<std::size_t>(t.rank);
         // Row o of B_i lands in column o of the R x out array, rows column..column+r.
-        stack_rows(t, 0, out, column, R, b, nullptr, w.rows);
+        if (scaled) {
+            stack_rows(t, 0, out, column, R, b, nullptr, w.rows);
+        } else {
+            // Straight into place, a row (r values) at a time: no scratch copy, no second pass.
+            for (std::size_t o = 0; o < out; ++o) widen(t.b_type, t.b, o * r, r, b + o * R + column);
+        }
         // A_i's rows are the next r columns of the in x R array: one contiguous block.
         widen(t.a_type, t.a, 0, r * in, a + column * in);
         column += r;
@@ -330,9 +337,10 @@ Stacks stacked_grams(std::span<const LowRankTerm> terms, Workspace& workspace, s
                      std::vector<double>& gram_a) {
     // In f32 (ssyrk on the stacks as they are, no widened copies): these Grams feed reports
     // (norms, cosines, spectral norms), where f32 accumulation (~1e-7 relative) is ample and
-    // twice the speed of double matters (lora-stack spends most of its time here).
+    // twice the speed of double matters (lora-stack spends most of its time here). B is stacked
+    // without its coefficients (converted straight into place); they scale G_b in double.
     auto& w = workspace.impl();
-    const Stacked s = stack_terms(terms, w);
+    const Stacked s = stack_terms(terms, w, false);
     const lapack_int R = to_lapack(s.total_rank, "total rank");
     const lapack_int out = to_lapack(s.out, "output size"), in = to_lapack(s.in, "input size");
     const auto rr = static_cast<std::size_t>(R) * R;
@@ -340,6 +348,10 @@ Stacks stacked_grams(std::span<const LowRankTerm> terms, Workspace& workspace, s
     float* ga = gb + rr;
     cblas_ssyrk(cblas_col_major, cblas_upper, cblas_no_trans, R, out, 1.0f, w.b.data(), R, 0.0f, gb, R);
     cblas_ssyrk(cblas_col_major, cblas_upper, cblas_trans, R, in, 1.0f, w.a.data(), in, 0.0f, ga, R);
+    double* coefficient = sized(w.coefficients, static_cast<std::size_t>(R));
+    std::size_t column = 0;
+    for (const auto& t : terms)
+        for (std::int64_t k = 0; k < t.rank; ++k) coefficient[column++] = t.coefficient;
     gram_b.assign(rr, 0.0);
     gram_a.assign(rr, 0.0);
     for (lapack_int j = 0; j < R; ++j)
@@ -347,7 +359,7 @@ Stacks stacked_grams(std::span<const LowRankTerm> terms, Workspace& workspace, s
             const std::size_t upper = i + static_cast<std::size_t>(j) * R, lower = j + static_cast<std::size_t>(i) * R;
             if (!std::isfinite(gb[upper]) || !std::isfinite(ga[upper]))
                 fail(ErrorCode::bad_input, "the factors hold NaN or infinite values");
-            gram_b[upper] = gram_b[lower] = gb[upper];
+            gram_b[upper] = gram_b[lower] = coefficient[i] * coefficient[j] * gb[upper];
             gram_a[upper] = gram_a[lower] = ga[upper];
         }
     return {w.b.data(), w.a.data(), s.total_rank, s.out, s.in};

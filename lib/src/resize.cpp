@@ -45,21 +45,12 @@ LoraModule module_with_factors(const LoraModule& m, const std::vector<float>& up
 thread_local std::vector<float> up_buffer, down_buffer;
 
 // The factors as f32, reading mapped f32 data in place; NaN/Inf refused.
-struct FactorsF32 {
-    const float* a = nullptr;
-    const float* b = nullptr;
-};
-
-FactorsF32 checked_factors(const LoraModule& m, std::vector<float>& scratch_a, std::vector<float>& scratch_b) {
-    FactorsF32 f{m.down.view().f32_data(scratch_a), m.up.view().f32_data(scratch_b)};
-    const auto bad = [](const float* p, std::int64_t n) {
-        for (std::int64_t i = 0; i < n; ++i)
-            if (!std::isfinite(p[i])) return true;
-        return false;
-    };
-    if (bad(f.a, m.down.element_count()) || bad(f.b, m.up.element_count()))
-        fail(ErrorCode::bad_input, "the factors hold NaN or infinite values");
-    return f;
+// The module's factors as stored (mapped, any float dtype): factored_lora widens them while
+// stacking, and its Grams' diagonals (sums of squares in double) reject NaN or infinite
+// factors with bad_input, so no separate pass over the values is needed.
+linalg::LowRankTerm term_of(const LoraModule& m) {
+    return {m.up.view().bytes().data(), m.down.view().bytes().data(), m.out_features(), m.rank(), m.flat_in_features(),
+            1.0, m.up.dtype(), m.down.dtype()};
 }
 
 }  // namespace
@@ -67,10 +58,8 @@ FactorsF32 checked_factors(const LoraModule& m, std::vector<float>& scratch_a, s
 LoraModule refactor_module(const LoraModule& m, std::int64_t k, FactorSplit split, std::optional<DType> dtype,
                            std::vector<double>* singular_values) {
     return with_context(fmt::format("module {}", quote(m.name)), [&] {
-        std::vector<float> scratch_a, scratch_b;
-        const FactorsF32 f = checked_factors(m, scratch_a, scratch_b);
         thread_local linalg::Workspace workspace;
-        const linalg::LowRankTerm term{f.b, f.a, m.out_features(), m.rank(), m.flat_in_features(), 1.0};
+        const linalg::LowRankTerm term = term_of(m);
         const linalg::FactoredLora svd = linalg::factored_lora(
             {&term, 1}, [k](const std::vector<double>&) { return k; }, split == FactorSplit::balanced, workspace,
             up_buffer, down_buffer);
@@ -92,11 +81,8 @@ ResizeResult resize_adapter(const Adapter& input, const ResizeOptions& options, 
         report.name = m.name;
         report.old_rank = m.rank();
         with_context(fmt::format("module {}", quote(m.name)), [&] {
-            thread_local std::vector<float> scratch_a, scratch_b;
-            const FactorsF32 f = checked_factors(m, scratch_a, scratch_b);
             thread_local linalg::Workspace workspace;
-            const linalg::LowRankTerm term{f.b, f.a, m.out_features(), m.rank(),
-                                           m.flat_in_features(), 1.0};
+            const linalg::LowRankTerm term = term_of(m);
             const std::int64_t full = std::min(m.out_features(), m.flat_in_features());
             // One decomposition: the rule sees the spectrum, vectors are formed only for what it keeps.
             linalg::factored_lora(

@@ -305,7 +305,8 @@ ModuleStack analyse_module(const std::vector<Member>& members, const StackOption
     const std::int64_t R = offset[n];
     thread_local linalg::Workspace workspace;
     Matrix gb, ga;
-    // The stacks (f32, B's blocks times the scales) serve the sampled entries and the overflow check.
+    // The stacks (f32, as stored: B's blocks without their scales) serve the sampled entries and
+    // the overflow check.
     const linalg::Stacks stacks = linalg::stacked_grams(terms, workspace, gb, ga);
 
     ModuleStack m;
@@ -350,7 +351,7 @@ ModuleStack analyse_module(const std::vector<Member>& members, const StackOption
         std::vector<float> a_columns, b_rows;
         for (std::size_t i = 0; i < n; ++i) {
             const std::int64_t r = offset[i + 1] - offset[i];
-            const float c = static_cast<float>(members[i].weight);  // the stacked B holds the scale
+            const float c = static_cast<float>(members[i].weight * terms[i].coefficient);  // the stacks hold B_i unscaled
             a_columns.resize(static_cast<std::size_t>(r * q_count));
             for (std::int64_t k = 0; k < r; ++k) {
                 const float* a_row = stacks.a + (offset[i] + k) * in;
@@ -468,10 +469,14 @@ ModuleStack analyse_module(const std::vector<Member>& members, const StackOption
             b.ratio = b.spectral > 0 ? m.sum_spectral / b.spectral : (m.sum_spectral > 0 ? INFINITY : 0.0);
             if (b.limit > 0) {
                 // Bw = [w_1 s_1 B_1 ... w_n s_n B_n] in double; A is the stacked A as it is.
+                std::vector<double> ds(static_cast<std::size_t>(R));
+                for (std::size_t i = 0; i < n; ++i)
+                    for (std::int64_t c = offset[i]; c < offset[i + 1]; ++c)
+                        ds[static_cast<std::size_t>(c)] = members[i].weight * terms[i].coefficient;
                 std::vector<double> bw(static_cast<std::size_t>(out * R));
                 for (std::int64_t p = 0; p < out; ++p)
                     for (std::int64_t c = 0; c < R; ++c)
-                        bw[static_cast<std::size_t>(p * R + c)] = d[static_cast<std::size_t>(c)] * stacks.b[p * R + c];
+                        bw[static_cast<std::size_t>(p * R + c)] = ds[static_cast<std::size_t>(c)] * stacks.b[p * R + c];
                 check_overflow(b, weight->values, bw, {stacks.a, static_cast<std::size_t>(R * in)}, out, R, in);
             }
             m.base = std::move(b);

@@ -300,8 +300,18 @@ TEST_CASE("factors in other dtypes and unaligned are widened exactly while stack
         CHECK(ga1 == ga2);
         CHECK(stacked_b == std::vector<float>(s2.b, s2.b + 24 * 7));
         CHECK(stacked_a == std::vector<float>(s2.a, s2.a + 7 * 18));
-        // The returned stacks are c_i·B_i side by side and the A_i one under the other.
-        CHECK(s2.b[5 * 7 + 4 + 1] == static_cast<float>(-1.3f * fs[1].b[5 * 3 + 1]));
+        // The returned stacks are the B_i side by side, without their coefficients (those scale
+        // G_b), and the A_i one under the other.
+        CHECK(s2.b[5 * 7 + 4 + 1] == fs[1].b[5 * 3 + 1]);
+        // G_b carries the coefficients: entry (2, 4 + 1) = c_1 c_2 Σ_o B_1[o, 2] B_2[o, 1].
+        double cross = 0, size = 0;
+        for (std::int64_t o = 0; o < 24; ++o) {
+            const double term = double(fs[0].b[static_cast<std::size_t>(o * 4 + 2)]) * fs[1].b[static_cast<std::size_t>(o * 3 + 1)];
+            cross += term;
+            size += std::abs(term);
+        }
+        CHECK(std::abs(gb2[2 + 5 * 7] - fs[0].coefficient * fs[1].coefficient * cross) <= 1e-6 * size);
+        CHECK(gb2[5 + 2 * 7] == gb2[2 + 5 * 7]);
         CHECK(s2.a[(4 + 2) * 18 + 9] == fs[1].a[2 * 18 + 9]);
     }
 }

@@ -189,6 +189,48 @@ TEST_CASE("resize reproduces a LoRA whose true rank is below the target exactly"
     CHECK(same.adapter.modules[0].down.bytes().data() == m.down.bytes().data());
 }
 
+TEST_CASE("resize reads 16-bit factors as stored and refuses non-finite ones", "[resize]") {
+    // The same module in f32, f16 and bf16: the factors go to the factored SVD undecoded, and
+    // each result equals the one from its values widened to f32 beforehand.
+    for (const DType type : {DType::F16, DType::BF16}) {
+        INFO(dtype_name(type));
+        const LoraModule m = module_with_spectrum({5, 3, 2, 1, 0.5, 0.25}, 30, 26, 21, type);
+        LoraModule widened = m;
+        widened.down = Tensor::from_f32(DType::F32, m.down.shape(), m.down.to_f32());
+        widened.up = Tensor::from_f32(DType::F32, m.up.shape(), m.up.to_f32());
+        std::vector<double> s16, s32;
+        const LoraModule r16 = refactor_module(m, 3, FactorSplit::up, DType::F32, &s16);
+        const LoraModule r32 = refactor_module(widened, 3, FactorSplit::up, DType::F32, &s32);
+        CHECK(s16 == s32);
+        CHECK(r16.up.to_f32() == r32.up.to_f32());
+        CHECK(r16.down.to_f32() == r32.down.to_f32());
+    }
+    // A NaN in up, an infinity in down (f16: 65504 · 2 overflows on encoding), each alone: both
+    // are bad input naming the module, from resize_adapter and refactor_module alike.
+    for (int which = 0; which < 2; ++which) {
+        LoraModule m = module_with_spectrum({4, 2, 1, 0.5}, 12, 10, 22, DType::F16);
+        std::vector<float> a = m.down.to_f32(), b = m.up.to_f32();
+        if (which == 0)
+            b[7] = std::nanf("");
+        else
+            a[13] = 65504.0f * 2;
+        m.down = Tensor::from_f32(DType::F16, m.down.shape(), a);
+        m.up = Tensor::from_f32(DType::F16, m.up.shape(), b);
+        Adapter adapter;
+        adapter.modules.push_back(m);
+        ResizeOptions options;
+        options.rank.rank = 2;
+        try {
+            (void)resize_adapter(adapter, options, no_progress());
+            FAIL("resize accepted non-finite factors");
+        } catch (const Error& e) {
+            CHECK(e.code() == ErrorCode::bad_input);
+            CHECK_THAT(e.what(), Catch::Contains("NaN or infinite") && Catch::Contains("q_proj"));
+        }
+        CHECK_THROWS_WITH(refactor_module(m, 2, FactorSplit::up, std::nullopt), Catch::Contains("NaN or infinite"));
+    }
+}
+
 TEST_CASE("resize of convolutions and rsLoRA modules", "[resize]") {
     LoraModule conv = module_with_spectrum({3, 2, 1, 0.5}, 6, 5 * 9, 4);
     conv.down = conv.down.reshaped({4, 5, 3, 3});

@@ -113,11 +113,12 @@ FactoredSvd factored_svd_householder(std::span<const LowRankTerm> terms, std::in
 
 // The Gram matrices of the stacked factors of Σ c_i B_i A_i: G_b = BᵀB and G_a = AAᵀ for
 // B = [c_1 B_1 ... c_k B_k] (out x R) and A = [A_1; ...; A_k] (R x in), R x R, symmetric with
-// both triangles filled, column-major, accumulated in f32 (ssyrk) and returned in double. Everything about
+// both triangles filled, column-major, accumulated in f32 (ssyrk; the c_i scale G_b afterwards, in
+// double) and returned in double. Everything about
 // the terms' products follows from their blocks without forming any out x in matrix, e.g.
 // ⟨c_i B_i A_i, c_j B_j A_j⟩_F = Σ_ab G_b[i_a, j_b] · G_a[i_a, j_b]. Throws bad_input on
 // NaN or infinite factors. Returns the stacks themselves, in f32: B row-major (entry (o, k) at
-// b[o·R + k], c_i applied) and A row-major (entry (k, j) at a[k·in + j]), valid until the
+// b[o·R + k], without c_i: multiply by it where needed) and A row-major (entry (k, j) at a[k·in + j]), valid until the
 // workspace is used again, so callers read entries of the terms without converting them again.
 struct Stacks {
     const float* b = nullptr;
