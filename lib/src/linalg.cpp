@@ -98,6 +98,10 @@ void check_lapack(lapack_int info, const char* routine) {
 
 struct Stacked {
     std::int64_t out = 0, in = 0, total_rank = 0;
+    // The f32 stacks (R x out and in x R, column-major) where stack_with_grams left them: the
+    // workspace's arrays, or a lone aligned f32 term's own factors.
+    const float* b = nullptr;
+    const float* a = nullptr;
 };
 
 // The common shape of the terms and their total rank; refuses terms that disagree.
@@ -375,14 +379,22 @@ std::size_t gram_chunk(lapack_int R) { return std::clamp<std::size_t>(32768 / st
 // double on the way, chunk by chunk: G_b = BᵀB into w.gb and G_a = AAᵀ into w.ga, both R x R
 // column-major with both triangles filled. One pass over the factors; no full-size double copy.
 Stacked stack_with_grams(std::span<const LowRankTerm> terms, Workspace::Impl& w) {
-    const Stacked s = check_terms(terms);
+    Stacked s = check_terms(terms);
     const lapack_int R = to_lapack(s.total_rank, "total rank");
     to_lapack(s.out, "output size");
     to_lapack(s.in, "input size");
     const auto RR = static_cast<std::size_t>(R);
     const auto out = static_cast<std::size_t>(s.out), in = static_cast<std::size_t>(s.in);
-    float* b = sized(w.b, RR * out);
-    float* a = sized(w.a, RR * in);
+    // A lone f32 term with coefficient 1 (lora-resize) is its own stack: B (out x r row-major)
+    // is the R x out array and A (r x in row-major) the in x R one, so it is read in place
+    // instead of copied (a 7B-shaped f32 LoRA is 1.3 GB).
+    const auto aligned = [](const void* p) { return reinterpret_cast<std::uintptr_t>(p) % alignof(float) == 0; };
+    const bool in_place = terms.size() == 1 && terms[0].coefficient == 1.0 && terms[0].b_type == DType::F32 &&
+                          terms[0].a_type == DType::F32 && aligned(terms[0].b) && aligned(terms[0].a);
+    float* b = in_place ? nullptr : sized(w.b, RR * out);
+    float* a = in_place ? nullptr : sized(w.a, RR * in);
+    s.b = in_place ? static_cast<const float*>(terms[0].b) : b;
+    s.a = in_place ? static_cast<const float*>(terms[0].a) : a;
     double* gb = sized(w.gb, RR * RR);
     double* ga = sized(w.ga, RR * RR);
     const std::size_t chunk = gram_chunk(R);
@@ -390,10 +402,16 @@ Stacked stack_with_grams(std::span<const LowRankTerm> terms, Workspace::Impl& w)
     // B: the R x out array (column o = row o of the stacked B), chunk of columns at a time.
     for (std::size_t o0 = 0; o0 < out; o0 += chunk) {
         const std::size_t o1 = std::min(out, o0 + chunk);
-        std::size_t column = 0;
-        for (const auto& t : terms) {
-            stack_rows(t, o0, o1, column, RR, b, wide, w.rows);
-            column += static_cast<std::size_t>(t.rank);
+        if (in_place) {
+            const float* src = s.b + o0 * RR;
+            const std::size_t count = (o1 - o0) * RR;
+            for (std::size_t i = 0; i < count; ++i) wide[i] = src[i];
+        } else {
+            std::size_t column = 0;
+            for (const auto& t : terms) {
+                stack_rows(t, o0, o1, column, RR, b, wide, w.rows);
+                column += static_cast<std::size_t>(t.rank);
+            }
         }
         cblas_dsyrk(cblas_col_major, cblas_upper, cblas_no_trans, R, static_cast<int>(o1 - o0), 1.0, wide, R,
                     o0 == 0 ? 0.0 : 1.0, gb, R);
@@ -405,10 +423,12 @@ Stacked stack_with_grams(std::span<const LowRankTerm> terms, Workspace::Impl& w)
         std::size_t column = 0;
         for (const auto& t : terms) {
             for (std::size_t k = 0; k < static_cast<std::size_t>(t.rank); ++k, ++column) {
-                float* dst = a + column * in + j0;
-                widen(t.a_type, t.a, k * in + j0, n, dst);
+                const float* src = s.a + column * in + j0;
+                if (!in_place) {
+                    widen(t.a_type, t.a, k * in + j0, n, a + column * in + j0);
+                }
                 double* wd = wide + column * n;
-                for (std::size_t j = 0; j < n; ++j) wd[j] = dst[j];
+                for (std::size_t j = 0; j < n; ++j) wd[j] = src[j];
             }
         }
         cblas_dsyrk(cblas_col_major, cblas_upper, cblas_trans, R, static_cast<int>(n), 1.0, wide, static_cast<int>(n),
@@ -611,9 +631,9 @@ FactoredSvd factored_svd(std::span<const LowRankTerm> terms, const std::function
     const float* yf = xf + static_cast<std::size_t>(R) * k;
     // U (out x k, row-major = column-major k x out) = Xᵀ · B; V (in x k) = Yᵀ · Aᵀ. In f32 on the
     // f32 stacks: the result is f32 anyway, and X, Y carry the double-precision accuracy.
-    cblas_sgemm(cblas_col_major, cblas_trans, cblas_no_trans, k, out, R, 1.0f, xf, R, w.b.data(), R, 0.0f,
+    cblas_sgemm(cblas_col_major, cblas_trans, cblas_no_trans, k, out, R, 1.0f, xf, R, s.b, R, 0.0f,
                 result.u.data(), k);
-    cblas_sgemm(cblas_col_major, cblas_trans, cblas_trans, k, in, R, 1.0f, yf, R, w.a.data(), in, 0.0f, result.v.data(),
+    cblas_sgemm(cblas_col_major, cblas_trans, cblas_trans, k, in, R, 1.0f, yf, R, s.a, in, 0.0f, result.v.data(),
                 k);
     return result;
 }
@@ -653,10 +673,10 @@ FactoredLora factored_lora(std::span<const LowRankTerm> terms,
     const float* yf = xf + static_cast<std::size_t>(R) * k;
     if (k > 0) {
         // up (out x width, row-major = column-major width x out): its first k rows = Xᵀ · B.
-        cblas_sgemm(cblas_col_major, cblas_trans, cblas_no_trans, k, static_cast<int>(out), R, 1.0f, xf, R, w.b.data(), R,
+        cblas_sgemm(cblas_col_major, cblas_trans, cblas_no_trans, k, static_cast<int>(out), R, 1.0f, xf, R, s.b, R,
                     0.0f, up.data(), static_cast<int>(width));
         // down (width x in, row-major = column-major in x width): its first k columns = Aᵀ · Y.
-        cblas_sgemm(cblas_col_major, cblas_no_trans, cblas_no_trans, static_cast<int>(in), k, R, 1.0f, w.a.data(),
+        cblas_sgemm(cblas_col_major, cblas_no_trans, cblas_no_trans, static_cast<int>(in), k, R, 1.0f, s.a,
                     static_cast<int>(in), yf, R, 0.0f, down.data(), static_cast<int>(in));
     }
     if (width > static_cast<std::size_t>(k)) {

@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <random>
 
@@ -314,6 +315,37 @@ TEST_CASE("factors in other dtypes and unaligned are widened exactly while stack
         CHECK(gb2[5 + 2 * 7] == gb2[2 + 5 * 7]);
         CHECK(s2.a[(4 + 2) * 18 + 9] == fs[1].a[2 * 18 + 9]);
     }
+}
+
+TEST_CASE("a lone f32 term with coefficient 1 is read in place, with the results of a copied stack", "[linalg]") {
+    // lora-resize's case: the factors are used where they lie (mapped). The same values one byte
+    // off alignment, or with another coefficient, go through the copying route; both must agree.
+    Workspace workspace;
+    std::mt19937 g(31);
+    const Factor f = random_factor(g, 40, 6, 33, 1.0);
+    const LowRankTerm aligned = f.term();
+    std::vector<std::byte> bytes_b(f.b.size() * 4 + 1), bytes_a(f.a.size() * 4 + 1);
+    std::memcpy(bytes_b.data() + 1, f.b.data(), f.b.size() * 4);
+    std::memcpy(bytes_a.data() + 1, f.a.data(), f.a.size() * 4);
+    LowRankTerm unaligned = aligned;
+    unaligned.b = bytes_b.data() + 1;
+    unaligned.a = bytes_a.data() + 1;
+    const auto keep = [](const std::vector<double>&) -> std::int64_t { return 4; };
+    std::vector<float> up1, down1, up2, down2;
+    const FactoredLora in_place = factored_lora({&aligned, 1}, keep, false, workspace, up1, down1);
+    const FactoredLora copied = factored_lora({&unaligned, 1}, keep, false, workspace, up2, down2);
+    CHECK(in_place.singular_values == copied.singular_values);
+    CHECK(up1 == up2);
+    CHECK(down1 == down2);
+    const FactoredSvd s1 = factored_svd({&aligned, 1}, 4, workspace), s2 = factored_svd({&unaligned, 1}, 4, workspace);
+    CHECK(s1.u == s2.u);
+    CHECK(s1.v == s2.v);
+    // The inputs are untouched, and a coefficient of 2 doubles the singular values.
+    for (std::size_t i = 0; i < f.b.size(); ++i) REQUIRE(static_cast<const float*>(aligned.b)[i] == f.b[i]);
+    LowRankTerm doubled = aligned;
+    doubled.coefficient = 2.0;
+    const FactoredSvd s3 = factored_svd({&doubled, 1}, 4, workspace);
+    for (std::size_t k = 0; k < 4; ++k) CHECK(s3.singular_values[k] == Approx(2 * s1.singular_values[k]).epsilon(1e-12));
 }
 
 TEST_CASE("gram_svd: the SVD of B·A from its Grams alone", "[linalg]") {
