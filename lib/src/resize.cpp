@@ -44,7 +44,6 @@ LoraModule module_with_factors(const LoraModule& m, const std::vector<float>& up
 // Factor buffers reused across modules by each worker (fresh pages are slow to touch).
 thread_local std::vector<float> up_buffer, down_buffer;
 
-// The factors as f32, reading mapped f32 data in place; NaN/Inf refused.
 // The module's factors as stored (mapped, any float dtype): factored_lora widens them while
 // stacking, and its Grams' diagonals (sums of squares in double) reject NaN or infinite
 // factors with bad_input, so no separate pass over the values is needed.
