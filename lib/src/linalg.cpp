@@ -19,6 +19,7 @@
 #include <fmt/format.h>
 
 #include "lorakit/error.h"
+#include "gram_kernels.h"
 
 extern "C" {
 // OpenBLAS's thread control (declared here: the right cblas.h depends on the BLAS variant).
@@ -129,7 +130,7 @@ void widen(DType type, const void* factor, std::size_t first, std::size_t count,
 // (ld R), through `scratch` (cache-sized: the widened rows are read back at once). When `wide`
 // is given, the same values also go to it in double (column o - o0, ld R).
 void stack_rows(const LowRankTerm& t, std::size_t o0, std::size_t o1, std::size_t column, std::size_t R, float* b,
-                double* wide, std::vector<float>& scratch) {
+                double* wide, std::size_t wide_ld, std::vector<float>& scratch) {
     const auto r = static_cast<std::size_t>(t.rank);
     const auto c = static_cast<float>(t.coefficient);
     const std::size_t step = std::max<std::size_t>(1, 16384 / r);
@@ -142,7 +143,7 @@ void stack_rows(const LowRankTerm& t, std::size_t o0, std::size_t o1, std::size_
             float* dst = b + o * R + column;
             for (std::size_t k = 0; k < r; ++k) dst[k] = c * src[k];
             if (wide) {
-                double* wd = wide + (o - o0) * R + column;
+                double* wd = wide + (o - o0) * wide_ld + column;
                 for (std::size_t k = 0; k < r; ++k) wd[k] = dst[k];
             }
         }
@@ -163,7 +164,7 @@ Stacked stack_terms(std::span<const LowRankTerm> terms, Workspace::Impl& w, bool
         const auto r = static_cast<std::size_t>(t.rank);
         // Row o of B_i lands in column o of the R x out array, rows column..column+r.
         if (scaled) {
-            stack_rows(t, 0, out, column, R, b, nullptr, w.rows);
+            stack_rows(t, 0, out, column, R, b, nullptr, 0, w.rows);
         } else {
             // Straight into place, a row (r values) at a time: no scratch copy, no second pass.
             for (std::size_t o = 0; o < out; ++o) widen(t.b_type, t.b, o * r, r, b + o * R + column);
@@ -395,45 +396,49 @@ Stacked stack_with_grams(std::span<const LowRankTerm> terms, Workspace::Impl& w)
     float* a = in_place ? nullptr : sized(w.a, RR * in);
     s.b = in_place ? static_cast<const float*>(terms[0].b) : b;
     s.a = in_place ? static_cast<const float*>(terms[0].a) : a;
-    double* gb = sized(w.gb, RR * RR);
-    double* ga = sized(w.ga, RR * RR);
+    // The Grams accumulate in ld x ld arrays (ld: the kernels' padded row length), compacted to
+    // R x R at the end.
+    const auto& kernels = detail::gram_kernels();
+    const std::size_t ld = kernels.stride(RR);
+    double* gb = sized(w.gb, ld * ld);
+    double* ga = sized(w.ga, ld * ld);
+    std::fill_n(gb, ld * ld, 0.0);
+    std::fill_n(ga, ld * ld, 0.0);
     const std::size_t chunk = gram_chunk(R);
-    double* wide = sized(w.wide, RR * chunk);
-    // B: the R x out array (column o = row o of the stacked B), chunk of columns at a time.
+    double* wide = sized(w.wide, ld * chunk);
+    // stack_rows leaves the pad columns of `wide` alone: zero.
+    if (ld > RR && !in_place) std::fill_n(wide, ld * chunk, 0.0);
+    // B: the R x out array (column o = row o of the stacked B), chunk of columns at a time,
+    // widened into rows of ld doubles.
     for (std::size_t o0 = 0; o0 < out; o0 += chunk) {
         const std::size_t o1 = std::min(out, o0 + chunk);
         if (in_place) {
-            const float* src = s.b + o0 * RR;
-            const std::size_t count = (o1 - o0) * RR;
-            for (std::size_t i = 0; i < count; ++i) wide[i] = src[i];
+            kernels.widen_rows(s.b + o0 * RR, RR, o1 - o0, wide, ld);
         } else {
             std::size_t column = 0;
             for (const auto& t : terms) {
-                stack_rows(t, o0, o1, column, RR, b, wide, w.rows);
+                stack_rows(t, o0, o1, column, RR, b, wide, ld, w.rows);
                 column += static_cast<std::size_t>(t.rank);
             }
         }
-        cblas_dsyrk(cblas_col_major, cblas_upper, cblas_no_trans, R, static_cast<int>(o1 - o0), 1.0, wide, R,
-                    o0 == 0 ? 0.0 : 1.0, gb, R);
+        kernels.accumulate_rows(wide, o1 - o0, RR, ld, gb);
     }
-    // A: the in x R array (column q = row q of the stacked A), chunk of rows at a time, widened
-    // into a chunk x R column-major block.
+    // A: the in x R array (column q = row q of the stacked A), chunk of rows at a time.
     for (std::size_t j0 = 0; j0 < in; j0 += chunk) {
         const std::size_t j1 = std::min(in, j0 + chunk), n = j1 - j0;
-        std::size_t column = 0;
-        for (const auto& t : terms) {
-            for (std::size_t k = 0; k < static_cast<std::size_t>(t.rank); ++k, ++column) {
-                const float* src = s.a + column * in + j0;
-                if (!in_place) {
+        if (!in_place) {
+            std::size_t column = 0;
+            for (const auto& t : terms)
+                for (std::size_t k = 0; k < static_cast<std::size_t>(t.rank); ++k, ++column)
                     widen(t.a_type, t.a, k * in + j0, n, a + column * in + j0);
-                }
-                double* wd = wide + column * n;
-                for (std::size_t j = 0; j < n; ++j) wd[j] = src[j];
-            }
         }
-        cblas_dsyrk(cblas_col_major, cblas_upper, cblas_trans, R, static_cast<int>(n), 1.0, wide, static_cast<int>(n),
-                    j0 == 0 ? 0.0 : 1.0, ga, R);
+        kernels.accumulate_columns(s.a + j0, in, RR, n, wide, ga);
     }
+    if (ld > RR)
+        for (std::size_t j = 0; j < RR; ++j) {
+            std::memmove(gb + j * RR, gb + j * ld, RR * sizeof(double));
+            std::memmove(ga + j * RR, ga + j * ld, RR * sizeof(double));
+        }
     for (std::size_t j = 0; j < RR; ++j)
         for (std::size_t i = 0; i <= j; ++i) {
             const std::size_t upper = i + j * RR, lower = j + i * RR;

@@ -10,6 +10,7 @@
 #include "lorakit/error.h"
 #include "lorakit/linalg.h"
 #include "lorakit/mapped_file.h"
+#include "gram_kernels.h"
 #include "support.h"
 
 using namespace lorakit;
@@ -477,4 +478,55 @@ TEST_CASE("spectral_norm: a lower bound on σ_1, tight for trained-like spectra,
     std::vector<float> bad(12, 1.0f);
     bad[5] = std::numeric_limits<float>::infinity();
     CHECK_THROWS_AS(spectral_norm(bad.data(), 3, 4), Error);
+}
+
+TEST_CASE("Gram kernels: every variant on this CPU gives the Gram of rows and of columns", "[linalg][kernels]") {
+    INFO("Gram kernels on this CPU: " << detail::available_gram_kernel_count() << ", chosen: "
+                                      << detail::gram_kernels().name);
+    CHECK(detail::available_gram_kernel(0).name == detail::portable_gram_kernels().name);
+    std::mt19937 g(41);
+    std::normal_distribution<float> d;
+    for (const std::size_t R : {1u, 3u, 8u, 9u, 16u, 23u, 24u, 25u, 40u, 128u, 161u})
+        for (const std::size_t rows : {1u, 5u, 8u, 13u, 64u}) {
+            // Two chunks of rows (the kernels accumulate), as R x rows column-major and rows x R row-major.
+            std::vector<float> m(2 * rows * R);
+            for (auto& x : m) x = d(g);
+            std::vector<double> reference(R * R, 0.0);
+            for (std::size_t i = 0; i < R; ++i)
+                for (std::size_t j = i; j < R; ++j)
+                    for (std::size_t o = 0; o < 2 * rows; ++o)
+                        reference[i + j * R] += static_cast<double>(m[o * R + i]) * m[o * R + j];
+            // The transpose (R x 2·rows, row-major) for the column route, with a row stride beyond it.
+            const std::size_t src_ld = 2 * rows + 3;
+            std::vector<float> t(R * src_ld, std::numeric_limits<float>::quiet_NaN());
+            for (std::size_t o = 0; o < 2 * rows; ++o)
+                for (std::size_t k = 0; k < R; ++k) t[k * src_ld + o] = m[o * R + k];
+            for (std::size_t v = 0; v < detail::available_gram_kernel_count(); ++v) {
+                const auto& kernels = detail::available_gram_kernel(v);
+                CAPTURE(kernels.name, R, rows);
+                const std::size_t ld = kernels.stride(R);
+                REQUIRE(ld >= R);
+                std::vector<double> wide(ld * rows, std::numeric_limits<double>::quiet_NaN());
+                std::vector<double> by_rows(ld * ld, 0.0), by_columns(ld * ld, 0.0);
+                for (std::size_t half = 0; half < 2; ++half) {
+                    kernels.widen_rows(m.data() + half * rows * R, R, rows, wide.data(), ld);
+                    for (std::size_t o = 0; o < rows; ++o) {
+                        for (std::size_t k = 0; k < R; ++k)
+                            REQUIRE(wide[o * ld + k] == static_cast<double>(m[(half * rows + o) * R + k]));
+                        for (std::size_t k = R; k < ld; ++k) REQUIRE(wide[o * ld + k] == 0.0);
+                    }
+                    kernels.accumulate_rows(wide.data(), rows, R, ld, by_rows.data());
+                    std::fill(wide.begin(), wide.end(), std::numeric_limits<double>::quiet_NaN());
+                    kernels.accumulate_columns(t.data() + half * rows, src_ld, R, rows, wide.data(), by_columns.data());
+                }
+                double worst = 0;
+                for (std::size_t j = 0; j < R; ++j)
+                    for (std::size_t i = 0; i <= j; ++i) {
+                        const double scale = std::sqrt(reference[i + i * R] * reference[j + j * R]);
+                        worst = std::max({worst, std::abs(by_rows[i + j * ld] - reference[i + j * R]) / scale,
+                                          std::abs(by_columns[i + j * ld] - reference[i + j * R]) / scale});
+                    }
+                CHECK(worst < 1e-14);
+            }
+        }
 }

@@ -1,0 +1,80 @@
+#include "gram_kernels.h"
+
+#include <cstdlib>
+#include <vector>
+
+extern "C" void cblas_dsyrk(int layout, int uplo, int trans, int n, int k, double alpha, const double* a, int lda,
+                            double beta, double* c, int ldc);
+
+namespace lorakit::detail {
+
+#if defined(__x86_64__)
+extern const GramKernels avx512_gram;
+bool cpu_has_avx512f() noexcept;
+#endif
+
+namespace {
+
+constexpr int col_major = 102, no_trans = 111, trans = 112, upper = 121;
+
+std::size_t portable_stride(std::size_t R) noexcept { return R; }
+
+void portable_widen_rows(const float* src, std::size_t R, std::size_t rows, double* dst, std::size_t ld) noexcept {
+    for (std::size_t o = 0; o < rows; ++o) {
+        const float* s = src + o * R;
+        double* d = dst + o * ld;
+        for (std::size_t k = 0; k < R; ++k) d[k] = s[k];
+        for (std::size_t k = R; k < ld; ++k) d[k] = 0.0;
+    }
+}
+
+// The callers bound R and the chunk sizes far below 2^31 (to_lapack in linalg.cpp).
+void portable_accumulate_rows(const double* w, std::size_t rows, std::size_t R, std::size_t ld, double* g) noexcept {
+    cblas_dsyrk(col_major, upper, no_trans, static_cast<int>(R), static_cast<int>(rows), 1.0, w, static_cast<int>(ld), 1.0,
+                g, static_cast<int>(ld));
+}
+
+void portable_accumulate_columns(const float* src, std::size_t src_ld, std::size_t R, std::size_t n, double* scratch,
+                                 double* g) noexcept {
+    // Widened into an n x R column-major block (each column a contiguous copy), then G += BᵀB.
+    for (std::size_t k = 0; k < R; ++k) {
+        const float* s = src + k * src_ld;
+        double* d = scratch + k * n;
+        for (std::size_t j = 0; j < n; ++j) d[j] = s[j];
+    }
+    cblas_dsyrk(col_major, upper, trans, static_cast<int>(R), static_cast<int>(n), 1.0, scratch, static_cast<int>(n), 1.0,
+                g, static_cast<int>(R));
+}
+
+constexpr GramKernels portable{"dsyrk", portable_stride, portable_widen_rows, portable_accumulate_rows,
+                               portable_accumulate_columns};
+
+const std::vector<const GramKernels*>& runnable() {
+    static const std::vector<const GramKernels*> list = [] {
+        std::vector<const GramKernels*> v{&portable};
+#if defined(__x86_64__)
+        if (cpu_has_avx512f()) v.push_back(&avx512_gram);
+#endif
+        return v;
+    }();
+    return list;
+}
+
+}  // namespace
+
+const GramKernels& portable_gram_kernels() noexcept { return portable; }
+
+const GramKernels& gram_kernels() noexcept {
+    static const GramKernels* chosen = [] {
+        const char* force = std::getenv("LORAKIT_FORCE_SCALAR");
+        if (force && std::string_view(force) == "1") return &portable;
+        return runnable().back();
+    }();
+    return *chosen;
+}
+
+std::size_t available_gram_kernel_count() noexcept { return runnable().size(); }
+
+const GramKernels& available_gram_kernel(std::size_t index) noexcept { return *runnable().at(index); }
+
+}  // namespace lorakit::detail

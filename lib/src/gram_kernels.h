@@ -1,0 +1,37 @@
+// Gram accumulation for the factored SVD (linalg.cpp, stack_with_grams): G += Σ w wᵀ over the
+// rows w (length R) of a stacked factor, in double, a cache-sized chunk at a time. Chosen once
+// per process by CPU features; every variant gives the Gram to double rounding (the products of
+// f32 values are exact in double, only the summation order differs between variants).
+#pragma once
+
+#include <cstddef>
+#include <string_view>
+
+namespace lorakit::detail {
+
+struct GramKernels {
+    std::string_view name;
+    // Row stride (in doubles) the variant wants for R values: R rounded up to its vector width.
+    std::size_t (*stride)(std::size_t R) noexcept;
+    // dst[o·ld + k] = src[o·R + k] widened to double for o < rows, k < R; the pad dst[o·ld + k]
+    // for R <= k < ld is set to zero.
+    void (*widen_rows)(const float* src, std::size_t R, std::size_t rows, double* dst, std::size_t ld) noexcept;
+    // g (ld x ld, column-major, ld = stride(R)): its upper triangle += Σ_o w_o w_oᵀ over the
+    // `rows` rows w_o = w + o·ld (length ld, zero beyond R). Entries below the diagonal may be
+    // written too and mean nothing.
+    void (*accumulate_rows)(const double* w, std::size_t rows, std::size_t R, std::size_t ld, double* g) noexcept;
+    // The same for the columns of an f32 array: g's upper triangle += Σ_j c_j c_jᵀ for j < n,
+    // c_j[k] = src[k·src_ld + j] (k < R). `scratch` holds stride(R)·n doubles.
+    void (*accumulate_columns)(const float* src, std::size_t src_ld, std::size_t R, std::size_t n, double* scratch,
+                               double* g) noexcept;
+};
+
+// The kernels for this CPU (LORAKIT_FORCE_SCALAR=1 selects the portable ones).
+const GramKernels& gram_kernels() noexcept;
+// The portable kernels (OpenBLAS's dsyrk), always available; tests compare the others with them.
+const GramKernels& portable_gram_kernels() noexcept;
+// Every variant this build can run on this CPU, portable first (for tests).
+std::size_t available_gram_kernel_count() noexcept;
+const GramKernels& available_gram_kernel(std::size_t index) noexcept;
+
+}  // namespace lorakit::detail

@@ -1,0 +1,133 @@
+// AVX-512 Gram kernels (see gram_kernels.h). Built with function-level target attributes, so
+// the library stays portable; gram_kernels.cpp calls them only when CPUID says AVX-512F runs.
+#if defined(__x86_64__)
+
+#include <cpuid.h>
+#include <immintrin.h>
+
+#include "gram_kernels.h"
+
+// GCC 12 warns inside avx512fintrin.h that the "undefined" pass-through operand of the unmasked
+// intrinsics (_mm512_cvtps_pd, _mm512_shuffle_f64x2, ...) may be used uninitialised: it is not.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+
+#define LORAKIT_AVX512 __attribute__((target("avx512f")))
+
+namespace lorakit::detail {
+
+namespace {
+
+std::size_t avx512_stride(std::size_t R) noexcept { return (R + 7) / 8 * 8; }
+
+LORAKIT_AVX512 void avx512_widen_rows(const float* src, std::size_t R, std::size_t rows, double* dst,
+                                      std::size_t ld) noexcept {
+    for (std::size_t o = 0; o < rows; ++o) {
+        const float* s = src + o * R;
+        double* d = dst + o * ld;
+        std::size_t k = 0;
+        for (; k + 8 <= R; k += 8) _mm512_storeu_pd(d + k, _mm512_cvtps_pd(_mm256_loadu_ps(s + k)));
+        for (; k < R; ++k) d[k] = s[k];
+        for (; k < ld; ++k) d[k] = 0.0;
+    }
+}
+
+// g[i0 .. i0 + 8·NI, j0 .. j0 + 8] (column-major, ld) += Σ_o w_o[i] w_o[j]: 8·NI x 8 accumulators
+// in registers (3 x 8 uses 24 of the 32), one vector load per 8 rows of the tile and one
+// broadcast per column per input row.
+template <int NI>
+LORAKIT_AVX512 inline __attribute__((always_inline)) void tile(const double* w, std::size_t rows, std::size_t ld,
+                                                                std::size_t i0, std::size_t j0, double* g) noexcept {
+    __m512d acc[NI][8];
+    for (int a = 0; a < NI; ++a)
+        for (int j = 0; j < 8; ++j) acc[a][j] = _mm512_loadu_pd(g + (j0 + j) * ld + i0 + 8 * a);
+    for (std::size_t o = 0; o < rows; ++o) {
+        const double* row = w + o * ld;
+        __m512d v[NI];
+        for (int a = 0; a < NI; ++a) v[a] = _mm512_loadu_pd(row + i0 + 8 * a);
+        for (int j = 0; j < 8; ++j) {
+            const __m512d b = _mm512_set1_pd(row[j0 + j]);
+            for (int a = 0; a < NI; ++a) acc[a][j] = _mm512_fmadd_pd(v[a], b, acc[a][j]);
+        }
+    }
+    for (int a = 0; a < NI; ++a)
+        for (int j = 0; j < 8; ++j) _mm512_storeu_pd(g + (j0 + j) * ld + i0 + 8 * a, acc[a][j]);
+}
+
+LORAKIT_AVX512 void avx512_accumulate_rows(const double* w, std::size_t rows, std::size_t, std::size_t ld,
+                                           double* g) noexcept {
+    // Column blocks of 8; for each, the row blocks on and above the diagonal, three at a time.
+    const std::size_t blocks = ld / 8;
+    for (std::size_t jb = 0; jb < blocks; ++jb) {
+        std::size_t ib = 0;
+        for (; ib + 3 <= jb + 1; ib += 3) tile<3>(w, rows, ld, ib * 8, jb * 8, g);
+        if (jb + 1 - ib == 2)
+            tile<2>(w, rows, ld, ib * 8, jb * 8, g);
+        else if (jb + 1 - ib == 1)
+            tile<1>(w, rows, ld, ib * 8, jb * 8, g);
+    }
+}
+
+// dst[j·ld + k0 + i] = src[(k0 + i)·src_ld + j0 + j] for an 8 x 8 block, widened: eight rows of
+// eight floats, converted, transposed in registers.
+LORAKIT_AVX512 inline __attribute__((always_inline)) void transpose_block(const float* src, std::size_t src_ld,
+                                                                          double* dst, std::size_t ld) noexcept {
+    __m512d r[8];
+    for (int i = 0; i < 8; ++i) r[i] = _mm512_cvtps_pd(_mm256_loadu_ps(src + i * src_ld));
+    __m512d t[8], u[8];
+    for (int i = 0; i < 4; ++i) {
+        t[2 * i] = _mm512_unpacklo_pd(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_pd(r[2 * i], r[2 * i + 1]);
+    }
+    for (int h = 0; h < 2; ++h) {
+        const int b = 4 * h;
+        u[b + 0] = _mm512_shuffle_f64x2(t[b + 0], t[b + 2], 0x88);
+        u[b + 1] = _mm512_shuffle_f64x2(t[b + 1], t[b + 3], 0x88);
+        u[b + 2] = _mm512_shuffle_f64x2(t[b + 0], t[b + 2], 0xdd);
+        u[b + 3] = _mm512_shuffle_f64x2(t[b + 1], t[b + 3], 0xdd);
+    }
+    for (int j = 0; j < 4; ++j) {
+        _mm512_storeu_pd(dst + j * ld, _mm512_shuffle_f64x2(u[j], u[j + 4], 0x88));
+        _mm512_storeu_pd(dst + (j + 4) * ld, _mm512_shuffle_f64x2(u[j], u[j + 4], 0xdd));
+    }
+}
+
+LORAKIT_AVX512 void avx512_accumulate_columns(const float* src, std::size_t src_ld, std::size_t R, std::size_t n,
+                                              double* scratch, double* g) noexcept {
+    const std::size_t ld = avx512_stride(R);
+    const std::size_t R8 = R / 8 * 8, n8 = n / 8 * 8;
+    for (std::size_t k0 = 0; k0 < R8; k0 += 8) {
+        for (std::size_t j0 = 0; j0 < n8; j0 += 8)
+            transpose_block(src + k0 * src_ld + j0, src_ld, scratch + j0 * ld + k0, ld);
+        for (std::size_t j = n8; j < n; ++j)
+            for (std::size_t k = k0; k < k0 + 8; ++k) scratch[j * ld + k] = src[k * src_ld + j];
+    }
+    for (std::size_t j = 0; j < n; ++j) {
+        for (std::size_t k = R8; k < R; ++k) scratch[j * ld + k] = src[k * src_ld + j];
+        for (std::size_t k = R; k < ld; ++k) scratch[j * ld + k] = 0.0;
+    }
+    avx512_accumulate_rows(scratch, n, R, ld, g);
+}
+
+}  // namespace
+
+extern const GramKernels avx512_gram{"avx512", avx512_stride, avx512_widen_rows, avx512_accumulate_rows,
+                                  avx512_accumulate_columns};
+
+// CPUID and XGETBV directly (as dtype_kernels_x86.cpp): AVX-512F, and the OS saving the opmask
+// and all 32 ZMM registers (XCR0 bits 1, 2, 5, 6, 7).
+bool cpu_has_avx512f() noexcept {
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    if (!__get_cpuid(1, &a, &b, &c, &d)) return false;
+    if (!(c & (1u << 27))) return false;  // OSXSAVE
+    unsigned xcr0_low = 0, xcr0_high = 0;
+    __asm__("xgetbv" : "=a"(xcr0_low), "=d"(xcr0_high) : "c"(0));
+    if ((xcr0_low & 0xe6u) != 0xe6u) return false;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+    return b & (1u << 16);
+}
+
+}  // namespace lorakit::detail
+
+#endif
