@@ -3,6 +3,8 @@
 #include <cstdlib>
 #include <vector>
 
+extern "C" void cblas_sgemm(int layout, int trans_a, int trans_b, int m, int n, int k, float alpha, const float* a,
+                            int lda, const float* b, int ldb, float beta, float* c, int ldc);
 extern "C" void cblas_dsyrk(int layout, int uplo, int trans, int n, int k, double alpha, const double* a, int lda,
                             double beta, double* c, int ldc);
 
@@ -46,8 +48,19 @@ void portable_accumulate_columns(const float* src, std::size_t src_ld, std::size
                 g, static_cast<int>(R));
 }
 
+// Cᵀ (cols x rows, column-major, ld c_ld) = Mᵀ (column-major cols x inner, ld m_ld) · Lᵀ, where
+// Lᵀ is column-major inner x rows (ld l_i) when l_r = 1, and the transpose of a column-major
+// rows x inner array (ld l_r) when l_i = 1.
+void portable_product(std::size_t rows, std::size_t cols, std::size_t inner, const float* l, std::size_t l_i,
+                      std::size_t l_r, const float* m, std::size_t m_ld, float* c, std::size_t c_ld) noexcept {
+    const bool l_rows = l_r == 1;
+    cblas_sgemm(col_major, no_trans, l_rows ? no_trans : trans, static_cast<int>(cols), static_cast<int>(rows),
+                static_cast<int>(inner), 1.0f, m, static_cast<int>(m_ld), l, static_cast<int>(l_rows ? l_i : l_r), 0.0f, c,
+                static_cast<int>(c_ld));
+}
+
 constexpr GramKernels portable{"dsyrk", portable_stride, portable_widen_rows, portable_accumulate_rows,
-                               portable_accumulate_columns};
+                               portable_accumulate_columns, portable_product};
 
 const std::vector<const GramKernels*>& runnable() {
     static const std::vector<const GramKernels*> list = [] {

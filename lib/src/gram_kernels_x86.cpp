@@ -5,6 +5,8 @@
 #include <cpuid.h>
 #include <immintrin.h>
 
+#include <algorithm>
+
 #include "gram_kernels.h"
 
 // GCC 12 warns inside avx512fintrin.h that the "undefined" pass-through operand of the unmasked
@@ -110,10 +112,87 @@ LORAKIT_AVX512 void avx512_accumulate_columns(const float* src, std::size_t src_
     avx512_accumulate_rows(scratch, n, R, ld, g);
 }
 
+// C[i0 .. i0 + MR, j0 .. j0 + 16·NZ) of C = L·M (see GramKernels::product): MR x NZ vector
+// accumulators, one broadcast of L per row and NZ loads of M per step of r. With `Masked`, the
+// last vector of each row is masked by `tail` (cols not a multiple of 16). Six rows at most: with
+// more, GCC spilled the accumulators (the row pointers of L take the general registers).
+template <int MR, int NZ, bool Masked>
+LORAKIT_AVX512 inline __attribute__((always_inline)) void product_tile(std::size_t inner, const float* l, std::size_t l_i,
+                                                                        std::size_t l_r, const float* m, std::size_t m_ld,
+                                                                        float* c, std::size_t c_ld, __mmask16 tail) noexcept {
+    __m512 acc[MR][NZ];
+    for (int i = 0; i < MR; ++i)
+        for (int z = 0; z < NZ; ++z) acc[i][z] = _mm512_setzero_ps();
+    for (std::size_t r = 0; r < inner; ++r) {
+        const float* row = m + r * m_ld;
+        const float* lr = l + r * l_r;
+        __m512 v[NZ];
+        for (int z = 0; z < NZ; ++z)
+            v[z] = Masked && z == NZ - 1 ? _mm512_maskz_loadu_ps(tail, row + 16 * z) : _mm512_loadu_ps(row + 16 * z);
+        for (int i = 0; i < MR; ++i) {
+            const __m512 b = _mm512_set1_ps(lr[i * l_i]);
+            for (int z = 0; z < NZ; ++z) acc[i][z] = _mm512_fmadd_ps(b, v[z], acc[i][z]);
+        }
+    }
+    for (int i = 0; i < MR; ++i)
+        for (int z = 0; z < NZ; ++z) {
+            if (Masked && z == NZ - 1)
+                _mm512_mask_storeu_ps(c + i * c_ld + 16 * z, tail, acc[i][z]);
+            else
+                _mm512_storeu_ps(c + i * c_ld + 16 * z, acc[i][z]);
+        }
+}
+
+// Rows i0 .. i0 + count (count <= MR) of one column block: the tile for the exact row count.
+template <int MR, int NZ, bool Masked>
+LORAKIT_AVX512 void product_rows(std::size_t count, std::size_t inner, const float* l, std::size_t l_i, std::size_t l_r,
+                                 const float* m, std::size_t m_ld, float* c, std::size_t c_ld, __mmask16 tail) noexcept {
+    if constexpr (MR > 1) {
+        if (count < MR) return product_rows<MR - 1, NZ, Masked>(count, inner, l, l_i, l_r, m, m_ld, c, c_ld, tail);
+    }
+    product_tile<MR, NZ, Masked>(inner, l, l_i, l_r, m, m_ld, c, c_ld, tail);
+}
+
+template <int NZ, bool Masked>
+LORAKIT_AVX512 void product_block(std::size_t rows, std::size_t inner, const float* l, std::size_t l_i, std::size_t l_r,
+                                  const float* m, std::size_t m_ld, float* c, std::size_t c_ld, __mmask16 tail) noexcept {
+    constexpr int MR = NZ <= 2 ? 8 : 6;
+    for (std::size_t i0 = 0; i0 < rows; i0 += MR)
+        product_rows<MR, NZ, Masked>(std::min<std::size_t>(MR, rows - i0), inner, l + i0 * l_i, l_i, l_r, m, m_ld,
+                                     c + i0 * c_ld, c_ld, tail);
+}
+
+template <bool Masked>
+LORAKIT_AVX512 void product_columns(std::size_t vectors, std::size_t rows, std::size_t inner, const float* l,
+                                    std::size_t l_i, std::size_t l_r, const float* m, std::size_t m_ld, float* c,
+                                    std::size_t c_ld, __mmask16 tail) noexcept {
+    switch (vectors) {
+        case 1: product_block<1, Masked>(rows, inner, l, l_i, l_r, m, m_ld, c, c_ld, tail); break;
+        case 2: product_block<2, Masked>(rows, inner, l, l_i, l_r, m, m_ld, c, c_ld, tail); break;
+        case 3: product_block<3, Masked>(rows, inner, l, l_i, l_r, m, m_ld, c, c_ld, tail); break;
+        default: product_block<4, Masked>(rows, inner, l, l_i, l_r, m, m_ld, c, c_ld, tail); break;
+    }
+}
+
+LORAKIT_AVX512 void avx512_product(std::size_t rows, std::size_t cols, std::size_t inner, const float* l, std::size_t l_i,
+                                   std::size_t l_r, const float* m, std::size_t m_ld, float* c, std::size_t c_ld) noexcept {
+    // Column blocks of 64 (M's panel, inner x 64, stays in cache while every row block reads it).
+    for (std::size_t j0 = 0; j0 < cols; j0 += 64) {
+        const std::size_t width = std::min<std::size_t>(64, cols - j0);
+        const std::size_t vectors = (width + 15) / 16, last = width - 16 * (vectors - 1);
+        if (last == 16) {
+            product_columns<false>(vectors, rows, inner, l, l_i, l_r, m + j0, m_ld, c + j0, c_ld, 0xffff);
+        } else {
+            const auto tail = static_cast<__mmask16>((1u << last) - 1u);
+            product_columns<true>(vectors, rows, inner, l, l_i, l_r, m + j0, m_ld, c + j0, c_ld, tail);
+        }
+    }
+}
+
 }  // namespace
 
 extern const GramKernels avx512_gram{"avx512", avx512_stride, avx512_widen_rows, avx512_accumulate_rows,
-                                  avx512_accumulate_columns};
+                                  avx512_accumulate_columns, avx512_product};
 
 // CPUID and XGETBV directly (as dtype_kernels_x86.cpp): AVX-512F, and the OS saving the opmask
 // and all 32 ZMM registers (XCR0 bits 1, 2, 5, 6, 7).

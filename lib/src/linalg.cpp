@@ -68,6 +68,7 @@ struct Workspace::Impl {
     // The Gram route of factored_svd: kept across calls so that their pages are touched once.
     std::vector<double> gb, ga, z, gz, kgram, x, y, mu;
     std::vector<double> coefficients;  // per stacked column: its term's coefficient
+    std::vector<float> transposed;     // X or Y (R x k) row-major, for the products
 };
 
 Workspace::Workspace() : impl_(new Impl) {}
@@ -551,6 +552,14 @@ Solved solve_core(lapack_int R, std::size_t expected, const std::function<std::i
     return result;
 }
 
+// The column-major rows x cols array m, row-major (into `buffer`).
+const float* transposed(const float* m, std::size_t rows, std::size_t cols, std::vector<float>& buffer) {
+    float* t = sized(buffer, rows * cols);
+    for (std::size_t j = 0; j < cols; ++j)
+        for (std::size_t i = 0; i < rows; ++i) t[i * cols + j] = m[i + j * rows];
+    return t;
+}
+
 // solve_core on the Grams of stack_with_grams, with X and Y then in f32 (w.small: X then Y, R x k
 // each) for the sgemms on the f32 stacks.
 Solved solve_stack(const Stacked& s, const std::function<std::int64_t(const std::vector<double>&)>& keep,
@@ -677,12 +686,12 @@ FactoredLora factored_lora(std::span<const LowRankTerm> terms,
     const float* xf = w.small.data();
     const float* yf = xf + static_cast<std::size_t>(R) * k;
     if (k > 0) {
-        // up (out x width, row-major = column-major width x out): its first k rows = Xᵀ · B.
-        cblas_sgemm(cblas_col_major, cblas_trans, cblas_no_trans, k, static_cast<int>(out), R, 1.0f, xf, R, s.b, R,
-                    0.0f, up.data(), static_cast<int>(width));
-        // down (width x in, row-major = column-major in x width): its first k columns = Aᵀ · Y.
-        cblas_sgemm(cblas_col_major, cblas_no_trans, cblas_no_trans, static_cast<int>(in), k, R, 1.0f, s.a,
-                    static_cast<int>(in), yf, R, 0.0f, down.data(), static_cast<int>(in));
+        const auto& kernels = detail::gram_kernels();
+        const auto RR = static_cast<std::size_t>(R), kk = static_cast<std::size_t>(k);
+        // up (out x width, row-major): its first k columns = B · X.
+        kernels.product(out, kk, RR, s.b, RR, 1, transposed(xf, RR, kk, w.transposed), kk, up.data(), width);
+        // down (width x in, row-major): its first k rows = Yᵀ · A.
+        kernels.product(kk, in, RR, yf, RR, 1, s.a, in, down.data(), in);
     }
     if (width > static_cast<std::size_t>(k)) {
         for (std::size_t o = 0; o < out; ++o) std::fill(up.data() + o * width + k, up.data() + (o + 1) * width, 0.0f);

@@ -530,3 +530,40 @@ TEST_CASE("Gram kernels: every variant on this CPU gives the Gram of rows and of
             }
         }
 }
+
+TEST_CASE("Gram kernels: every variant's f32 product C = L·M, L read by rows or by columns", "[linalg][kernels]") {
+    std::mt19937 g(43);
+    std::normal_distribution<float> d;
+    for (const std::size_t rows : {1u, 5u, 6u, 7u, 12u, 13u, 40u})
+        for (const std::size_t cols : {1u, 15u, 16u, 17u, 32u, 48u, 64u, 65u, 130u})
+            for (const std::size_t inner : {1u, 9u, 128u})
+                for (const bool l_by_rows : {true, false}) {
+                    // L (rows x inner) stored with row stride inner + 2 (l_r = 1) or column stride rows + 3 (l_i = 1).
+                    const std::size_t l_i = l_by_rows ? inner + 2 : 1, l_r = l_by_rows ? 1 : rows + 3;
+                    std::vector<float> l(l_by_rows ? rows * l_i : inner * l_r), m(inner * (cols + 5));
+                    for (auto& x : l) x = d(g);
+                    for (auto& x : m) x = d(g);
+                    const std::size_t m_ld = cols + 5, c_ld = cols + 4;
+                    for (std::size_t v = 0; v < detail::available_gram_kernel_count(); ++v) {
+                        const auto& kernels = detail::available_gram_kernel(v);
+                        CAPTURE(kernels.name, rows, cols, inner, l_by_rows);
+                        std::vector<float> c(rows * c_ld, 7.0f);
+                        kernels.product(rows, cols, inner, l.data(), l_i, l_r, m.data(), m_ld, c.data(), c_ld);
+                        double worst = 0;
+                        for (std::size_t i = 0; i < rows; ++i) {
+                            for (std::size_t j = 0; j < cols; ++j) {
+                                double sum = 0, magnitude = 0;
+                                for (std::size_t r = 0; r < inner; ++r) {
+                                    const double p = static_cast<double>(l[i * l_i + r * l_r]) * m[r * m_ld + j];
+                                    sum += p;
+                                    magnitude += std::abs(p);
+                                }
+                                worst = std::max(worst, std::abs(c[i * c_ld + j] - sum) / magnitude);
+                            }
+                            // Past the columns (the row stride's slack) nothing is written.
+                            for (std::size_t j = cols; j < c_ld; ++j) REQUIRE(c[i * c_ld + j] == 7.0f);
+                        }
+                        CHECK(worst < 1e-6);
+                    }
+                }
+}
