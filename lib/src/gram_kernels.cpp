@@ -52,7 +52,7 @@ void portable_accumulate_columns(const float* src, std::size_t src_ld, std::size
 // Lᵀ is column-major inner x rows (ld l_i) when l_r = 1, and the transpose of a column-major
 // rows x inner array (ld l_r) when l_i = 1.
 void portable_product(std::size_t rows, std::size_t cols, std::size_t inner, const float* l, std::size_t l_i,
-                      std::size_t l_r, const float* m, std::size_t m_ld, float* c, std::size_t c_ld) noexcept {
+                      std::size_t l_r, const float* m, std::size_t m_ld, float* c, std::size_t c_ld, float*) noexcept {
     const bool l_rows = l_r == 1;
     cblas_sgemm(col_major, no_trans, l_rows ? no_trans : trans, static_cast<int>(cols), static_cast<int>(rows),
                 static_cast<int>(inner), 1.0f, m, static_cast<int>(m_ld), l, static_cast<int>(l_rows ? l_i : l_r), 0.0f, c,

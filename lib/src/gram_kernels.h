@@ -25,9 +25,10 @@ struct GramKernels {
     void (*accumulate_columns)(const float* src, std::size_t src_ld, std::size_t R, std::size_t n, double* scratch,
                                double* g) noexcept;
     // C = L·M in f32 (the new factors from the stacks): C[i·c_ld + j] = Σ_r L[i·l_i + r·l_r] ·
-    // M[r·m_ld + j] for i < rows, j < cols, r < inner; one of l_i, l_r is 1.
+    // M[r·m_ld + j] for i < rows, j < cols, r < inner; one of l_i, l_r is 1. `scratch` holds
+    // inner·64 floats.
     void (*product)(std::size_t rows, std::size_t cols, std::size_t inner, const float* l, std::size_t l_i,
-                    std::size_t l_r, const float* m, std::size_t m_ld, float* c, std::size_t c_ld) noexcept;
+                    std::size_t l_r, const float* m, std::size_t m_ld, float* c, std::size_t c_ld, float* scratch) noexcept;
 };
 
 // The kernels for this CPU (LORAKIT_FORCE_SCALAR=1 selects the portable ones).

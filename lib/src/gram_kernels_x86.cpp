@@ -175,16 +175,37 @@ LORAKIT_AVX512 void product_columns(std::size_t vectors, std::size_t rows, std::
 }
 
 LORAKIT_AVX512 void avx512_product(std::size_t rows, std::size_t cols, std::size_t inner, const float* l, std::size_t l_i,
-                                   std::size_t l_r, const float* m, std::size_t m_ld, float* c, std::size_t c_ld) noexcept {
-    // Column blocks of 64 (M's panel, inner x 64, stays in cache while every row block reads it).
+                                   std::size_t l_r, const float* m, std::size_t m_ld, float* c, std::size_t c_ld,
+                                   float* scratch) noexcept {
+    // Column blocks of 64: M's panel (inner x 64) is read by every row block. When M's rows are
+    // far apart (a stack of A, rows of `in` floats: 16 KiB apart for in = 4096), the panel's rows
+    // fall into a few L1 sets and evict each other, so a panel read more than once is first
+    // copied into `scratch`, contiguous.
+    const bool pack = rows > 6 && m_ld > 64;
     for (std::size_t j0 = 0; j0 < cols; j0 += 64) {
         const std::size_t width = std::min<std::size_t>(64, cols - j0);
         const std::size_t vectors = (width + 15) / 16, last = width - 16 * (vectors - 1);
+        const float* panel = m + j0;
+        std::size_t panel_ld = m_ld;
+        if (pack) {
+            for (std::size_t r = 0; r < inner; ++r) {
+                const float* src = m + r * m_ld + j0;
+                float* dst = scratch + r * 64;
+                std::size_t j = 0;
+                for (; j + 16 <= width; j += 16) _mm512_storeu_ps(dst + j, _mm512_loadu_ps(src + j));
+                if (j < width) {
+                    const auto mask = static_cast<__mmask16>((1u << (width - j)) - 1u);
+                    _mm512_mask_storeu_ps(dst + j, mask, _mm512_maskz_loadu_ps(mask, src + j));
+                }
+            }
+            panel = scratch;
+            panel_ld = 64;
+        }
         if (last == 16) {
-            product_columns<false>(vectors, rows, inner, l, l_i, l_r, m + j0, m_ld, c + j0, c_ld, 0xffff);
+            product_columns<false>(vectors, rows, inner, l, l_i, l_r, panel, panel_ld, c + j0, c_ld, 0xffff);
         } else {
             const auto tail = static_cast<__mmask16>((1u << last) - 1u);
-            product_columns<true>(vectors, rows, inner, l, l_i, l_r, m + j0, m_ld, c + j0, c_ld, tail);
+            product_columns<true>(vectors, rows, inner, l, l_i, l_r, panel, panel_ld, c + j0, c_ld, tail);
         }
     }
 }

@@ -69,6 +69,7 @@ struct Workspace::Impl {
     std::vector<double> gb, ga, z, gz, kgram, x, y, mu;
     std::vector<double> coefficients;  // per stacked column: its term's coefficient
     std::vector<float> transposed;     // X or Y (R x k) row-major, for the products
+    std::vector<float> panel;          // the products' packed panels (R x 64)
 };
 
 Workspace::Workspace() : impl_(new Impl) {}
@@ -688,10 +689,11 @@ FactoredLora factored_lora(std::span<const LowRankTerm> terms,
     if (k > 0) {
         const auto& kernels = detail::gram_kernels();
         const auto RR = static_cast<std::size_t>(R), kk = static_cast<std::size_t>(k);
+        float* scratch = sized(w.panel, RR * 64);
         // up (out x width, row-major): its first k columns = B · X.
-        kernels.product(out, kk, RR, s.b, RR, 1, transposed(xf, RR, kk, w.transposed), kk, up.data(), width);
+        kernels.product(out, kk, RR, s.b, RR, 1, transposed(xf, RR, kk, w.transposed), kk, up.data(), width, scratch);
         // down (width x in, row-major): its first k rows = Yᵀ · A.
-        kernels.product(kk, in, RR, yf, RR, 1, s.a, in, down.data(), in);
+        kernels.product(kk, in, RR, yf, RR, 1, s.a, in, down.data(), in, scratch);
     }
     if (width > static_cast<std::size_t>(k)) {
         for (std::size_t o = 0; o < out; ++o) std::fill(up.data() + o * width + k, up.data() + (o + 1) * width, 0.0f);

@@ -548,7 +548,9 @@ TEST_CASE("Gram kernels: every variant's f32 product C = L·M, L read by rows or
                         const auto& kernels = detail::available_gram_kernel(v);
                         CAPTURE(kernels.name, rows, cols, inner, l_by_rows);
                         std::vector<float> c(rows * c_ld, 7.0f);
-                        kernels.product(rows, cols, inner, l.data(), l_i, l_r, m.data(), m_ld, c.data(), c_ld);
+                        std::vector<float> scratch(inner * 64, std::numeric_limits<float>::quiet_NaN());
+                        kernels.product(rows, cols, inner, l.data(), l_i, l_r, m.data(), m_ld, c.data(), c_ld,
+                                        scratch.data());
                         double worst = 0;
                         for (std::size_t i = 0; i < rows; ++i) {
                             for (std::size_t j = 0; j < cols; ++j) {
