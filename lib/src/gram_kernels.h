@@ -1,7 +1,9 @@
-// Gram accumulation for the factored SVD (linalg.cpp, stack_with_grams): G += Σ w wᵀ over the
-// rows w (length R) of a stacked factor, in double, a cache-sized chunk at a time. Chosen once
-// per process by CPU features; every variant gives the Gram to double rounding (the products of
-// f32 values are exact in double, only the summation order differs between variants).
+// The long-dimension kernels of the factored SVD (linalg.cpp): Gram accumulation G += Σ w wᵀ
+// over the rows w (length R) of a stacked factor, in double, a cache-sized chunk at a time
+// (stack_with_grams), and the f32 products that form the new factors (factored_lora). Chosen
+// once per process by CPU features. Every variant gives the Grams to double rounding (products
+// of f32 values are exact in double; only the summation order differs) and the products to f32
+// rounding.
 #pragma once
 
 #include <cstddef>
@@ -33,7 +35,7 @@ struct GramKernels {
 
 // The kernels for this CPU (LORAKIT_FORCE_SCALAR=1 selects the portable ones).
 const GramKernels& gram_kernels() noexcept;
-// The portable kernels (OpenBLAS's dsyrk), always available; tests compare the others with them.
+// The portable kernels (OpenBLAS's dsyrk and sgemm), always available.
 const GramKernels& portable_gram_kernels() noexcept;
 // Every variant this build can run on this CPU, portable first (for tests).
 std::size_t available_gram_kernel_count() noexcept;

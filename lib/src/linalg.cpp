@@ -33,8 +33,6 @@ void cblas_sgemm(int layout, int trans_a, int trans_b, int m, int n, int k, floa
                  const float* b, int ldb, float beta, float* c, int ldc);
 void cblas_ssyrk(int layout, int uplo, int trans, int n, int k, float alpha, const float* a, int lda, float beta,
                  float* c, int ldc);
-void cblas_dsyrk(int layout, int uplo, int trans, int n, int k, double alpha, const double* a, int lda, double beta,
-                 double* c, int ldc);
 void cblas_dgemm(int layout, int trans_a, int trans_b, int m, int n, int k, double alpha, const double* a, int lda,
                  const double* b, int ldb, double beta, double* c, int ldc);
 void cblas_dtrsm(int layout, int side, int uplo, int trans_a, int diag, int m, int n, double alpha, const double* a,
@@ -130,7 +128,7 @@ void widen(DType type, const void* factor, std::size_t first, std::size_t count,
 
 // Rows [o0, o1) of c·B_i (row-major, r wide) into columns `column`.. of the R x out array `b`
 // (ld R), through `scratch` (cache-sized: the widened rows are read back at once). When `wide`
-// is given, the same values also go to it in double (column o - o0, ld R).
+// is given, the same values also go to it in double (row o - o0 of rows of wide_ld doubles).
 void stack_rows(const LowRankTerm& t, std::size_t o0, std::size_t o1, std::size_t column, std::size_t R, float* b,
                 double* wide, std::size_t wide_ld, std::vector<float>& scratch) {
     const auto r = static_cast<std::size_t>(t.rank);
@@ -375,7 +373,7 @@ Stacks stacked_grams(std::span<const LowRankTerm> terms, Workspace& workspace, s
 namespace {
 
 // Chunk of stacked rows (or input columns) widened to double at a time: 256 KiB, so that the
-// widened copy stays in cache between being written and being read by dsyrk.
+// widened copy stays in cache between being written and being read by the Gram kernel.
 std::size_t gram_chunk(lapack_int R) { return std::clamp<std::size_t>(32768 / static_cast<std::size_t>(R), 16, 4096); }
 
 // Stacks the terms in f32 (as stack_terms) and accumulates the Gram matrices of the stacks in
@@ -601,7 +599,7 @@ GramSvd gram_svd(std::span<const double> gram_b, std::span<const double> gram_a,
 }
 
 std::vector<double> factored_singular_values(std::span<const LowRankTerm> terms, Workspace& workspace) {
-    // Values only: the R factors come from Gram matrices in double (dsyrk + pivoted Cholesky).
+    // Values only: the R factors come from Gram matrices in double (+ pivoted Cholesky).
     // For f32 factors this is at least as accurate as Householder QR in f32 (the squared
     // condition number costs ~1e-16 relative, below the inputs' own rounding) and it runs at
     // BLAS-3 speed, several times faster than sgeqrf on tall-skinny factors.

@@ -2,7 +2,8 @@
 //
 // For M = Σ_i c_i · B_i · A_i (B_i: out x r_i, A_i: r_i x in, row-major) the factors
 // are stacked into B = [c_1 B_1 ... c_k B_k] (out x R) and A = [A_1; ...; A_k] (R x in),
-// their R x R Gram matrices are accumulated in double (dsyrk), and everything else is R x R:
+// their R x R Gram matrices are accumulated in double (lorakit's AVX-512 kernel where the CPU
+// has it, OpenBLAS's dsyrk otherwise), and everything else is R x R:
 // the R factor of B from a pivoted Cholesky of BᵀB, and the spectrum from the small core.
 // Only U_k = B·X and V_k = Aᵀ·Y (R x k coefficients) touch the long dimensions again.
 // Cost O((out + in) R² + R³). Householder QRs in f32 (sgeqrf) are kept as the cross-check.
@@ -56,8 +57,8 @@ private:
 // the terms disagree in out or in, or ErrorCode::internal when LAPACK fails.
 //
 // The R factors are obtained as Cholesky factors of the Gram matrices BᵀB and AAᵀ formed in
-// double precision (dsyrk, then pivoted Cholesky dpstrf for rank-deficient stacks): the same
-// R as a thin QR, at BLAS-3 speed. For f32 inputs its error (~1e-16 relative to σ_max², from
+// double precision (as at the top of this file), by pivoted Cholesky (dpstrf, for
+// rank-deficient stacks): the same R as a thin QR, at BLAS-3 speed. For f32 inputs its error (~1e-16 relative to σ_max², from
 // the squared condition number) stays below the inputs' own rounding.
 std::vector<double> factored_singular_values(std::span<const LowRankTerm> terms, Workspace& workspace);
 // The same through Householder QRs in f32 (sgelqf/sgeqrf): the cross-check in tests.
