@@ -1,5 +1,6 @@
-// AVX-512 Gram kernels (see gram_kernels.h). Built with function-level target attributes, so
-// the library stays portable; gram_kernels.cpp calls them only when CPUID says AVX-512F runs.
+// AVX-512 kernels of the factored SVD: Grams and products (see gram_kernels.h). Built with
+// function-level target attributes, so the library stays portable; gram_kernels.cpp calls them
+// only when CPUID says AVX-512F runs.
 #if defined(__x86_64__)
 
 #include <cpuid.h>
