@@ -1,6 +1,7 @@
 #include "dtype_kernels.h"
 
-#include <cstdlib>
+#include "cpu_features.h"
+
 #include <string_view>
 #include <vector>
 
@@ -11,7 +12,6 @@ void avx2_f16_to_f32(const std::byte*, float*, std::size_t) noexcept;
 void avx2_bf16_to_f32(const std::byte*, float*, std::size_t) noexcept;
 void avx2_f32_to_f16(const float*, std::byte*, std::size_t) noexcept;
 void avx2_f32_to_bf16(const float*, std::byte*, std::size_t) noexcept;
-bool cpu_has_avx2_f16c() noexcept;
 #endif
 
 namespace {
@@ -45,9 +45,7 @@ const ConversionKernels& scalar_kernels() noexcept { return scalar; }
 const ConversionKernels& kernels() noexcept {
     // LORAKIT_FORCE_SCALAR=1 selects the portable kernels (to rule SIMD out when debugging).
     static const ConversionKernels* chosen = [] {
-        const char* force = std::getenv("LORAKIT_FORCE_SCALAR");
-        if (force && std::string_view(force) == "1") return &scalar;
-        return runnable().back();
+        return force_scalar() ? &scalar : runnable().back();
     }();
     return *chosen;
 }

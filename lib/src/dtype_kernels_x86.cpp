@@ -4,7 +4,6 @@
 // (tests/unit/test_dtype.cpp compares them over every 16-bit pattern and millions of f32s).
 #if defined(__x86_64__) || defined(__i386__)
 
-#include <cpuid.h>
 #include <immintrin.h>
 
 #include "dtype_kernels.h"
@@ -66,20 +65,6 @@ LORAKIT_AVX2 void avx2_f32_to_bf16(const float* src, std::byte* dst, std::size_t
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + 2 * i), packed);
     }
     scalar_f32_to_bf16(src + i, dst + 2 * i, count - i);
-}
-
-// CPUID directly: compilers disagree on which feature names __builtin_cpu_supports knows.
-bool cpu_has_avx2_f16c() noexcept {
-    unsigned a = 0, b = 0, c = 0, d = 0;
-    if (!__get_cpuid(1, &a, &b, &c, &d)) return false;
-    const bool osxsave = c & (1u << 27), avx = c & (1u << 28), f16c = c & (1u << 29);
-    if (!osxsave || !avx || !f16c) return false;
-    // The OS must save the YMM registers (XCR0 bits 1 and 2).
-    unsigned xcr0_low = 0, xcr0_high = 0;
-    __asm__("xgetbv" : "=a"(xcr0_low), "=d"(xcr0_high) : "c"(0));
-    if ((xcr0_low & 6u) != 6u) return false;
-    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
-    return b & (1u << 5);  // AVX2
 }
 
 }  // namespace lorakit::detail

@@ -1,6 +1,7 @@
 #include "gram_kernels.h"
 
-#include <cstdlib>
+#include "cpu_features.h"
+
 #include <vector>
 
 extern "C" void cblas_sgemm(int layout, int trans_a, int trans_b, int m, int n, int k, float alpha, const float* a,
@@ -12,7 +13,6 @@ namespace lorakit::detail {
 
 #if defined(__x86_64__)
 extern const GramKernels avx512_gram;
-bool cpu_has_avx512f() noexcept;
 #endif
 
 namespace {
@@ -79,9 +79,7 @@ const GramKernels& portable_gram_kernels() noexcept { return portable; }
 
 const GramKernels& gram_kernels() noexcept {
     static const GramKernels* chosen = [] {
-        const char* force = std::getenv("LORAKIT_FORCE_SCALAR");
-        if (force && std::string_view(force) == "1") return &portable;
-        return runnable().back();
+        return force_scalar() ? &portable : runnable().back();
     }();
     return *chosen;
 }

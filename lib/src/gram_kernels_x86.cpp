@@ -3,7 +3,6 @@
 // only when CPUID says AVX-512F runs.
 #if defined(__x86_64__)
 
-#include <cpuid.h>
 #include <immintrin.h>
 
 #include <algorithm>
@@ -215,19 +214,6 @@ LORAKIT_AVX512 void avx512_product(std::size_t rows, std::size_t cols, std::size
 
 extern const GramKernels avx512_gram{"avx512", avx512_stride, avx512_widen_rows, avx512_accumulate_rows,
                                   avx512_accumulate_columns, avx512_product};
-
-// CPUID and XGETBV directly (as dtype_kernels_x86.cpp): AVX-512F, and the OS saving the opmask
-// and all 32 ZMM registers (XCR0 bits 1, 2, 5, 6, 7).
-bool cpu_has_avx512f() noexcept {
-    unsigned a = 0, b = 0, c = 0, d = 0;
-    if (!__get_cpuid(1, &a, &b, &c, &d)) return false;
-    if (!(c & (1u << 27))) return false;  // OSXSAVE
-    unsigned xcr0_low = 0, xcr0_high = 0;
-    __asm__("xgetbv" : "=a"(xcr0_low), "=d"(xcr0_high) : "c"(0));
-    if ((xcr0_low & 0xe6u) != 0xe6u) return false;
-    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
-    return b & (1u << 16);
-}
 
 }  // namespace lorakit::detail
 

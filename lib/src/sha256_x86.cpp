@@ -1,12 +1,9 @@
 // SHA-256 with the x86 SHA extensions (SHA-NI), the standard sha256rnds2 / sha256msg1 /
 // sha256msg2 schedule. Compiled through a target attribute; used only when CPUID reports SHA.
-#include <cstdlib>
-#include <string_view>
-
+#include "cpu_features.h"
 #include "sha256_kernels.h"
 
 #if defined(__x86_64__) || defined(__i386__)
-#include <cpuid.h>
 #include <immintrin.h>
 
 namespace lorakit::detail {
@@ -47,20 +44,10 @@ __attribute__((target("sha,sse4.1,ssse3"))) void shani_blocks(std::uint32_t stat
     _mm_storeu_si128(reinterpret_cast<__m128i*>(state + 4), state1);
 }
 
-bool cpu_has_sha() noexcept {
-    unsigned a = 0, b = 0, c = 0, d = 0;
-    if (!__get_cpuid(1, &a, &b, &c, &d)) return false;
-    const bool sse41 = c & (1u << 19), ssse3 = c & (1u << 9);
-    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
-    return sse41 && ssse3 && (b & (1u << 29));
-}
-
 }  // namespace
 
 Sha256Blocks sha256_blocks_accelerated() noexcept {
-    const char* force = std::getenv("LORAKIT_FORCE_SCALAR");
-    if (force && std::string_view(force) == "1") return nullptr;
-    return cpu_has_sha() ? shani_blocks : nullptr;
+    return !force_scalar() && cpu_has_sha() ? shani_blocks : nullptr;
 }
 
 }  // namespace lorakit::detail
