@@ -37,15 +37,19 @@ void parallel_for(std::size_t count, int threads, Progress& progress,
             progress.advance(++done, done_bytes);
         }
     };
-    if (threads <= 0) threads = static_cast<int>(std::thread::hardware_concurrency());
-    threads = std::max(1, std::min<int>(threads, static_cast<int>(std::max<std::size_t>(count, 1))));
+    const int requested = threads > 0 ? threads : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+    threads = std::max(1, std::min<int>(requested, static_cast<int>(std::max<std::size_t>(count, 1))));
+    // BLAS runs single-threaded inside our workers, and with -j 1 too (OpenBLAS's own threads
+    // would take the cores the user kept free: a `lora-stack -j 1` spent 4 s of system time in
+    // their sched_yield). A lone item may use every thread that was asked for.
     const int previous = linalg::blas_threads();
-    if (threads > 1) linalg::set_blas_threads(1);
+    const int blas = threads > 1 ? 1 : requested;
+    if (blas != previous) linalg::set_blas_threads(blas);
     std::vector<std::thread> pool;
     for (int t = 1; t < threads; ++t) pool.emplace_back(worker);
     worker();
     for (auto& t : pool) t.join();
-    if (threads > 1) linalg::set_blas_threads(previous);
+    if (blas != previous) linalg::set_blas_threads(previous);
     progress.end();
     if (failure) std::rethrow_exception(failure);
 }

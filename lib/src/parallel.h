@@ -10,7 +10,8 @@
 namespace lorakit::detail {
 
 // Runs body(i) for every i in [0, count) on `threads` workers (0: all cores; never more than
-// count), with BLAS single-threaded meanwhile (the workers are the parallelism). After each
+// count), with BLAS single-threaded meanwhile (the workers are the parallelism), also when one
+// worker was asked for; a lone item (count 1) lets BLAS use the threads asked for. After each
 // item, progress.advance(items done, bytes done) with the bytes body returned; progress.end()
 // when all is done (the caller has begun the stage). The first exception stops the remaining
 // work and is rethrown once every worker has stopped.

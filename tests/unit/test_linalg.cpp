@@ -2,6 +2,7 @@
 #include <catch2/catch.hpp>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -11,6 +12,8 @@
 #include "lorakit/linalg.h"
 #include "lorakit/mapped_file.h"
 #include "gram_kernels.h"
+#include "parallel.h"
+#include "lorakit/progress.h"
 #include "support.h"
 
 using namespace lorakit;
@@ -568,4 +571,30 @@ TEST_CASE("Gram kernels: every variant's f32 product C = L·M, L read by rows or
                         CHECK(worst < 1e-6);
                     }
                 }
+}
+
+TEST_CASE("parallel_for: BLAS single-threaded in the workers and with one worker asked for", "[linalg][parallel]") {
+    // Regression: with -j 1 the loop ran on one thread but left OpenBLAS at all cores, whose
+    // threads then spun in sched_yield beside it (lora-stack -j 1: 4 s of system time).
+    const int before = linalg::blas_threads();
+    linalg::set_blas_threads(2);
+    NoProgress progress;
+    for (const int threads : {1, 2, 0}) {
+        CAPTURE(threads);
+        std::atomic<int> wrong{0};
+        detail::parallel_for(5, threads, progress, [&](std::size_t) -> std::uint64_t {
+            if (linalg::blas_threads() != 1) ++wrong;
+            return 0;
+        });
+        CHECK(wrong == 0);
+        CHECK(linalg::blas_threads() == 2);  // restored
+    }
+    // One item: BLAS may use the threads asked for (here 2).
+    int inside = 0;
+    detail::parallel_for(1, 2, progress, [&](std::size_t) -> std::uint64_t {
+        inside = linalg::blas_threads();
+        return 0;
+    });
+    CHECK(inside == 2);
+    linalg::set_blas_threads(before);
 }
