@@ -9,7 +9,6 @@
 
 #include <lapacke.h>
 
-#include <Eigen/Dense>
 
 #include <algorithm>
 #include <thread>
@@ -20,6 +19,7 @@
 
 #include "lorakit/error.h"
 #include "gram_kernels.h"
+#include "small_eigen.h"
 
 extern "C" {
 // OpenBLAS's thread control (declared here: the right cblas.h depends on the BLAS variant).
@@ -318,20 +318,25 @@ void symmetric_eigen(std::vector<double>& vectors, std::int64_t size, std::vecto
     const lapack_int n = to_lapack(size, "matrix size");
     values.resize(static_cast<std::size_t>(n));
     if (n == 0) return;
-    if (n <= 48) {
-        // Small problems are latency-bound: Eigen's inlined tridiagonal QR takes 0.56x (n = 24)
-        // to 0.83x (n = 48) of LAPACKE_dsyevd's time in the portable build (dsyevd allocates
-        // and checks per call); from n ~ 56 on, divide and conquer wins (1.4x at n = 96).
-        // Eigen reads the lower triangle: mirror the upper one into it.
-        const Eigen::MatrixXd m = Eigen::Map<const Eigen::MatrixXd>(vectors.data(), n, n).selfadjointView<Eigen::Upper>();
-        const Eigen::SelfAdjointEigenSolver<Eigen::MatrixXd> solver(m);
-        if (solver.info() != Eigen::Success) fail(ErrorCode::internal, "symmetric eigensolver did not converge (n = {})", n);
-        Eigen::Map<Eigen::MatrixXd>(vectors.data(), n, n) = solver.eigenvectors();
-        Eigen::Map<Eigen::VectorXd>(values.data(), n) = solver.eigenvalues();
-    } else {
-        check_lapack(LAPACKE_dsyevd(LAPACK_COL_MAJOR, 'V', 'U', n, vectors.data(), n, values.data()), "dsyevd");
+    const auto& small = detail::small_eigen_kernels();
+    if (static_cast<std::size_t>(n) <= small.max_order) {
+        // Small problems are latency-bound: LAPACKE_dsyevd allocates and checks per call, and
+        // Eigen's solver runs two doubles at a time in the portable build. lorakit's own
+        // (small_eigen.h) took 70 us at n = 32 with AVX-512 against Eigen's 128 and dsyevd's
+        // 150, and 1117 against dsyevd's 1279 at n = 96. It wants both triangles: mirror the
+        // upper one (what dsyevd reads) into the lower.
+        const auto size = static_cast<std::size_t>(n);
+        double* a = vectors.data();
+        for (std::size_t j = 0; j < size; ++j)
+            for (std::size_t i = 0; i < j; ++i) a[j + i * size] = a[i + j * size];
+        thread_local std::vector<double> scratch;
+        if (scratch.size() < detail::small_eigen_scratch(size)) scratch.resize(detail::small_eigen_scratch(size));
+        if (!small.eigen(a, size, values.data(), true, scratch.data()))
+            fail(ErrorCode::internal, "symmetric eigensolver did not converge (n = {})", n);
+        return;  // descending already
     }
-    // Both sort ascending; reverse columns and values.
+    check_lapack(LAPACKE_dsyevd(LAPACK_COL_MAJOR, 'V', 'U', n, vectors.data(), n, values.data()), "dsyevd");
+    // dsyevd sorts ascending; reverse columns and values.
     std::reverse(values.begin(), values.end());
     for (lapack_int j = 0; j < n / 2; ++j)
         std::swap_ranges(vectors.begin() + static_cast<std::ptrdiff_t>(j) * n, vectors.begin() + static_cast<std::ptrdiff_t>(j + 1) * n,

@@ -12,6 +12,7 @@
 #include "lorakit/linalg.h"
 #include "lorakit/mapped_file.h"
 #include "gram_kernels.h"
+#include "small_eigen.h"
 #include "parallel.h"
 #include "lorakit/progress.h"
 #include "support.h"
@@ -571,6 +572,164 @@ TEST_CASE("Gram kernels: every variant's f32 product C = L·M, L read by rows or
                         CHECK(worst < 1e-6);
                     }
                 }
+}
+
+namespace {
+
+// Q·diag(λ)·Qᵀ (column-major n x n) with a random orthogonal Q (a product of n random Householder
+// reflections), so the spectrum is known exactly up to the rounding of forming it.
+std::vector<double> with_spectrum(const std::vector<double>& lambda, std::mt19937& g) {
+    const std::size_t n = lambda.size();
+    std::normal_distribution<double> d;
+    std::vector<double> q(n * n, 0.0);
+    for (std::size_t i = 0; i < n; ++i) q[i + i * n] = 1.0;
+    for (std::size_t r = 0; r < n; ++r) {
+        std::vector<double> v(n);
+        double vv = 0;
+        for (auto& x : v) {
+            x = d(g);
+            vv += x * x;
+        }
+        for (std::size_t j = 0; j < n; ++j) {  // column j of Q ← (I - 2vvᵀ/vᵀv)·column j
+            double s = 0;
+            for (std::size_t i = 0; i < n; ++i) s += v[i] * q[i + j * n];
+            for (std::size_t i = 0; i < n; ++i) q[i + j * n] -= 2 * s / vv * v[i];
+        }
+    }
+    std::vector<double> a(n * n, 0.0);
+    for (std::size_t j = 0; j < n; ++j)
+        for (std::size_t i = 0; i < n; ++i)
+            for (std::size_t k = 0; k < n; ++k) a[i + j * n] += q[i + k * n] * lambda[k] * q[j + k * n];
+    for (std::size_t j = 0; j < n; ++j)  // exactly symmetric
+        for (std::size_t i = 0; i < j; ++i) a[j + i * n] = a[i + j * n];
+    return a;
+}
+
+}  // namespace
+
+TEST_CASE("small symmetric eigensolver: every variant on this CPU, against known spectra", "[linalg][kernels]") {
+    INFO("small eigen kernels on this CPU: " << detail::available_small_eigen_kernel_count()
+                                             << ", chosen: " << detail::small_eigen_kernels().name);
+    CHECK(detail::available_small_eigen_kernel(0).name == "portable");
+    std::mt19937 g(43);
+    std::normal_distribution<double> d;
+    std::uniform_real_distribution<double> u(-1, 1);
+    // Spectra: random of both signs, clustered, repeated, rank-deficient (zeros), one dominant
+    // value, tiny and huge scales (the solver scales by a power of two), and graded.
+    auto spectra = [&](std::size_t n) {
+        std::vector<std::vector<double>> s;
+        std::vector<double> x(n);
+        for (auto& v : x) v = d(g);
+        s.push_back(x);
+        for (std::size_t i = 0; i < n; ++i) x[i] = 1.0 + 1e-9 * u(g);
+        s.push_back(x);
+        for (std::size_t i = 0; i < n; ++i) x[i] = i % 3 == 0 ? 2.0 : (i % 3 == 1 ? -1.0 : 0.5);
+        s.push_back(x);
+        for (std::size_t i = 0; i < n; ++i) x[i] = i < n / 2 ? std::abs(d(g)) : 0.0;
+        s.push_back(x);
+        for (std::size_t i = 0; i < n; ++i) x[i] = i == 0 ? 1e6 : u(g);
+        s.push_back(x);
+        for (std::size_t i = 0; i < n; ++i) x[i] = 1e-200 * d(g);
+        s.push_back(x);
+        for (std::size_t i = 0; i < n; ++i) x[i] = 1e200 * d(g);
+        s.push_back(x);
+        for (std::size_t i = 0; i < n; ++i) x[i] = std::pow(0.5, static_cast<double>(i));
+        s.push_back(x);
+        return s;
+    };
+    for (const std::size_t n : {1u, 2u, 3u, 5u, 8u, 9u, 16u, 17u, 31u, 32u, 33u, 48u, 64u, 97u}) {
+        for (const auto& lambda : spectra(n)) {
+            const std::vector<double> a0 = with_spectrum(lambda, g);
+            std::vector<double> expected = lambda;
+            std::sort(expected.begin(), expected.end(), std::greater<>());
+            double scale = 0, fro2 = 0;
+            for (double x : lambda) scale = std::max(scale, std::abs(x));
+            if (scale == 0) scale = 1;
+            for (double x : a0) fro2 += (x / scale) * (x / scale);
+            for (std::size_t v = 0; v < detail::available_small_eigen_kernel_count(); ++v) {
+                const auto& kernels = detail::available_small_eigen_kernel(v);
+                CAPTURE(kernels.name, n, lambda.front(), lambda.back());
+                std::vector<double> scratch(detail::small_eigen_scratch(n), std::numeric_limits<double>::quiet_NaN());
+                std::vector<double> a = a0, values(n), only(n);
+                REQUIRE(kernels.eigen(a.data(), n, values.data(), true, scratch.data()));
+                double worst_value = 0, residual = 0, orthogonality = 0;
+                for (std::size_t i = 0; i < n; ++i) {
+                    worst_value = std::max(worst_value, std::abs(values[i] - expected[i]) / scale);
+                    if (i > 0) CHECK(values[i] <= values[i - 1]);
+                }
+                for (std::size_t j = 0; j < n; ++j)
+                    for (std::size_t i = 0; i < n; ++i) {
+                        double av = 0, qq = 0;
+                        for (std::size_t k = 0; k < n; ++k) {
+                            av += a0[i + k * n] * a[k + j * n];
+                            qq += a[k + i * n] * a[k + j * n];
+                        }
+                        residual = std::max(residual, std::abs(av - values[j] * a[i + j * n]) / scale);
+                        orthogonality = std::max(orthogonality, std::abs(qq - (i == j ? 1.0 : 0.0)));
+                    }
+                CHECK(worst_value < 1e-13);
+                CHECK(residual < 1e-13);
+                CHECK(orthogonality < 1e-13);
+                // Values alone: the same numbers (the same QL sweeps, without the rotations).
+                a = a0;
+                REQUIRE(kernels.eigen(a.data(), n, only.data(), false, scratch.data()));
+                for (std::size_t i = 0; i < n; ++i) CHECK(only[i] == values[i]);
+                // Tridiagonal form: the same spectrum and Frobenius norm.
+                a = a0;
+                std::vector<double> diagonal(n), off(n > 0 ? n - 1 : 0);
+                kernels.tridiagonalize(a.data(), n, diagonal.data(), off.data(), scratch.data());
+                std::vector<double> t(n * n, 0.0);
+                double t2 = 0;
+                for (std::size_t i = 0; i < n; ++i) {
+                    t[i + i * n] = diagonal[i];
+                    t2 += (diagonal[i] / scale) * (diagonal[i] / scale);
+                    if (i + 1 < n) {
+                        t[i + 1 + i * n] = t[i + (i + 1) * n] = off[i];
+                        t2 += 2 * (off[i] / scale) * (off[i] / scale);
+                    }
+                }
+                CHECK(std::abs(std::sqrt(t2) - std::sqrt(fro2)) <= 1e-13 * std::sqrt(fro2));
+                REQUIRE(kernels.eigen(t.data(), n, only.data(), false, scratch.data()));
+                double worst_t = 0;
+                for (std::size_t i = 0; i < n; ++i) worst_t = std::max(worst_t, std::abs(only[i] - expected[i]) / scale);
+                CHECK(worst_t < 1e-13);
+            }
+        }
+    }
+}
+
+TEST_CASE("small symmetric eigensolver: zero, diagonal and non-finite matrices", "[linalg][kernels]") {
+    for (std::size_t v = 0; v < detail::available_small_eigen_kernel_count(); ++v) {
+        const auto& kernels = detail::available_small_eigen_kernel(v);
+        CAPTURE(kernels.name);
+        const std::size_t n = 6;
+        std::vector<double> scratch(detail::small_eigen_scratch(n)), values(n), a(n * n, 0.0);
+        REQUIRE(kernels.eigen(a.data(), n, values.data(), true, scratch.data()));
+        for (std::size_t i = 0; i < n; ++i) {
+            CHECK(values[i] == 0.0);
+            for (std::size_t j = 0; j < n; ++j) CHECK(a[i + j * n] == (i == j ? 1.0 : 0.0));
+        }
+        // A diagonal matrix: its entries, sorted, with unit vectors.
+        const double diagonal[] = {3, -1, 7, 0, 7, 2};
+        std::fill(a.begin(), a.end(), 0.0);
+        for (std::size_t i = 0; i < n; ++i) a[i + i * n] = diagonal[i];
+        REQUIRE(kernels.eigen(a.data(), n, values.data(), true, scratch.data()));
+        CHECK(values == std::vector<double>{7, 7, 3, 2, 0, -1});
+        for (std::size_t j = 0; j < n; ++j) {
+            double norm = 0, largest = 0;
+            for (std::size_t i = 0; i < n; ++i) {
+                norm += a[i + j * n] * a[i + j * n];
+                largest = std::max(largest, std::abs(a[i + j * n]));
+            }
+            CHECK(norm == Approx(1.0));
+            if (j >= 2) CHECK(largest == 1.0);  // the simple values' vectors are unit vectors
+        }
+        for (double bad : {std::numeric_limits<double>::quiet_NaN(), std::numeric_limits<double>::infinity()}) {
+            std::fill(a.begin(), a.end(), 1.0);
+            a[1 + 2 * n] = a[2 + 1 * n] = bad;
+            CHECK_FALSE(kernels.eigen(a.data(), n, values.data(), true, scratch.data()));
+        }
+    }
 }
 
 TEST_CASE("parallel_for: BLAS single-threaded in the workers and with one worker asked for", "[linalg][parallel]") {
