@@ -16,7 +16,7 @@ namespace lorakit::detail {
 
 namespace {
 
-#define LORAKIT_SMALL_EIGEN_TARGET __attribute__((target("avx512f,prefer-vector-width=512")))
+#define LORAKIT_SMALL_EIGEN_TARGET __attribute__((target("avx512f")))
 #include "small_eigen_impl.h"
 #undef LORAKIT_SMALL_EIGEN_TARGET
 
