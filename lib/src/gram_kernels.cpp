@@ -6,6 +6,10 @@
 
 extern "C" void cblas_sgemm(int layout, int trans_a, int trans_b, int m, int n, int k, float alpha, const float* a,
                             int lda, const float* b, int ldb, float beta, float* c, int ldc);
+extern "C" void cblas_dgemv(int layout, int trans, int m, int n, double alpha, const double* a, int lda,
+                            const double* x, int incx, double beta, double* y, int incy);
+extern "C" double cblas_ddot(int n, const double* x, int incx, const double* y, int incy);
+extern "C" void cblas_daxpy(int n, double alpha, const double* x, int incx, double* y, int incy);
 extern "C" void cblas_dsyrk(int layout, int uplo, int trans, int n, int k, double alpha, const double* a, int lda,
                             double beta, double* c, int ldc);
 
@@ -59,8 +63,28 @@ void portable_product(std::size_t rows, std::size_t cols, std::size_t inner, con
                 static_cast<int>(c_ld));
 }
 
-constexpr GramKernels portable{"dsyrk", portable_stride, portable_widen_rows, portable_accumulate_rows,
-                               portable_accumulate_columns, portable_product};
+void portable_matvec(const double* g, std::size_t n, const double* x, double* y) noexcept {
+    cblas_dgemv(col_major, no_trans, static_cast<int>(n), static_cast<int>(n), 1.0, g, static_cast<int>(n), x, 1, 0.0, y,
+                1);
+}
+
+double portable_dot(const double* a, const double* b, std::size_t n) noexcept {
+    return cblas_ddot(static_cast<int>(n), a, 1, b, 1);
+}
+
+void portable_axpy(std::size_t n, double alpha, const double* x, double* y) noexcept {
+    cblas_daxpy(static_cast<int>(n), alpha, x, 1, y, 1);
+}
+
+constexpr GramKernels portable{"dsyrk",
+                               portable_stride,
+                               portable_widen_rows,
+                               portable_accumulate_rows,
+                               portable_accumulate_columns,
+                               portable_product,
+                               portable_matvec,
+                               portable_dot,
+                               portable_axpy};
 
 const std::vector<const GramKernels*>& runnable() {
     static const std::vector<const GramKernels*> list = [] {

@@ -1,6 +1,7 @@
 // The long-dimension kernels of the factored SVD (linalg.cpp): Gram accumulation G += Σ w wᵀ
 // over the rows w (length R) of a stacked factor, in double, a cache-sized chunk at a time
-// (stack_with_grams), and the f32 products that form the new factors (factored_lora). Chosen
+// (stack_with_grams), the f32 products that form the new factors (factored_lora), and the
+// matrix-vector steps of lora-stack's Lanczos iteration. Chosen
 // once per process by CPU features. Every variant gives the Grams to double rounding (products
 // of f32 values are exact in double; only the summation order differs) and the products to f32
 // rounding.
@@ -31,6 +32,11 @@ struct GramKernels {
     // inner·64 floats.
     void (*product)(std::size_t rows, std::size_t cols, std::size_t inner, const float* l, std::size_t l_i,
                     std::size_t l_r, const float* m, std::size_t m_ld, float* c, std::size_t c_ld, float* scratch) noexcept;
+    // The small double-precision steps of a Lanczos iteration on R x R Grams (lora-stack's
+    // ‖Σ ΔW‖₂): y = G·x for the column-major n x n G, Σ a·b, and y += alpha·x.
+    void (*matvec)(const double* g, std::size_t n, const double* x, double* y) noexcept;
+    double (*dot)(const double* a, const double* b, std::size_t n) noexcept;
+    void (*axpy)(std::size_t n, double alpha, const double* x, double* y) noexcept;
 };
 
 // The kernels for this CPU (LORAKIT_FORCE_SCALAR=1 selects the portable ones).

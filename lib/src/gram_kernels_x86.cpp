@@ -210,10 +210,68 @@ LORAKIT_AVX512 void avx512_product(std::size_t rows, std::size_t cols, std::size
     }
 }
 
+// y = G·x for the column-major n x n G: up to 192 rows of y in 24 zmm accumulators, one
+// broadcast of x_j and one load per 8 rows of each column (the ragged last 8 masked).
+LORAKIT_AVX512 void avx512_matvec(const double* g, std::size_t n, const double* x, double* y) noexcept {
+    for (std::size_t i0 = 0; i0 < n; i0 += 192) {
+        const std::size_t rows = std::min<std::size_t>(192, n - i0);
+        const std::size_t blocks = (rows + 7) / 8;
+        const auto tail = static_cast<__mmask8>(rows % 8 == 0 ? 0xff : (1u << (rows % 8)) - 1u);
+        __m512d acc[24];
+        for (std::size_t b = 0; b < 24; ++b) acc[b] = _mm512_setzero_pd();
+        for (std::size_t j = 0; j < n; ++j) {
+            const __m512d xj = _mm512_set1_pd(x[j]);
+            const double* c = g + j * n + i0;
+#pragma GCC unroll 24
+            for (std::size_t b = 0; b < 24; ++b) {
+                if (b + 1 < blocks) acc[b] = _mm512_fmadd_pd(_mm512_loadu_pd(c + 8 * b), xj, acc[b]);
+                else if (b + 1 == blocks) acc[b] = _mm512_fmadd_pd(_mm512_maskz_loadu_pd(tail, c + 8 * b), xj, acc[b]);
+            }
+        }
+        for (std::size_t b = 0; b + 1 < blocks; ++b) _mm512_storeu_pd(y + i0 + 8 * b, acc[b]);
+        _mm512_mask_storeu_pd(y + i0 + 8 * (blocks - 1), tail, acc[blocks - 1]);
+    }
+}
+
+LORAKIT_AVX512 double avx512_dot(const double* a, const double* b, std::size_t n) noexcept {
+    __m512d s0 = _mm512_setzero_pd(), s1 = _mm512_setzero_pd();
+    std::size_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        s0 = _mm512_fmadd_pd(_mm512_loadu_pd(a + i), _mm512_loadu_pd(b + i), s0);
+        s1 = _mm512_fmadd_pd(_mm512_loadu_pd(a + i + 8), _mm512_loadu_pd(b + i + 8), s1);
+    }
+    for (; i < n; i += 8) {
+        const auto mask = static_cast<__mmask8>(n - i >= 8 ? 0xff : (1u << (n - i)) - 1u);
+        s0 = _mm512_fmadd_pd(_mm512_maskz_loadu_pd(mask, a + i), _mm512_maskz_loadu_pd(mask, b + i), s0);
+    }
+    // The lanes summed in a fixed order by hand (GCC 12's _mm512_reduce_add_pd warns inside).
+    alignas(64) double lanes[8];
+    _mm512_store_pd(lanes, _mm512_add_pd(s0, s1));
+    return ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]));
+}
+
+LORAKIT_AVX512 void avx512_axpy(std::size_t n, double alpha, const double* x, double* y) noexcept {
+    const __m512d a = _mm512_set1_pd(alpha);
+    std::size_t i = 0;
+    for (; i + 8 <= n; i += 8) _mm512_storeu_pd(y + i, _mm512_fmadd_pd(a, _mm512_loadu_pd(x + i), _mm512_loadu_pd(y + i)));
+    if (i < n) {
+        const auto mask = static_cast<__mmask8>((1u << (n - i)) - 1u);
+        _mm512_mask_storeu_pd(y + i, mask,
+                              _mm512_fmadd_pd(a, _mm512_maskz_loadu_pd(mask, x + i), _mm512_maskz_loadu_pd(mask, y + i)));
+    }
+}
+
 }  // namespace
 
-extern const GramKernels avx512_gram{"avx512", avx512_stride, avx512_widen_rows, avx512_accumulate_rows,
-                                  avx512_accumulate_columns, avx512_product};
+extern const GramKernels avx512_gram{"avx512",
+                                     avx512_stride,
+                                     avx512_widen_rows,
+                                     avx512_accumulate_rows,
+                                     avx512_accumulate_columns,
+                                     avx512_product,
+                                     avx512_matvec,
+                                     avx512_dot,
+                                     avx512_axpy};
 
 }  // namespace lorakit::detail
 

@@ -757,3 +757,40 @@ TEST_CASE("parallel_for: BLAS single-threaded in the workers and with one worker
     CHECK(inside == 2);
     linalg::set_blas_threads(before);
 }
+
+TEST_CASE("Gram kernels: every variant's matrix-vector product, dot and axpy", "[linalg][kernels]") {
+    std::mt19937 g(47);
+    std::normal_distribution<double> d;
+    for (const std::size_t n : {1u, 2u, 7u, 8u, 9u, 15u, 16u, 17u, 100u, 160u, 191u, 192u, 193u, 250u}) {
+        std::vector<double> m(n * n), x(n), y0(n);
+        for (auto& v : m) v = d(g);
+        for (auto& v : x) v = d(g);
+        for (auto& v : y0) v = d(g);
+        std::vector<double> reference(n, 0.0);
+        double dot = 0, magnitude = 0;
+        for (std::size_t i = 0; i < n; ++i) {
+            dot += x[i] * y0[i];
+            magnitude += std::abs(x[i] * y0[i]);
+            for (std::size_t j = 0; j < n; ++j) reference[i] += m[i + j * n] * x[j];
+        }
+        for (std::size_t v = 0; v < detail::available_gram_kernel_count(); ++v) {
+            const auto& kernels = detail::available_gram_kernel(v);
+            CAPTURE(kernels.name, n);
+            // One guard value past the end: nothing is written beyond n.
+            std::vector<double> y(n + 1, 12345.0);
+            kernels.matvec(m.data(), n, x.data(), y.data());
+            for (std::size_t i = 0; i < n; ++i) {
+                double scale = 0;
+                for (std::size_t j = 0; j < n; ++j) scale += std::abs(m[i + j * n] * x[j]);
+                CHECK(std::abs(y[i] - reference[i]) <= 1e-14 * scale);
+            }
+            CHECK(y[n] == 12345.0);
+            CHECK(std::abs(kernels.dot(x.data(), y0.data(), n) - dot) <= 1e-14 * magnitude);
+            std::vector<double> z = y0;
+            z.push_back(12345.0);
+            kernels.axpy(n, -0.75, x.data(), z.data());
+            for (std::size_t i = 0; i < n; ++i) CHECK(std::abs(z[i] - (y0[i] - 0.75 * x[i])) <= 1e-15 * (std::abs(y0[i]) + std::abs(x[i])));
+            CHECK(z[n] == 12345.0);
+        }
+    }
+}
