@@ -10,6 +10,8 @@ extern "C" void cblas_dgemv(int layout, int trans, int m, int n, double alpha, c
                             const double* x, int incx, double beta, double* y, int incy);
 extern "C" double cblas_ddot(int n, const double* x, int incx, const double* y, int incy);
 extern "C" void cblas_daxpy(int n, double alpha, const double* x, int incx, double* y, int incy);
+extern "C" void cblas_ssyrk(int layout, int uplo, int trans, int n, int k, float alpha, const float* a, int lda,
+                            float beta, float* c, int ldc);
 extern "C" void cblas_dsyrk(int layout, int uplo, int trans, int n, int k, double alpha, const double* a, int lda,
                             double beta, double* c, int ldc);
 
@@ -63,6 +65,22 @@ void portable_product(std::size_t rows, std::size_t cols, std::size_t inner, con
                 static_cast<int>(c_ld));
 }
 
+std::size_t portable_chunk_f32(std::size_t) noexcept { return 512; }  // ssyrk packs anyway: few, long calls
+
+void portable_accumulate_rows_f32(const float* w, std::size_t rows, std::size_t R, std::size_t ld, double* g,
+                                  float* scratch) noexcept {
+    cblas_ssyrk(col_major, upper, no_trans, static_cast<int>(R), static_cast<int>(rows), 1.0f, w, static_cast<int>(ld),
+                0.0f, scratch, static_cast<int>(ld));
+    for (std::size_t j = 0; j < R; ++j)
+        for (std::size_t i = 0; i <= j; ++i) g[i + j * ld] += scratch[i + j * ld];
+}
+
+void portable_transpose_f32(const float* src, std::size_t src_ld, std::size_t R, std::size_t n, float* dst,
+                            std::size_t dst_ld) noexcept {
+    for (std::size_t k = 0; k < R; ++k)
+        for (std::size_t j = 0; j < n; ++j) dst[j * dst_ld + k] = src[k * src_ld + j];
+}
+
 void portable_matvec(const double* g, std::size_t n, const double* x, double* y) noexcept {
     cblas_dgemv(col_major, no_trans, static_cast<int>(n), static_cast<int>(n), 1.0, g, static_cast<int>(n), x, 1, 0.0, y,
                 1);
@@ -82,6 +100,10 @@ constexpr GramKernels portable{"dsyrk",
                                portable_accumulate_rows,
                                portable_accumulate_columns,
                                portable_product,
+                               portable_stride,
+                               portable_chunk_f32,
+                               portable_accumulate_rows_f32,
+                               portable_transpose_f32,
                                portable_matvec,
                                portable_dot,
                                portable_axpy};

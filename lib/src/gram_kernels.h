@@ -32,6 +32,19 @@ struct GramKernels {
     // inner·64 floats.
     void (*product)(std::size_t rows, std::size_t cols, std::size_t inner, const float* l, std::size_t l_i,
                     std::size_t l_r, const float* m, std::size_t m_ld, float* c, std::size_t c_ld, float* scratch) noexcept;
+    // f32 Grams (lora-stack's report), from rows of `stride_f32(R)` floats (zero past R) in
+    // chunks of `chunk_f32(stride)` rows: g (ld x ld, column-major, double) upper triangle +=
+    // Σ_o w_o w_oᵀ over the `rows` rows w_o = w + o·ld, summed in f32 within the chunk and added
+    // to g in double (so the rounding grows with the chunk, not with the factor's length).
+    // Entries below the diagonal may be written and mean nothing; `scratch`: ld·ld floats.
+    std::size_t (*stride_f32)(std::size_t R) noexcept;
+    std::size_t (*chunk_f32)(std::size_t ld) noexcept;
+    void (*accumulate_rows_f32)(const float* w, std::size_t rows, std::size_t R, std::size_t ld, double* g,
+                                float* scratch) noexcept;
+    // dst[j·dst_ld + k] = src[k·src_ld + j] for k < R, j < n: the columns of an R x n row-major
+    // block as rows (for the Gram of a factor's columns); dst's entries past R are left alone.
+    void (*transpose_f32)(const float* src, std::size_t src_ld, std::size_t R, std::size_t n, float* dst,
+                          std::size_t dst_ld) noexcept;
     // The small double-precision steps of a Lanczos iteration on R x R Grams (lora-stack's
     // ‖Σ ΔW‖₂): y = G·x for the column-major n x n G, Σ a·b, and y += alpha·x.
     void (*matvec)(const double* g, std::size_t n, const double* x, double* y) noexcept;

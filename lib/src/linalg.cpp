@@ -68,6 +68,7 @@ struct Workspace::Impl {
     std::vector<double> coefficients;  // per stacked column: its term's coefficient
     std::vector<float> transposed;     // X or Y (R x k) row-major, for the products
     std::vector<float> panel;          // the products' packed panels (R x 64)
+    std::vector<double> grams;         // stacked_grams' G_b and G_a (ld x ld each)
 };
 
 Workspace::Workspace() : impl_(new Impl) {}
@@ -343,35 +344,73 @@ void symmetric_eigen(std::vector<double>& vectors, std::int64_t size, std::vecto
                          vectors.begin() + static_cast<std::ptrdiff_t>(n - 1 - j) * n);
 }
 
-Stacks stacked_grams(std::span<const LowRankTerm> terms, Workspace& workspace, std::vector<double>& gram_b,
-                     std::vector<double>& gram_a) {
-    // In f32 (ssyrk on the stacks as they are, no widened copies): these Grams feed reports
-    // (norms, cosines, spectral norms), where f32 accumulation (~1e-7 relative) is ample and
-    // twice the speed of double matters (lora-stack spends most of its time here). B is stacked
-    // without its coefficients (converted straight into place); they scale G_b in double.
+void stacked_grams(std::span<const LowRankTerm> terms, Workspace& workspace, std::vector<double>& gram_b,
+                   std::vector<double>& gram_a) {
+    // In f32 (each chunk's sums; the chunks add up in double): these Grams feed reports (norms,
+    // cosines, spectral norms), where that accuracy (~1e-7 relative) is ample and twice the
+    // speed of double matters (lora-stack spends most of its time here). A cache-sized chunk of stacked rows at a time, converted from the factors
+    // as stored straight into the kernel's row layout: no full-size stacks, and no second pass
+    // over them (OpenBLAS's ssyrk packed a copy of each: 10% of a report, and the conversion into
+    // the stacks 15%). B is stacked without its coefficients; they scale G_b in double.
     auto& w = workspace.impl();
-    const Stacked s = stack_terms(terms, w, false);
+    const Stacked s = check_terms(terms);
     const lapack_int R = to_lapack(s.total_rank, "total rank");
-    const lapack_int out = to_lapack(s.out, "output size"), in = to_lapack(s.in, "input size");
-    const auto rr = static_cast<std::size_t>(R) * R;
-    float* gb = sized(w.small, 2 * rr);
-    float* ga = gb + rr;
-    cblas_ssyrk(cblas_col_major, cblas_upper, cblas_no_trans, R, out, 1.0f, w.b.data(), R, 0.0f, gb, R);
-    cblas_ssyrk(cblas_col_major, cblas_upper, cblas_trans, R, in, 1.0f, w.a.data(), in, 0.0f, ga, R);
-    double* coefficient = sized(w.coefficients, static_cast<std::size_t>(R));
+    to_lapack(s.out, "output size");
+    to_lapack(s.in, "input size");
+    const auto RR = static_cast<std::size_t>(R);
+    const auto out = static_cast<std::size_t>(s.out), in = static_cast<std::size_t>(s.in);
+    const auto& kernels = detail::gram_kernels();
+    const std::size_t ld = kernels.stride_f32(RR), chunk = kernels.chunk_f32(ld);
+    double* gb = sized(w.grams, 2 * ld * ld);
+    double* ga = gb + ld * ld;
+    std::fill_n(gb, 2 * ld * ld, 0.0);
+    float* scratch = sized(w.small, ld * ld);
+    // The kernels' rows: written on [0, R) only, so the pad stays zero.
+    float* rows = sized(w.b, chunk * ld);
+    std::fill_n(rows, chunk * ld, 0.0f);
+    // G_b: rows o of [B_1 ... B_k], each term's block of rows converted at once and spread out.
+    for (std::size_t o0 = 0; o0 < out; o0 += chunk) {
+        const std::size_t count = std::min(chunk, out - o0);
+        std::size_t column = 0;
+        for (const auto& t : terms) {
+            const auto r = static_cast<std::size_t>(t.rank);
+            float* block = sized(w.rows, count * r);
+            widen(t.b_type, t.b, o0 * r, count * r, block);
+            for (std::size_t o = 0; o < count; ++o) std::copy_n(block + o * r, r, rows + o * ld + column);
+            column += r;
+        }
+        kernels.accumulate_rows_f32(rows, count, RR, ld, gb, scratch);
+    }
+    // G_a: columns j of [A_1; ...; A_k], converted as R x count row-major blocks and transposed.
+    float* block = sized(w.a, RR * chunk);
+    for (std::size_t j0 = 0; j0 < in; j0 += chunk) {
+        const std::size_t count = std::min(chunk, in - j0);
+        std::size_t row = 0;
+        for (const auto& t : terms)
+            for (std::int64_t k = 0; k < t.rank; ++k, ++row)
+                widen(t.a_type, t.a, static_cast<std::size_t>(k) * in + j0, count, block + row * chunk);
+        kernels.transpose_f32(block, chunk, RR, count, rows, ld);
+        kernels.accumulate_rows_f32(rows, count, RR, ld, ga, scratch);
+    }
+    double* coefficient = sized(w.coefficients, RR);
     std::size_t column = 0;
     for (const auto& t : terms)
         for (std::int64_t k = 0; k < t.rank; ++k) coefficient[column++] = t.coefficient;
-    gram_b.assign(rr, 0.0);
-    gram_a.assign(rr, 0.0);
-    for (lapack_int j = 0; j < R; ++j)
-        for (lapack_int i = 0; i <= j; ++i) {
-            const std::size_t upper = i + static_cast<std::size_t>(j) * R, lower = j + static_cast<std::size_t>(i) * R;
-            if (!std::isfinite(gb[upper]) || !std::isfinite(ga[upper]))
+    gram_b.assign(RR * RR, 0.0);
+    gram_a.assign(RR * RR, 0.0);
+    for (std::size_t j = 0; j < RR; ++j)
+        for (std::size_t i = 0; i <= j; ++i) {
+            const std::size_t upper = i + j * RR, lower = j + i * RR, at = i + j * ld;
+            if (!std::isfinite(gb[at]) || !std::isfinite(ga[at]))
                 fail(ErrorCode::bad_input, "the factors hold NaN or infinite values");
-            gram_b[upper] = gram_b[lower] = coefficient[i] * coefficient[j] * gb[upper];
-            gram_a[upper] = gram_a[lower] = ga[upper];
+            gram_b[upper] = gram_b[lower] = coefficient[i] * coefficient[j] * gb[at];
+            gram_a[upper] = gram_a[lower] = ga[at];
         }
+}
+
+Stacks stack_factors(std::span<const LowRankTerm> terms, Workspace& workspace) {
+    auto& w = workspace.impl();
+    const Stacked s = stack_terms(terms, w, false);
     return {w.b.data(), w.a.data(), s.total_rank, s.out, s.in};
 }
 

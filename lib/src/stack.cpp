@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <bit>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <map>
 #include <span>
@@ -35,6 +36,34 @@ constexpr int col_major = 102, no_trans = 111, trans = 112;
 using Matrix = std::vector<double>;  // column-major
 
 using Member = detail::ModuleRef;
+
+// `count` entries of a factor stored as `type`, from element `first` on, as f32.
+void read_f32(DType type, const void* factor, std::size_t first, std::size_t count, float* dst) {
+    convert_to_f32(type, static_cast<const std::byte*>(factor) + first * dtype_size(type), dst, count);
+}
+
+// Entries first + index[j] (j < count) of a factor stored as `type`, as f32: one element at a
+// time, so the common types are converted inline (convert_to_f32 per element cost 6% of a report).
+void gather_f32(DType type, const void* factor, std::size_t first, const std::int64_t* index, std::size_t count,
+                float* dst) {
+    const auto* bytes = static_cast<const std::byte*>(factor);
+    auto at = [&](std::size_t j) { return first + static_cast<std::size_t>(index[j]); };
+    switch (type) {
+    case DType::F32:
+        for (std::size_t j = 0; j < count; ++j) std::memcpy(dst + j, bytes + at(j) * 4, 4);
+        return;
+    case DType::F16:
+    case DType::BF16:
+        for (std::size_t j = 0; j < count; ++j) {
+            std::uint16_t bits;
+            std::memcpy(&bits, bytes + at(j) * 2, 2);
+            dst[j] = type == DType::F16 ? f16_to_f32(bits) : bf16_to_f32(bits);
+        }
+        return;
+    default:
+        for (std::size_t j = 0; j < count; ++j) read_f32(type, factor, at(j), 1, dst + j);
+    }
+}
 
 // Column-major block of an R x R matrix: rows [r0, r0 + m), columns [c0, c0 + n).
 Matrix block(const Matrix& g, std::int64_t R, std::int64_t r0, std::int64_t m, std::int64_t c0, std::int64_t n) {
@@ -305,9 +334,7 @@ ModuleStack analyse_module(const std::vector<Member>& members, const StackOption
     const std::int64_t R = offset[n];
     thread_local linalg::Workspace workspace;
     Matrix gb, ga;
-    // The stacks (f32, as stored: B's blocks without their scales) serve the sampled entries and
-    // the overflow check.
-    const linalg::Stacks stacks = linalg::stacked_grams(terms, workspace, gb, ga);
+    linalg::stacked_grams(terms, workspace, gb, ga);
 
     ModuleStack m;
     m.name = first.name;
@@ -351,16 +378,17 @@ ModuleStack analyse_module(const std::vector<Member>& members, const StackOption
         std::vector<float> a_columns, b_rows;
         for (std::size_t i = 0; i < n; ++i) {
             const std::int64_t r = offset[i + 1] - offset[i];
-            const float c = static_cast<float>(members[i].weight * terms[i].coefficient);  // the stacks hold B_i unscaled
+            const float c = static_cast<float>(members[i].weight * terms[i].coefficient);  // B_i as stored, unscaled
+            // The sampled entries straight from the factors as stored (the Grams keep no stacks).
+            const linalg::LowRankTerm& t = terms[i];
             a_columns.resize(static_cast<std::size_t>(r * q_count));
-            for (std::int64_t k = 0; k < r; ++k) {
-                const float* a_row = stacks.a + (offset[i] + k) * in;
-                for (std::int64_t j = 0; j < q_count; ++j)
-                    a_columns[static_cast<std::size_t>(k * q_count + j)] = a_row[columns[static_cast<std::size_t>(j)]];
-            }
+            for (std::int64_t k = 0; k < r; ++k)
+                gather_f32(t.a_type, t.a, static_cast<std::size_t>(k * in), columns.data(), static_cast<std::size_t>(q_count),
+                           a_columns.data() + k * q_count);
             b_rows.resize(static_cast<std::size_t>(p_count * r));
             for (std::int64_t pi = 0; pi < p_count; ++pi)
-                std::copy_n(stacks.b + rows[static_cast<std::size_t>(pi)] * R + offset[i], r, b_rows.data() + pi * r);
+                read_f32(t.b_type, t.b, static_cast<std::size_t>(rows[static_cast<std::size_t>(pi)] * r),
+                         static_cast<std::size_t>(r), b_rows.data() + pi * r);
             // samples (p x q, row-major = column-major q x p) = c · B[rows, :] · A[:, columns].
             samples[i].resize(static_cast<std::size_t>(p_count * q_count));
             cblas_sgemm(col_major, no_trans, no_trans, static_cast<int>(q_count), static_cast<int>(p_count),
@@ -469,6 +497,7 @@ ModuleStack analyse_module(const std::vector<Member>& members, const StackOption
             b.ratio = b.spectral > 0 ? m.sum_spectral / b.spectral : (m.sum_spectral > 0 ? INFINITY : 0.0);
             if (b.limit > 0) {
                 // Bw = [w_1 s_1 B_1 ... w_n s_n B_n] in double; A is the stacked A as it is.
+                const linalg::Stacks stacks = linalg::stack_factors(terms, workspace);
                 std::vector<double> ds(static_cast<std::size_t>(R));
                 for (std::size_t i = 0; i < n; ++i)
                     for (std::int64_t c = offset[i]; c < offset[i + 1]; ++c)

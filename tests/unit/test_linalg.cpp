@@ -298,10 +298,12 @@ TEST_CASE("factors in other dtypes and unaligned are widened exactly while stack
         // Exactly the same stacks, so exactly the same results as the f32 twins.
         CHECK(factored_singular_values(encoded, workspace) == factored_singular_values(terms_of(fs), workspace));
         std::vector<double> gb1, ga1, gb2, ga2;
-        const Stacks s1 = stacked_grams(encoded, workspace, gb1, ga1);
+        stacked_grams(encoded, workspace, gb1, ga1);
+        const Stacks s1 = stack_factors(encoded, workspace);
         CHECK(s1.total_rank == 7);
         const std::vector<float> stacked_b(s1.b, s1.b + 24 * 7), stacked_a(s1.a, s1.a + 7 * 18);
-        const Stacks s2 = stacked_grams(terms_of(fs), workspace, gb2, ga2);
+        stacked_grams(terms_of(fs), workspace, gb2, ga2);
+        const Stacks s2 = stack_factors(terms_of(fs), workspace);
         CHECK(gb1 == gb2);
         CHECK(ga1 == ga2);
         CHECK(stacked_b == std::vector<float>(s2.b, s2.b + 24 * 7));
@@ -793,4 +795,46 @@ TEST_CASE("Gram kernels: every variant's matrix-vector product, dot and axpy", "
             CHECK(z[n] == 12345.0);
         }
     }
+}
+
+TEST_CASE("Gram kernels: every variant's f32 Grams of rows and its transpose", "[linalg][kernels]") {
+    std::mt19937 g(53);
+    std::normal_distribution<float> d;
+    for (const std::size_t R : {1u, 5u, 15u, 16u, 17u, 40u, 48u, 49u, 160u, 161u})
+        for (const std::size_t n : {1u, 3u, 16u, 17u, 64u, 100u}) {
+            // An R x n row-major block (with a wider row stride); its columns are the Gram's rows.
+            const std::size_t src_ld = n + 5;
+            std::vector<float> block(R * src_ld, std::numeric_limits<float>::quiet_NaN());
+            for (std::size_t k = 0; k < R; ++k)
+                for (std::size_t j = 0; j < n; ++j) block[k * src_ld + j] = d(g);
+            std::vector<double> reference(R * R, 0.0), magnitude(R * R, 0.0);
+            for (std::size_t i = 0; i < R; ++i)
+                for (std::size_t j = i; j < R; ++j)
+                    for (std::size_t c = 0; c < n; ++c) {
+                        const double p = double(block[i * src_ld + c]) * block[j * src_ld + c];
+                        reference[i + j * R] += 2 * p;  // two chunks below
+                        magnitude[i + j * R] += 2 * std::abs(p);
+                    }
+            for (std::size_t v = 0; v < detail::available_gram_kernel_count(); ++v) {
+                const auto& kernels = detail::available_gram_kernel(v);
+                CAPTURE(kernels.name, R, n);
+                const std::size_t ld = kernels.stride_f32(R);
+                REQUIRE(ld >= R);
+                REQUIRE(kernels.chunk_f32(ld) >= 16);
+                std::vector<float> rows(n * ld, 0.0f), scratch(ld * ld);
+                kernels.transpose_f32(block.data(), src_ld, R, n, rows.data(), ld);
+                for (std::size_t j = 0; j < n; ++j) {
+                    for (std::size_t k = 0; k < R; ++k) REQUIRE(rows[j * ld + k] == block[k * src_ld + j]);
+                    for (std::size_t k = R; k < ld; ++k) REQUIRE(rows[j * ld + k] == 0.0f);  // left alone
+                }
+                std::vector<double> gram(ld * ld, 0.0);
+                kernels.accumulate_rows_f32(rows.data(), n, R, ld, gram.data(), scratch.data());
+                kernels.accumulate_rows_f32(rows.data(), n, R, ld, gram.data(), scratch.data());
+                double worst = 0;
+                for (std::size_t j = 0; j < R; ++j)
+                    for (std::size_t i = 0; i <= j; ++i)
+                        worst = std::max(worst, std::abs(gram[i + j * ld] - reference[i + j * R]) / magnitude[i + j * R]);
+                CHECK(worst < 1e-6);  // f32 sums of n products per chunk
+            }
+        }
 }

@@ -114,20 +114,22 @@ FactoredSvd factored_svd_householder(std::span<const LowRankTerm> terms, std::in
 
 // The Gram matrices of the stacked factors of Σ c_i B_i A_i: G_b = BᵀB and G_a = AAᵀ for
 // B = [c_1 B_1 ... c_k B_k] (out x R) and A = [A_1; ...; A_k] (R x in), R x R, symmetric with
-// both triangles filled, column-major, accumulated in f32 (ssyrk; the c_i scale G_b afterwards, in
-// double) and returned in double. Everything about
-// the terms' products follows from their blocks without forming any out x in matrix, e.g.
-// ⟨c_i B_i A_i, c_j B_j A_j⟩_F = Σ_ab G_b[i_a, j_b] · G_a[i_a, j_b]. Throws bad_input on
-// NaN or infinite factors. Returns the stacks themselves, in f32: B row-major (entry (o, k) at
-// b[o·R + k], without c_i: multiply by it where needed) and A row-major (entry (k, j) at a[k·in + j]), valid until the
-// workspace is used again, so callers read entries of the terms without converting them again.
+// both triangles filled, column-major, accumulated in f32 a cache-sized chunk at a time from
+// the factors as stored (the c_i scale G_b afterwards, in double) and returned in double.
+// Everything about the terms' products follows from their blocks without forming any out x in
+// matrix, e.g. ⟨c_i B_i A_i, c_j B_j A_j⟩_F = Σ_ab G_b[i_a, j_b] · G_a[i_a, j_b]. Throws
+// bad_input on NaN or infinite factors.
+void stacked_grams(std::span<const LowRankTerm> terms, Workspace& workspace, std::vector<double>& gram_b,
+                   std::vector<double>& gram_a);
+// The stacks themselves, in f32: B row-major (entry (o, k) at b[o·R + k], without c_i: multiply
+// by it where needed) and A row-major (entry (k, j) at a[k·in + j]), valid until the workspace
+// is used again.
 struct Stacks {
     const float* b = nullptr;
     const float* a = nullptr;
     std::int64_t total_rank = 0, out = 0, in = 0;
 };
-Stacks stacked_grams(std::span<const LowRankTerm> terms, Workspace& workspace, std::vector<double>& gram_b,
-                     std::vector<double>& gram_a);
+Stacks stack_factors(std::span<const LowRankTerm> terms, Workspace& workspace);
 
 // The SVD of M = B·A known only through its Gram matrices G_b = BᵀB and G_a = AAᵀ (R x R,
 // column-major, double, upper triangles read), by factored_svd's route: a pivoted Cholesky of
