@@ -213,8 +213,11 @@ LORAKIT_AVX512 void avx512_product(std::size_t rows, std::size_t cols, std::size
 std::size_t avx512_stride_f32(std::size_t R) noexcept { return (R + 15) / 16 * 16; }
 
 // 64 rows of 160 floats: 40 KiB, in L1 beside the accumulators' stores (measured: 64 rows ran
-// 73-80 GFLOP/s against 63-72 with 128).
-std::size_t avx512_chunk_f32(std::size_t ld) noexcept { return std::max<std::size_t>(16, 10240 / ld); }
+// 73-80 GFLOP/s against 63-72 with 128); more rows for short ones, never fewer than 64 (each
+// chunk reads and writes every tile's accumulators once).
+std::size_t avx512_chunk_f32(std::size_t ld) noexcept {
+    return std::max<std::size_t>(64, 10240 / std::max<std::size_t>(ld, 1));
+}
 
 // The f32 tile: g[i0 .. i0 + 16·NI, j0 .. j0 + 8] += Σ_o w_o[i] w_o[j], 16·NI x 8 accumulators
 // in registers (3 x 8 uses 24 of the 32), one load per 16 rows of the tile and one broadcast

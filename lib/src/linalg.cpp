@@ -9,7 +9,6 @@
 
 #include <lapacke.h>
 
-
 #include <algorithm>
 #include <thread>
 #include <cmath>
@@ -323,9 +322,9 @@ void symmetric_eigen(std::vector<double>& vectors, std::int64_t size, std::vecto
     if (static_cast<std::size_t>(n) <= small.max_order) {
         // Small problems are latency-bound: LAPACKE_dsyevd allocates and checks per call, and
         // Eigen's solver runs two doubles at a time in the portable build. lorakit's own
-        // (small_eigen.h) took 70 us at n = 32 with AVX-512 against Eigen's 128 and dsyevd's
-        // 150, and 1117 against dsyevd's 1279 at n = 96. It wants both triangles: mirror the
-        // upper one (what dsyevd reads) into the lower.
+        // (small_eigen.h) took 47-59 us at n = 32 with AVX-512 against Eigen's 90-130 and
+        // dsyevd's 150, and 1027 against dsyevd's 1314 at n = 96. It wants both triangles:
+        // mirror the upper one (what dsyevd reads) into the lower.
         const auto size = static_cast<std::size_t>(n);
         double* a = vectors.data();
         for (std::size_t j = 0; j < size; ++j)
@@ -348,10 +347,11 @@ void stacked_grams(std::span<const LowRankTerm> terms, Workspace& workspace, std
                    std::vector<double>& gram_a) {
     // In f32 (each chunk's sums; the chunks add up in double): these Grams feed reports (norms,
     // cosines, spectral norms), where that accuracy (~1e-7 relative) is ample and twice the
-    // speed of double matters (lora-stack spends most of its time here). A cache-sized chunk of stacked rows at a time, converted from the factors
-    // as stored straight into the kernel's row layout: no full-size stacks, and no second pass
-    // over them (OpenBLAS's ssyrk packed a copy of each: 10% of a report, and the conversion into
-    // the stacks 15%). B is stacked without its coefficients; they scale G_b in double.
+    // speed of double matters (lora-stack spends most of its time here). A cache-sized chunk of
+    // stacked rows at a time, converted from the factors as stored straight into the kernel's
+    // row layout: no full-size stacks, and no second pass over them (OpenBLAS's ssyrk packed a
+    // copy of each: 10% of a report, and the conversion into the stacks 15%). B is stacked
+    // without its coefficients; they scale G_b in double.
     auto& w = workspace.impl();
     const Stacked s = check_terms(terms);
     const lapack_int R = to_lapack(s.total_rank, "total rank");
@@ -396,8 +396,9 @@ void stacked_grams(std::span<const LowRankTerm> terms, Workspace& workspace, std
     std::size_t column = 0;
     for (const auto& t : terms)
         for (std::int64_t k = 0; k < t.rank; ++k) coefficient[column++] = t.coefficient;
-    gram_b.assign(RR * RR, 0.0);
-    gram_a.assign(RR * RR, 0.0);
+    // Every entry is written below (both triangles): no zero-fill first.
+    gram_b.resize(RR * RR);
+    gram_a.resize(RR * RR);
     for (std::size_t j = 0; j < RR; ++j)
         for (std::size_t i = 0; i <= j; ++i) {
             const std::size_t upper = i + j * RR, lower = j + i * RR, at = i + j * ld;

@@ -153,7 +153,7 @@ double top_singular_value(const Matrix& m, std::int64_t rows, std::int64_t cols)
     else
         cblas_dgemm(col_major, trans, no_trans, size, size, static_cast<int>(rows), 1.0, m.data(), static_cast<int>(rows),
                     m.data(), static_cast<int>(rows), 0.0, g.data(), size);
-    // Householder tridiagonalisation (small_eigen.h: 15 us at n = 32 with AVX-512 against
+    // Householder tridiagonalisation (small_eigen.h: 8-12 us at n = 32 with AVX-512 against
     // LAPACKE_dsytrd's 34 and Eigen's 17), then the top root alone.
     thread_local std::vector<double> scratch;
     if (scratch.size() < detail::small_eigen_scratch(static_cast<std::size_t>(size)))
@@ -333,7 +333,7 @@ ModuleStack analyse_module(const std::vector<Member>& members, const StackOption
     }
     const std::int64_t R = offset[n];
     thread_local linalg::Workspace workspace;
-    Matrix gb, ga;
+    thread_local Matrix gb, ga, gbw;  // reused across modules (R x R doubles each)
     linalg::stacked_grams(terms, workspace, gb, ga);
 
     ModuleStack m;
@@ -475,7 +475,7 @@ ModuleStack analyse_module(const std::vector<Member>& members, const StackOption
     std::vector<double> d(static_cast<std::size_t>(R));
     for (std::size_t i = 0; i < n; ++i)
         for (std::int64_t c = offset[i]; c < offset[i + 1]; ++c) d[static_cast<std::size_t>(c)] = members[i].weight;
-    Matrix gbw = gb;
+    gbw.assign(gb.begin(), gb.end());
     for (std::int64_t j = 0; j < R; ++j)
         for (std::int64_t i = 0; i < R; ++i) gbw[static_cast<std::size_t>(i + j * R)] *= d[static_cast<std::size_t>(i)] * d[static_cast<std::size_t>(j)];
     m.sum_spectral = n == 1 ? m.spectral[0] : std::sqrt(top_eigenvalue(gbw, ga, R, seed));
