@@ -69,12 +69,15 @@ LORAKIT_SMALL_EIGEN_TARGET void reduce_impl(double* w, std::size_t n, std::size_
             continue;
         }
         const double norm = amax * std::sqrt(head * head + tail);
-        // v = x - off·e₁ with off = -sign(x₀)‖x‖ (no cancellation in v₀); vᵀv = 2‖x‖|v₀|.
-        const double v0 = x[0] >= 0 ? x[0] + norm : x[0] - norm;
-        off[k] = x[0] >= 0 ? -norm : norm;
-        x[0] = v[k + 1] = v0;
-        const double t = 1.0 / (norm * std::abs(v0));
+        // H x = β e₁ with β = -sign(x₀)‖x‖ (no cancellation in x₀ - β), v = x / (x₀ - β) with
+        // v₀ = 1 and τ = (β - x₀)/β in [1, 2] (LAPACK's dlarfg normalisation: no entry of v
+        // exceeds 1 and nothing overflows however small the column is).
+        const double beta = x[0] >= 0 ? -norm : norm;
+        const double t = (beta - x[0]) / beta, inverse = 1.0 / (x[0] - beta);
+        off[k] = beta;
         tau[k] = t;
+        x[0] = v[k + 1] = 1.0;
+        for (std::size_t i = 1; i < m; ++i) x[i] = v[k + 1 + i] = x[i] * inverse;
         // A₂₂ ← H A₂₂ H = A₂₂ - v uᵀ - u vᵀ with p = τ A₂₂ v and u = p - (τ/2)(vᵀp) v, on
         // whole columns (both triangles).
         // p four columns at a time (a quarter of the loads and stores of p).
@@ -193,13 +196,14 @@ LORAKIT_SMALL_EIGEN_TARGET bool ql_impl(double* d, double* e, std::size_t n, dou
                 // root instead of dividing after it (this loop is one dependent chain).
                 const double h = f * f + g * g;
                 if (!(h > tiny)) {
-                    if (h == 0) {
+                    // Tiny (or underflowing) f and g: the careful hypot; a zero pair splits.
+                    r = std::hypot(f, g);
+                    if (r == 0) {
                         d[i + 1] -= p;
                         e[m] = 0;
                         split = true;
                         break;
                     }
-                    r = std::hypot(f, g);
                     const double inv = 1.0 / r;
                     s = f * inv;
                     c = g * inv;

@@ -838,3 +838,31 @@ TEST_CASE("Gram kernels: every variant's f32 Grams of rows and its transpose", "
             }
         }
 }
+
+TEST_CASE("small symmetric eigensolver: a block at 1e-200 beside one at 1", "[linalg][kernels]") {
+    // The trailing block's reflectors have norms near 1e-200 after the global scaling: a reflector
+    // factor formed as 1/(‖x‖·|v₀|) overflowed there (regression).
+    std::mt19937 g(59);
+    const std::vector<double> big = {3.0, 1.5, 1.0, 0.5, 0.25}, tiny = {4e-200, 3e-200, 2e-200, 1e-200, 5e-201};
+    const std::vector<double> a_big = with_spectrum(big, g), a_tiny = with_spectrum(tiny, g);
+    const std::size_t n = 10;
+    std::vector<double> a0(n * n, 0.0);
+    for (std::size_t j = 0; j < 5; ++j)
+        for (std::size_t i = 0; i < 5; ++i) {
+            a0[i + j * n] = a_big[i + j * 5];
+            a0[5 + i + (5 + j) * n] = a_tiny[i + j * 5];
+        }
+    for (std::size_t v = 0; v < detail::available_small_eigen_kernel_count(); ++v) {
+        const auto& kernels = detail::available_small_eigen_kernel(v);
+        CAPTURE(kernels.name);
+        std::vector<double> a = a0, values(n), scratch(detail::small_eigen_scratch(n));
+        REQUIRE(kernels.eigen(a.data(), n, values.data(), true, scratch.data()));
+        for (std::size_t i = 0; i < 5; ++i) CHECK(std::abs(values[i] - big[i]) < 1e-13);
+        for (std::size_t i = 5; i < n; ++i) CHECK(std::abs(values[i] - tiny[i - 5]) < 1e-13 * 4e-200);
+        for (double x : a) CHECK(std::isfinite(x));
+        std::vector<double> diagonal(n), off(n - 1);
+        kernels.tridiagonalize(a0.data(), n, diagonal.data(), off.data(), scratch.data());
+        for (double x : diagonal) CHECK(std::isfinite(x));
+        for (double x : off) CHECK(std::isfinite(x));
+    }
+}
