@@ -75,10 +75,13 @@ void portable_accumulate_rows_f32(const float* w, std::size_t rows, std::size_t 
         for (std::size_t i = 0; i <= j; ++i) g[i + j * ld] += scratch[i + j * ld];
 }
 
-void portable_transpose_f32(const float* src, std::size_t src_ld, std::size_t R, std::size_t n, float* dst,
-                            std::size_t dst_ld) noexcept {
-    for (std::size_t k = 0; k < R; ++k)
-        for (std::size_t j = 0; j < n; ++j) dst[j * dst_ld + k] = src[k * src_ld + j];
+// ssyrk straight on the block (its columns are what it multiplies): no transpose.
+void portable_accumulate_columns_f32(const float* block, std::size_t block_ld, std::size_t R, std::size_t n,
+                                     std::size_t ld, double* g, float*, float* scratch) noexcept {
+    cblas_ssyrk(col_major, upper, trans, static_cast<int>(R), static_cast<int>(n), 1.0f, block, static_cast<int>(block_ld),
+                0.0f, scratch, static_cast<int>(ld));
+    for (std::size_t j = 0; j < R; ++j)
+        for (std::size_t i = 0; i <= j; ++i) g[i + j * ld] += scratch[i + j * ld];
 }
 
 void portable_matvec(const double* g, std::size_t n, const double* x, double* y) noexcept {
@@ -103,7 +106,7 @@ constexpr GramKernels portable{"dsyrk",
                                portable_stride,
                                portable_chunk_f32,
                                portable_accumulate_rows_f32,
-                               portable_transpose_f32,
+                               portable_accumulate_columns_f32,
                                portable_matvec,
                                portable_dot,
                                portable_axpy};

@@ -41,10 +41,11 @@ struct GramKernels {
     std::size_t (*chunk_f32)(std::size_t ld) noexcept;
     void (*accumulate_rows_f32)(const float* w, std::size_t rows, std::size_t R, std::size_t ld, double* g,
                                 float* scratch) noexcept;
-    // dst[j·dst_ld + k] = src[k·src_ld + j] for k < R, j < n: the columns of an R x n row-major
-    // block as rows (for the Gram of a factor's columns); dst's entries past R are left alone.
-    void (*transpose_f32)(const float* src, std::size_t src_ld, std::size_t R, std::size_t n, float* dst,
-                          std::size_t dst_ld) noexcept;
+    // The same for the n columns c_j[k] = block[k·block_ld + j] (k < R) of an R x n row-major
+    // block (a chunk of a factor's columns). `rows` holds chunk_f32(ld) rows of ld floats, zero
+    // past R (the AVX-512 variant transposes the block into it); `scratch`: ld·ld floats.
+    void (*accumulate_columns_f32)(const float* block, std::size_t block_ld, std::size_t R, std::size_t n, std::size_t ld,
+                                   double* g, float* rows, float* scratch) noexcept;
     // The small double-precision steps of a Lanczos iteration on R x R Grams (lora-stack's
     // ‖Σ ΔW‖₂): y = G·x for the column-major n x n G, Σ a·b, and y += alpha·x.
     void (*matvec)(const double* g, std::size_t n, const double* x, double* y) noexcept;

@@ -289,7 +289,9 @@ LORAKIT_AVX512 inline __attribute__((always_inline)) void transpose_16x16(const 
     }
 }
 
-LORAKIT_AVX512 void avx512_transpose_f32(const float* src, std::size_t src_ld, std::size_t R, std::size_t n, float* dst,
+// dst[j·dst_ld + k] = src[k·src_ld + j] for k < R, j < n (dst's entries past R left alone): whole
+// 16 x 16 blocks in registers, the ragged edges one by one.
+LORAKIT_AVX512 void transpose_f32(const float* src, std::size_t src_ld, std::size_t R, std::size_t n, float* dst,
                                          std::size_t dst_ld) noexcept {
     std::size_t k0 = 0;
     for (; k0 + 16 <= R; k0 += 16) {
@@ -300,6 +302,13 @@ LORAKIT_AVX512 void avx512_transpose_f32(const float* src, std::size_t src_ld, s
     }
     for (std::size_t k = k0; k < R; ++k)
         for (std::size_t j = 0; j < n; ++j) dst[j * dst_ld + k] = src[k * src_ld + j];
+}
+
+// The columns of the block as rows (16 x 16 register transposes), then the row kernel.
+LORAKIT_AVX512 void avx512_accumulate_columns_f32(const float* block, std::size_t block_ld, std::size_t R, std::size_t n,
+                                                  std::size_t ld, double* g, float* rows, float* scratch) noexcept {
+    transpose_f32(block, block_ld, R, n, rows, ld);
+    avx512_accumulate_rows_f32(rows, n, R, ld, g, scratch);
 }
 
 // y = G·x for the column-major n x n G: up to 192 rows of y in 24 zmm accumulators, one
@@ -364,7 +373,7 @@ extern const GramKernels avx512_gram{"avx512",
                                      avx512_stride_f32,
                                      avx512_chunk_f32,
                                      avx512_accumulate_rows_f32,
-                                     avx512_transpose_f32,
+                                     avx512_accumulate_columns_f32,
                                      avx512_matvec,
                                      avx512_dot,
                                      avx512_axpy};

@@ -381,7 +381,7 @@ void stacked_grams(std::span<const LowRankTerm> terms, Workspace& workspace, std
         }
         kernels.accumulate_rows_f32(rows, count, RR, ld, gb, scratch);
     }
-    // G_a: columns j of [A_1; ...; A_k], converted as R x count row-major blocks and transposed.
+    // G_a: columns j of [A_1; ...; A_k], converted as R x count row-major blocks.
     float* block = sized(w.a, RR * chunk);
     for (std::size_t j0 = 0; j0 < in; j0 += chunk) {
         const std::size_t count = std::min(chunk, in - j0);
@@ -389,8 +389,7 @@ void stacked_grams(std::span<const LowRankTerm> terms, Workspace& workspace, std
         for (const auto& t : terms)
             for (std::int64_t k = 0; k < t.rank; ++k, ++row)
                 widen(t.a_type, t.a, static_cast<std::size_t>(k) * in + j0, count, block + row * chunk);
-        kernels.transpose_f32(block, chunk, RR, count, rows, ld);
-        kernels.accumulate_rows_f32(rows, count, RR, ld, ga, scratch);
+        kernels.accumulate_columns_f32(block, chunk, RR, count, ld, ga, rows, scratch);
     }
     double* coefficient = sized(w.coefficients, RR);
     std::size_t column = 0;
