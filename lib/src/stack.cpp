@@ -374,7 +374,11 @@ ModuleStack analyse_module(const std::vector<Member>& members, const StackOption
             all.resize(static_cast<std::size_t>(count));
             return all;
         };
-        const auto rows = pick(p_count, out), columns = pick(q_count, in);
+        // In increasing order: each row of A, and B's rows, are then read forwards (the gathers
+        // below were a tenth of this function's time); the statistics do not depend on the order.
+        auto rows = pick(p_count, out), columns = pick(q_count, in);
+        std::sort(rows.begin(), rows.end());
+        std::sort(columns.begin(), columns.end());
         std::vector<float> a_columns, b_rows;
         for (std::size_t i = 0; i < n; ++i) {
             const std::int64_t r = offset[i + 1] - offset[i];
