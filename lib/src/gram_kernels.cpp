@@ -67,21 +67,24 @@ void portable_product(std::size_t rows, std::size_t cols, std::size_t inner, con
 
 std::size_t portable_chunk_f32(std::size_t) noexcept { return 512; }  // ssyrk packs anyway: few, long calls
 
-void portable_accumulate_rows_f32(const float* w, std::size_t rows, std::size_t R, std::size_t ld, double* g,
-                                  float* scratch) noexcept {
-    cblas_ssyrk(col_major, upper, no_trans, static_cast<int>(R), static_cast<int>(rows), 1.0f, w, static_cast<int>(ld),
+// One chunk's Gram by ssyrk into `scratch` (f32, upper triangle), added to g in double.
+void ssyrk_into(int transposed, const float* a, std::size_t a_ld, std::size_t R, std::size_t count, std::size_t ld,
+                double* g, float* scratch) noexcept {
+    cblas_ssyrk(col_major, upper, transposed, static_cast<int>(R), static_cast<int>(count), 1.0f, a, static_cast<int>(a_ld),
                 0.0f, scratch, static_cast<int>(ld));
     for (std::size_t j = 0; j < R; ++j)
         for (std::size_t i = 0; i <= j; ++i) g[i + j * ld] += scratch[i + j * ld];
 }
 
+void portable_accumulate_rows_f32(const float* w, std::size_t rows, std::size_t R, std::size_t ld, double* g,
+                                  float* scratch) noexcept {
+    ssyrk_into(no_trans, w, ld, R, rows, ld, g, scratch);
+}
+
 // ssyrk straight on the block (its columns are what it multiplies): no transpose.
 void portable_accumulate_columns_f32(const float* block, std::size_t block_ld, std::size_t R, std::size_t n,
                                      std::size_t ld, double* g, float*, float* scratch) noexcept {
-    cblas_ssyrk(col_major, upper, trans, static_cast<int>(R), static_cast<int>(n), 1.0f, block, static_cast<int>(block_ld),
-                0.0f, scratch, static_cast<int>(ld));
-    for (std::size_t j = 0; j < R; ++j)
-        for (std::size_t i = 0; i <= j; ++i) g[i + j * ld] += scratch[i + j * ld];
+    ssyrk_into(trans, block, block_ld, R, n, ld, g, scratch);
 }
 
 void portable_matvec(const double* g, std::size_t n, const double* x, double* y) noexcept {
