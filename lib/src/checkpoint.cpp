@@ -18,7 +18,11 @@ std::string WeightLocation::describe() const {
     return fmt::format("{} ({} rows, permuted)", name, rows.size());
 }
 
-std::span<float> gather_weight_into(const WeightLocation& where, const LoraModule& module, std::vector<float>& storage) {
+namespace {
+
+// The rows of the tensor as the module sees it (its columns are the module's flat_in), after
+// checking that the module's out x flat_in ΔW fits the location.
+std::int64_t checked_tensor_rows(const WeightLocation& where, const LoraModule& module) {
     const TensorEntry& e = *where.entry;
     if (!e.supported())
         fail(ErrorCode::unsupported, "base tensor {} has type {}, which lorakit cannot compute with", quote(e.name),
@@ -31,6 +35,35 @@ std::span<float> gather_weight_into(const WeightLocation& where, const LoraModul
     if (tensor_cols != in || (where.rows.empty() ? tensor_rows != out : static_cast<std::int64_t>(where.rows.size()) != out))
         fail(ErrorCode::bad_input, "base tensor {} has shape {}, which cannot take module {} ({} -> {})", quote(e.name),
              format_shape(e.shape), quote(module.name), in, out);
+    return tensor_rows;
+}
+
+}  // namespace
+
+std::optional<TensorView> weight_in_place(const WeightLocation& where, const LoraModule& module) {
+    const std::int64_t tensor_rows = checked_tensor_rows(where, module);
+    const TensorEntry& e = *where.entry;
+    if (where.transposed || e.decode) return std::nullopt;
+    const DType type = e.tensor.dtype();
+    if (type != DType::F32 && type != DType::F16 && type != DType::BF16) return std::nullopt;
+    const std::int64_t out = module.out_features(), in = module.flat_in_features();
+    std::int64_t first = 0;
+    if (!where.rows.empty()) {  // a contiguous range of rows is a slice; any other order is not
+        first = where.rows.front();
+        for (std::size_t i = 0; i < where.rows.size(); ++i)
+            if (where.rows[i] != first + static_cast<std::int64_t>(i)) return std::nullopt;
+        if (first < 0 || first + out > tensor_rows)
+            fail(ErrorCode::internal, "rows {}..{} outside base tensor {}", first, first + out, quote(e.name));
+    }
+    const std::size_t row_bytes = static_cast<std::size_t>(in) * dtype_size(type);
+    return TensorView(type, Shape{out, in}, e.tensor.bytes().subspan(static_cast<std::size_t>(first) * row_bytes,
+                                                                     static_cast<std::size_t>(out) * row_bytes));
+}
+
+std::span<float> gather_weight_into(const WeightLocation& where, const LoraModule& module, std::vector<float>& storage) {
+    const TensorEntry& e = *where.entry;
+    const std::int64_t tensor_rows = checked_tensor_rows(where, module);
+    const std::int64_t out = module.out_features(), in = module.flat_in_features();
     const auto size = static_cast<std::size_t>(out * in);
     if (storage.size() < size) storage.resize(size);
     const std::span<float> w(storage.data(), size);

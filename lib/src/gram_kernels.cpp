@@ -1,7 +1,12 @@
 #include "gram_kernels.h"
 
 #include "cpu_features.h"
+#include "dtype_kernels.h"
 
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <limits>
 #include <vector>
 
 extern "C" void cblas_sgemm(int layout, int trans_a, int trans_b, int m, int n, int k, float alpha, const float* a,
@@ -100,6 +105,70 @@ void portable_axpy(std::size_t n, double alpha, const double* x, double* y) noex
     cblas_daxpy(static_cast<int>(n), alpha, x, 1, y, 1);
 }
 
+// Rows per panel: 128 KiB of f32 values (at least 8 rows).
+std::size_t portable_normal_panel(std::size_t cols) noexcept { return std::max<std::size_t>(8, 32768 / std::max<std::size_t>(cols, 1)); }
+
+std::size_t portable_normal_scratch(std::size_t cols, std::size_t l) noexcept {
+    const std::size_t panel = portable_normal_panel(cols);
+    return panel * cols + panel * l;
+}
+
+// Each panel as f32 (read in place when it is aligned f32, converted into scratch otherwise),
+// then two sgemm calls on it: t = P z, out += Pᵀ t.
+void portable_normal_apply(const std::byte* m, DType dtype, std::size_t rows, std::size_t cols, const float* z,
+                           std::size_t l, float* out, float* scratch) noexcept {
+    const std::size_t panel = portable_normal_panel(cols), size = dtype_size(dtype);
+    float* t = scratch + panel * cols;
+    const int n = static_cast<int>(cols), width = static_cast<int>(l);
+    if (rows == 0) std::fill(out, out + cols * l, 0.0f);
+    for (std::size_t r0 = 0; r0 < rows; r0 += panel) {
+        const std::size_t p = std::min(panel, rows - r0), count = p * cols;
+        const std::byte* src = m + r0 * cols * size;
+        const float* block = scratch;
+        if (dtype == DType::F16)
+            kernels().f16_to_f32(src, scratch, count);
+        else if (dtype == DType::BF16)
+            kernels().bf16_to_f32(src, scratch, count);
+        else if (reinterpret_cast<std::uintptr_t>(src) % alignof(float) == 0)
+            block = reinterpret_cast<const float*>(src);
+        else
+            std::memcpy(scratch, src, count * sizeof(float));
+        cblas_sgemm(col_major, trans, no_trans, static_cast<int>(p), width, n, 1.0f, block, n, z, n, 0.0f, t,
+                    static_cast<int>(p));
+        cblas_sgemm(col_major, no_trans, no_trans, n, width, static_cast<int>(p), 1.0f, block, n, t, static_cast<int>(p),
+                    r0 == 0 ? 0.0f : 1.0f, out, n);
+    }
+}
+
+// |x| as bits: for non-negative floats the integer order is the float order, and NaN and Inf
+// (exponent all ones) compare above every finite value; f16 and bf16 alike on their 16 bits.
+float portable_max_abs(const std::byte* values, DType dtype, std::size_t n) noexcept {
+    if (dtype == DType::F16 || dtype == DType::BF16) {
+        std::int16_t max_bits = 0;  // magnitudes below 0x8000: signed compares (SSE2 has pmaxsw)
+        for (std::size_t i = 0; i < n; ++i) {
+            std::int16_t bits;
+            std::memcpy(&bits, values + 2 * i, sizeof bits);
+            bits = static_cast<std::int16_t>(bits & 0x7fff);
+            max_bits = bits > max_bits ? bits : max_bits;
+        }
+        if (max_bits >= (dtype == DType::F16 ? 0x7c00 : 0x7f80)) return std::numeric_limits<float>::infinity();
+        float result;
+        convert_to_f32(dtype, reinterpret_cast<const std::byte*>(&max_bits), &result, 1);
+        return result;
+    }
+    std::uint32_t max_bits = 0;
+    for (std::size_t i = 0; i < n; ++i) {
+        std::uint32_t bits;
+        std::memcpy(&bits, values + 4 * i, sizeof bits);
+        bits &= 0x7fffffffu;
+        max_bits = bits > max_bits ? bits : max_bits;
+    }
+    if (max_bits >= 0x7f800000u) return std::numeric_limits<float>::infinity();
+    float result;
+    std::memcpy(&result, &max_bits, sizeof result);
+    return result;
+}
+
 constexpr GramKernels portable{"dsyrk",
                                portable_stride,
                                portable_widen_rows,
@@ -112,7 +181,11 @@ constexpr GramKernels portable{"dsyrk",
                                portable_accumulate_columns_f32,
                                portable_matvec,
                                portable_dot,
-                               portable_axpy};
+                               portable_axpy,
+                               false,
+                               portable_normal_scratch,
+                               portable_normal_apply,
+                               portable_max_abs};
 
 const std::vector<const GramKernels*>& runnable() {
     static const std::vector<const GramKernels*> list = [] {

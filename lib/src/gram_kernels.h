@@ -1,7 +1,8 @@
 // The long-dimension kernels of the factored SVD (linalg.cpp): Gram accumulation G += Σ w wᵀ
 // over the rows w (length R) of a stacked factor, in double, a cache-sized chunk at a time
 // (stack_with_grams), the f32 products that form the new factors (factored_lora), and the
-// matrix-vector steps of lora-stack's Lanczos iteration. Chosen
+// matrix-vector steps of lora-stack's Lanczos iteration, and the passes of its block Krylov
+// iteration over a base tensor (MᵀM z, straight from the stored f16/bf16/f32 values). Chosen
 // once per process by CPU features. Every variant gives the Grams to double rounding (products
 // of f32 values are exact in double; only the summation order differs) and the products to f32
 // rounding.
@@ -9,6 +10,8 @@
 
 #include <cstddef>
 #include <string_view>
+
+#include "lorakit/dtype.h"
 
 namespace lorakit::detail {
 
@@ -51,6 +54,21 @@ struct GramKernels {
     void (*matvec)(const double* g, std::size_t n, const double* x, double* y) noexcept;
     double (*dot)(const double* a, const double* b, std::size_t n) noexcept;
     void (*axpy)(std::size_t n, double alpha, const double* x, double* y) noexcept;
+    // out (cols x l, column-major, ld cols) = MᵀM z in f32, one pass over the row-major rows x
+    // cols matrix M as stored (F32, F16 or BF16, `m` not necessarily aligned), z cols x l
+    // column-major (lora-stack's ‖W‖₂ of a base tensor, l <= 4). A cache-sized panel P of rows
+    // at a time: t = P z, then out += Pᵀ t while P is still in cache. `scratch` holds
+    // normal_scratch(cols, l) floats.
+    // Whether normal_apply widens f16/bf16 panels itself at no real cost (in registers). When
+    // false (the portable variant converts each panel into memory on every pass), a caller
+    // making several passes widens the matrix to f32 once instead.
+    bool widens_in_registers;
+    std::size_t (*normal_scratch)(std::size_t cols, std::size_t l) noexcept;
+    void (*normal_apply)(const std::byte* m, DType dtype, std::size_t rows, std::size_t cols, const float* z,
+                         std::size_t l, float* out, float* scratch) noexcept;
+    // max |x| over n stored F32, F16 or BF16 values (not necessarily aligned), as f32; +inf when
+    // one is NaN or infinite (lora-stack's overflow screen of a base tensor, row by row).
+    float (*max_abs)(const std::byte* values, DType dtype, std::size_t n) noexcept;
 };
 
 // The kernels for this CPU (LORAKIT_FORCE_SCALAR=1 selects the portable ones).

@@ -9,6 +9,7 @@
 #include "lorakit/error.h"
 #include "lorakit/linalg.h"
 #include "lorakit/random.h"
+#include "gram_kernels.h"
 
 extern "C" {
 void cblas_sgemm(int layout, int trans_a, int trans_b, int m, int n, int k, float alpha, const float* a, int lda,
@@ -139,28 +140,10 @@ DenseSvd randomized_svd(const float* m, std::int64_t rows, std::int64_t cols, st
 
 }  // namespace
 
-namespace {
-
-// out (cols x l, column-major) = MᵀM z for the row-major rows x cols matrix M and z (cols x l,
-// column-major), one cache-sized panel of rows at a time: t = P z, then out += Pᵀ t while P is
-// still in cache. Two sgemm calls over the whole of M would read it from memory twice and pack a
-// copy of it each time; for a block this thin that traffic is the whole cost (4-5x slower here).
-void gram_apply(const float* m, std::int64_t rows, std::int64_t cols, const float* z, int l, float* out,
-                std::vector<float>& t) {
-    const int n = as_int(cols);
-    const std::int64_t panel = std::clamp<std::int64_t>(131072 / (4 * std::max<std::int64_t>(cols, 1)), 8, rows);
-    t.resize(static_cast<std::size_t>(panel) * static_cast<std::size_t>(l));
-    for (std::int64_t r0 = 0; r0 < rows; r0 += panel) {
-        const int p = static_cast<int>(std::min(panel, rows - r0));
-        const float* block = m + static_cast<std::size_t>(r0) * static_cast<std::size_t>(cols);  // column-major n x p
-        cblas_sgemm(col_major, trans, no_trans, p, l, n, 1.0f, block, n, z, n, 0.0f, t.data(), p);
-        cblas_sgemm(col_major, no_trans, no_trans, n, l, p, 1.0f, block, n, t.data(), p, r0 == 0 ? 0.0f : 1.0f, out, n);
-    }
-}
-
-}  // namespace
-
-double spectral_norm(const float* matrix, std::int64_t rows, std::int64_t cols, int iterations, std::uint64_t seed) {
+double spectral_norm(const DenseView& matrix, int iterations, std::uint64_t seed) {
+    const std::int64_t rows = matrix.rows, cols = matrix.cols;
+    if (matrix.dtype != DType::F32 && matrix.dtype != DType::F16 && matrix.dtype != DType::BF16)
+        fail(ErrorCode::unsupported, "spectral norm of {} values", dtype_name(matrix.dtype));
     if (rows <= 0 || cols <= 0) return 0.0;
     // Block Krylov (block Lanczos with full reorthogonalisation): orthonormal blocks of up to l
     // vectors spanning [Z, MᵀM Z, ..., (MᵀM)^{s-1} Z], one pass over M each (gram_apply); then
@@ -172,7 +155,23 @@ double spectral_norm(const float* matrix, std::int64_t rows, std::int64_t cols, 
     const int l = static_cast<int>(std::min<std::int64_t>(4, std::min(rows, cols)));
     const int passes = std::max(1, iterations);
     const std::size_t column = static_cast<std::size_t>(n);
-    std::vector<float> q(column * static_cast<std::size_t>(l)), w, t, next, h;
+    // Each pass is MᵀM Q_j, one cache-sized panel of rows at a time (the Gram kernels'
+    // normal_apply: t = P z, then out += Pᵀ t while P is still in cache, reading the stored
+    // values in place; two sgemm calls over the whole of M would read it from memory twice and
+    // pack a copy of it each time, which for a block this thin is the whole cost).
+    const detail::GramKernels& kernels = detail::gram_kernels();
+    const auto* stored = static_cast<const std::byte*>(matrix.data);
+    DType type = matrix.dtype;
+    thread_local std::vector<float> widened;  // only grows
+    if (type != DType::F32 && !kernels.widens_in_registers) {  // once, not once per pass
+        const auto count = static_cast<std::size_t>(rows) * static_cast<std::size_t>(cols);
+        if (widened.size() < count) widened.resize(count);
+        convert_to_f32(type, stored, widened.data(), count);
+        stored = reinterpret_cast<const std::byte*>(widened.data());
+        type = DType::F32;
+    }
+    std::vector<float> q(column * static_cast<std::size_t>(l)), w, next, h;
+    std::vector<float> t(kernels.normal_scratch(column, static_cast<std::size_t>(l)));
     gaussian(q, seed);
     orthonormalise(q, n, l);
     int width = 0, block = l;  // columns of q before the newest block, and its width
@@ -184,9 +183,11 @@ double spectral_norm(const float* matrix, std::int64_t rows, std::int64_t cols, 
     for (int pass = 0;; ++pass) {
         w.resize(column * static_cast<std::size_t>(width + block));
         float* wj = w.data() + column * static_cast<std::size_t>(width);
-        gram_apply(matrix, rows, cols, q.data() + column * static_cast<std::size_t>(width), block, wj, t);
-        for (std::size_t i = 0; i < column * static_cast<std::size_t>(block); ++i)
-            if (!std::isfinite(wj[i])) fail(ErrorCode::bad_input, "the matrix holds NaN or infinite values");
+        kernels.normal_apply(stored, type, static_cast<std::size_t>(rows), column,
+                             q.data() + column * static_cast<std::size_t>(width), static_cast<std::size_t>(block), wj,
+                             t.data());
+        const DenseStats stats = dense_stats(wj, column * static_cast<std::size_t>(block));  // vectorised
+        if (!stats.finite) fail(ErrorCode::bad_input, "the matrix holds NaN or infinite values");
         width += block;
         if (pass + 1 == passes || width >= n) break;
         // The next block: MᵀM Q_j without its components in the span so far (twice, for
@@ -195,18 +196,21 @@ double spectral_norm(const float* matrix, std::int64_t rows, std::int64_t cols, 
         // a QR as vectors that are not orthogonal to the span). None left: the span is
         // invariant and the Ritz value exact.
         next.assign(wj, wj + column * static_cast<std::size_t>(block));
-        double energy = 0;
-        for (float x : next) energy += static_cast<double>(x) * x;
+        const double energy = stats.sum_squares;
         project(width);
         project(width);
         std::vector<double> gram(static_cast<std::size_t>(block) * static_cast<std::size_t>(block)), values;
         for (int a = 0; a < block; ++a)
-            for (int b = 0; b < block; ++b) {
-                double sum = 0;
-                for (int k = 0; k < n; ++k)
-                    sum += static_cast<double>(next[static_cast<std::size_t>(a) * column + static_cast<std::size_t>(k)]) *
-                           next[static_cast<std::size_t>(b) * column + static_cast<std::size_t>(k)];
-                gram[static_cast<std::size_t>(a) + static_cast<std::size_t>(b) * static_cast<std::size_t>(block)] = sum;
+            for (int b = a; b < block; ++b) {  // the upper triangle (symmetric_eigen reads it)
+                const float *x = next.data() + static_cast<std::size_t>(a) * column,
+                            *y = next.data() + static_cast<std::size_t>(b) * column;
+                double sum[4] = {0, 0, 0, 0};  // four chains instead of one dependent sum
+                int k = 0;
+                for (; k + 4 <= n; k += 4)
+                    for (int u = 0; u < 4; ++u) sum[u] += static_cast<double>(x[k + u]) * y[k + u];
+                for (; k < n; ++k) sum[0] += static_cast<double>(x[k]) * y[k];
+                gram[static_cast<std::size_t>(a) + static_cast<std::size_t>(b) * static_cast<std::size_t>(block)] =
+                    (sum[0] + sum[1]) + (sum[2] + sum[3]);
             }
         symmetric_eigen(gram, block, values);
         int keep = 0;

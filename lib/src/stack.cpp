@@ -16,6 +16,7 @@
 #include "lorakit/random.h"
 #include "module_groups.h"
 #include "select.h"
+#include "dtype_kernels.h"
 #include "gram_kernels.h"
 #include "small_eigen.h"
 #include "parallel.h"
@@ -266,7 +267,23 @@ void judge(ModuleStack& m, const StackThresholds& th) {
 
 // W + ΣΔW against the dtype's limit: a row whose bound max|W_p| + ‖b_p‖·max_q‖a_q‖ stays in
 // range cannot overflow for any factor t in [0, 1]; the others are computed exactly.
-void check_overflow(BaseStats& stats, std::span<const float> w, const std::vector<double>& bw, std::span<const float> a,
+// Row p of a base weight as f32: in place when it is aligned f32, widened into `buffer`
+// (in values) otherwise.
+const float* row_f32(const linalg::DenseView& w, std::int64_t p, std::vector<float>& buffer) {
+    const auto in = static_cast<std::size_t>(w.cols);
+    const std::byte* src = static_cast<const std::byte*>(w.data) + static_cast<std::size_t>(p) * in * dtype_size(w.dtype);
+    if (w.dtype == DType::F32 && reinterpret_cast<std::uintptr_t>(src) % alignof(float) == 0)
+        return reinterpret_cast<const float*>(src);
+    if (w.dtype == DType::F16)
+        detail::kernels().f16_to_f32(src, buffer.data(), in);
+    else if (w.dtype == DType::BF16)
+        detail::kernels().bf16_to_f32(src, buffer.data(), in);
+    else
+        std::memcpy(buffer.data(), src, in * sizeof(float));
+    return buffer.data();
+}
+
+void check_overflow(BaseStats& stats, const linalg::DenseView& w, const std::vector<double>& bw, std::span<const float> a,
                     std::int64_t out, std::int64_t R, std::int64_t in) {
     double amax = 0;
     std::vector<double> column(static_cast<std::size_t>(in), 0.0);
@@ -277,18 +294,14 @@ void check_overflow(BaseStats& stats, std::span<const float> w, const std::vecto
         }
     for (double c : column) amax = std::max(amax, std::sqrt(c));
     std::vector<double> row(static_cast<std::size_t>(in));
+    std::vector<float> widened(static_cast<std::size_t>(in));
     for (std::int64_t p = 0; p < out; ++p) {
-        const float* wp = w.data() + p * in;
-        // max |W_p| as an integer max over the bits of |x| (for non-negative floats the integer
-        // order is the float order, NaN and Inf above every finite value): it vectorises, unlike
-        // a float max with NaN semantics (that loop was a fifth of a --base run). A non-finite
-        // row takes the exact path (spectral_norm refuses such bases before this runs).
-        std::int32_t max_bits = 0;
-        for (std::int64_t q = 0; q < in; ++q) {
-            const std::int32_t bits = std::bit_cast<std::int32_t>(wp[q]) & 0x7fffffff;
-            max_bits = bits > max_bits ? bits : max_bits;
-        }
-        const double wmax = max_bits < 0x7f800000 ? std::bit_cast<float>(max_bits) : std::numeric_limits<double>::infinity();
+        // max |W_p| on the stored values (a vectorised integer max over the bits of |x|; that
+        // loop, portable SSE2 code on f32, was a fifth of a --base run). A non-finite row takes
+        // the exact path (spectral_norm refuses such bases before this runs).
+        const std::byte* stored = static_cast<const std::byte*>(w.data) +
+                                  static_cast<std::size_t>(p) * static_cast<std::size_t>(in) * dtype_size(w.dtype);
+        const double wmax = detail::gram_kernels().max_abs(stored, w.dtype, static_cast<std::size_t>(in));
         double bnorm = 0;
         for (std::int64_t k = 0; k < R; ++k) bnorm += bw[static_cast<std::size_t>(p * R + k)] * bw[static_cast<std::size_t>(p * R + k)];
         const double bound = wmax + std::sqrt(bnorm) * amax;
@@ -296,6 +309,7 @@ void check_overflow(BaseStats& stats, std::span<const float> w, const std::vecto
             stats.max_abs = std::max(stats.max_abs, bound);
             continue;
         }
+        const float* wp = row_f32(w, p, widened);
         std::fill(row.begin(), row.end(), 0.0);
         for (std::int64_t k = 0; k < R; ++k) {
             const double b = bw[static_cast<std::size_t>(p * R + k)];
@@ -313,6 +327,42 @@ void check_overflow(BaseStats& stats, std::span<const float> w, const std::vecto
             }
         }
     }
+}
+
+// max_p ‖(Bw)_p‖ · max_q ‖A_q‖ for Bw = [w_1 s_1 B_1 ... w_n s_n B_n] and the stacked A, from
+// the factors as stored: every |ΔW_pq| = |(Bw)_p · A_q| is at most that (Cauchy–Schwarz).
+double entry_bound(const std::vector<linalg::LowRankTerm>& terms, const std::vector<Member>& members, std::int64_t out,
+                   std::int64_t in) {
+    thread_local std::vector<float> buffer;  // only grows
+    thread_local std::vector<double> rows, columns;
+    rows.assign(static_cast<std::size_t>(out), 0.0);
+    columns.assign(static_cast<std::size_t>(in), 0.0);
+    for (std::size_t i = 0; i < terms.size(); ++i) {
+        const linalg::LowRankTerm& t = terms[i];
+        const auto r = static_cast<std::size_t>(t.rank);
+        const double c = members[i].weight * t.coefficient, c2 = c * c;
+        const std::size_t b_count = static_cast<std::size_t>(out) * r, a_count = r * static_cast<std::size_t>(in);
+        if (buffer.size() < std::max(b_count, a_count)) buffer.resize(std::max(b_count, a_count));
+        convert_to_f32(t.b_type, static_cast<const std::byte*>(t.b), buffer.data(), b_count);
+        for (std::size_t p = 0; p < static_cast<std::size_t>(out); ++p) {
+            const float* x = buffer.data() + p * r;
+            double sum[4] = {0, 0, 0, 0};  // four chains instead of one dependent sum
+            std::size_t k = 0;
+            for (; k + 4 <= r; k += 4)
+                for (std::size_t u = 0; u < 4; ++u) sum[u] += static_cast<double>(x[k + u]) * x[k + u];
+            for (; k < r; ++k) sum[0] += static_cast<double>(x[k]) * x[k];
+            rows[p] += c2 * ((sum[0] + sum[1]) + (sum[2] + sum[3]));
+        }
+        convert_to_f32(t.a_type, static_cast<const std::byte*>(t.a), buffer.data(), a_count);
+        for (std::size_t k = 0; k < r; ++k) {
+            const float* x = buffer.data() + k * static_cast<std::size_t>(in);
+            for (std::size_t q = 0; q < static_cast<std::size_t>(in); ++q) columns[q] += static_cast<double>(x[q]) * x[q];
+        }
+    }
+    double row_max = 0, column_max = 0;
+    for (double v : rows) row_max = std::max(row_max, v);
+    for (double v : columns) column_max = std::max(column_max, v);
+    return std::sqrt(row_max) * std::sqrt(column_max);
 }
 
 ModuleStack analyse_module(const std::vector<Member>& members, const StackOptions& o, const BaseWeights* base,
@@ -488,18 +538,42 @@ ModuleStack analyse_module(const std::vector<Member>& members, const StackOption
 
     if (base) {
         thread_local BaseWeight loaded;  // reused: its values are the size of the largest tensor
+        loaded.stored = nullptr;
+        loaded.release = nullptr;
         if (base->load(first, loaded)) {
             const BaseWeight* weight = &loaded;
-            if (static_cast<std::int64_t>(weight->values.size()) != out * in)
+            if (!weight->stored && static_cast<std::int64_t>(weight->values.size()) != out * in)
                 fail(ErrorCode::bad_input, "the base tensor {} has {} values, the module needs {} x {}",
                      quote(weight->tensor), weight->values.size(), out, in);
+            const linalg::DenseView values = weight->stored
+                                                 ? linalg::DenseView{weight->stored, weight->stored_dtype, out, in}
+                                                 : linalg::DenseView{weight->values.data(), DType::F32, out, in};
             BaseStats b;
             b.tensor = weight->tensor;
             b.dtype = weight->dtype;
             b.limit = weight->limit;
-            b.spectral = linalg::spectral_norm(weight->values.data(), out, in, 6, seed);
+            b.spectral = linalg::spectral_norm(values, 6, seed);
             b.ratio = b.spectral > 0 ? m.sum_spectral / b.spectral : (m.sum_spectral > 0 ? INFINITY : 0.0);
+            // The overflow screen, first for the whole tensor: max|W| + max|ΔW_pq| <= limit
+            // clears every entry after one pass over W's stored values. max|ΔW_pq| is bounded by
+            // entry_bound, and by ‖ΣΔW‖_F (an entry is at most ‖ΣΔW‖_2 <= ‖ΣΔW‖_F); that one
+            // from the Grams loses digits when the adapters cancel (its square is a difference),
+            // so it is taken with a margin of 1e-3 Σ‖ΔW_i‖_F, or as the triangle inequality's
+            // Σ‖ΔW_i‖_F, whichever is smaller.
+            double whole_bound = INFINITY;
             if (b.limit > 0) {
+                double parts = 0;
+                for (double f : m.fro) parts += f;
+                const double wmax = detail::gram_kernels().max_abs(static_cast<const std::byte*>(values.data), values.dtype,
+                                                                    static_cast<std::size_t>(out * in));
+                const double delta = std::min({parts, m.sum_fro + 1e-3 * parts, entry_bound(terms, members, out, in)});
+                whole_bound = (wmax + delta) * (1 + 1e-9);
+                b.max_abs = whole_bound;
+            }
+            if (b.limit > 0 && !(whole_bound <= b.limit)) {
+                // Row by row: |ΔW_pq| <= ‖(Bw)_p‖ max_q ‖A_q‖ screens the rows; the rows it
+                // leaves are computed exactly.
+                b.max_abs = 0;
                 // Bw = [w_1 s_1 B_1 ... w_n s_n B_n] in double; A is the stacked A as it is.
                 const linalg::Stacks stacks = linalg::stack_factors(terms, workspace);
                 std::vector<double> ds(static_cast<std::size_t>(R));
@@ -510,9 +584,10 @@ ModuleStack analyse_module(const std::vector<Member>& members, const StackOption
                 for (std::int64_t p = 0; p < out; ++p)
                     for (std::int64_t c = 0; c < R; ++c)
                         bw[static_cast<std::size_t>(p * R + c)] = ds[static_cast<std::size_t>(c)] * stacks.b[p * R + c];
-                check_overflow(b, weight->values, bw, {stacks.a, static_cast<std::size_t>(R * in)}, out, R, in);
+                check_overflow(b, values, bw, {stacks.a, static_cast<std::size_t>(R * in)}, out, R, in);
             }
             m.base = std::move(b);
+            if (weight->release) weight->release();
         }
     }
     judge(m, o.thresholds);

@@ -24,8 +24,19 @@ public:
     bool load(const LoraModule& module, BaseWeight& w) const override {
         const auto where = checkpoint_.locate(module);
         if (!where) return false;
-        w.values = gather_weight_into(*where, module, w.storage);
-        checkpoint_.files()[where->file]->release(*where->entry);  // resident: one tensor, not the base
+        // Resident: one tensor, not the base. A tensor read in place is released once the
+        // module is done with it; a gathered copy right away.
+        const TensorFile& file = *checkpoint_.files()[where->file];
+        const TensorEntry& entry = *where->entry;
+        if (const auto view = weight_in_place(*where, module)) {
+            w.values = {};
+            w.stored = view->bytes().data();
+            w.stored_dtype = view->dtype();
+            w.release = [&file, &entry] { file.release(entry); };
+        } else {
+            w.values = gather_weight_into(*where, module, w.storage);
+            file.release(entry);
+        }
         w.tensor = where->describe();
         w.dtype = where->entry->dtype_name;
         w.limit = dtype_finite_limit(w.dtype);

@@ -113,6 +113,47 @@ TEST_CASE("Flux BFL checkpoints: fused modules whole, diffusers parts into their
     CHECK(source_rows(*c, module("transformer.norm_out.linear", 2 * h, h)) == swapped);
 }
 
+TEST_CASE("weight_in_place: a module's rows as stored, without a copy, where they are a contiguous slice", "[checkpoint]") {
+    ScratchDir dir;
+    const std::int64_t h = 8;
+    for (const DType type : {DType::F16, DType::BF16, DType::F32, DType::F64}) {
+        CAPTURE(dtype_name(type));
+        const auto folder = dir / std::string(dtype_name(type));
+        std::filesystem::create_directory(folder);
+        write(folder / "flux.safetensors", {{"double_blocks.0.img_attn.qkv.weight", numbered_rows(3 * h, h, type)},
+                                            {"final_layer.adaLN_modulation.1.weight", numbered_rows(2 * h, h, type)}});
+        write(folder / "gpt2.safetensors", {{"h.0.attn.c_attn.weight", numbered_rows(6, 18, type)}});  // [in, out]
+        const auto flux = formats::builtin_registry().open_checkpoint(folder / "flux.safetensors"),
+                   gpt2 = formats::builtin_registry().open_checkpoint(folder / "gpt2.safetensors");
+        const auto check = [&](const Checkpoint& c, const LoraModule& m, bool in_place) {
+            const auto where = c.locate(m);
+            REQUIRE(where);
+            const auto view = weight_in_place(*where, m);
+            CHECK(view.has_value() == in_place);
+            if (!view) return;
+            CHECK(view->dtype() == type);
+            CHECK(view->shape() == Shape{m.out_features(), m.flat_in_features()});
+            CHECK(view->to_f32() == gather_weight(*where, m));  // the same values, read where they are
+            // Inside the mapped tensor: no copy.
+            const auto stored = where->entry->tensor.bytes();
+            CHECK(view->bytes().data() >= stored.data());
+            CHECK(view->bytes().data() + view->bytes().size() <= stored.data() + stored.size());
+        };
+        const bool computes = type != DType::F64;  // F64 is gathered into f32 instead
+        check(*flux, module("transformer.double_blocks.0.img_attn.qkv", 3 * h, h), computes);
+        check(*flux, module("transformer.transformer_blocks.0.attn.to_k", h, h), computes);  // rows h..2h
+        check(*flux, module("transformer.norm_out.linear", 2 * h, h), false);                 // rows reordered
+        auto conv1d = module("transformer.h.0.attn.c_attn", 18, 6);
+        conv1d.fan_in_fan_out = true;
+        check(*gpt2, conv1d, false);  // transposed
+        // Shapes are checked as gather_weight checks them.
+        const auto where = flux->locate(module("transformer.double_blocks.0.img_attn.qkv", 3 * h, h));
+        REQUIRE(where);
+        CHECK_THROWS_WITH(weight_in_place(*where, module("transformer.double_blocks.0.img_attn.qkv", 3 * h, h + 1)),
+                          Catch::Contains("cannot take module"));
+    }
+}
+
 TEST_CASE("Hugging Face checkpoints: sharded index, prefixes, GPT-2 Conv1D, diffusers folders", "[checkpoint]") {
     ScratchDir dir;
     const auto& registry = formats::builtin_registry();

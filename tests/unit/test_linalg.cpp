@@ -11,6 +11,7 @@
 #include "lorakit/error.h"
 #include "lorakit/linalg.h"
 #include "lorakit/mapped_file.h"
+#include "lorakit/tensor.h"
 #include "gram_kernels.h"
 #include "small_eigen.h"
 #include "parallel.h"
@@ -870,4 +871,107 @@ TEST_CASE("small symmetric eigensolver: a block at 1e-200 beside one at 1", "[li
         for (double x : diagonal) CHECK(std::isfinite(x));
         for (double x : off) CHECK(std::isfinite(x));
     }
+}
+
+TEST_CASE("Gram kernels: every variant's MᵀM z and max |x| over stored f32, f16 and bf16 values", "[linalg][kernels]") {
+    std::mt19937 g(53);
+    std::normal_distribution<float> d;
+    const std::pair<std::int64_t, std::int64_t> shapes[] = {{1, 1},   {3, 17},    {5, 16},   {7, 64},  {9, 81},
+                                                            {130, 15}, {300, 1100}, {1030, 40}, {4, 2000}};
+    for (const auto& [rows, cols] : shapes)
+        for (const DType type : {DType::F32, DType::F16, DType::BF16}) {
+            const auto count = static_cast<std::size_t>(rows * cols);
+            std::vector<float> values(count);
+            for (auto& x : values) x = d(g);
+            const Tensor stored = Tensor::from_f32(type, {rows, cols}, values);
+            const std::vector<float> exact = stored.to_f32();  // the values the kernels see
+            // One byte past an aligned address: the kernels read stored values where they are.
+            std::vector<std::byte> buffer(stored.bytes().size() + 64);
+            std::byte* m = buffer.data() + 1;
+            std::memcpy(m, stored.bytes().data(), stored.bytes().size());
+            const auto at = [&](std::int64_t r, std::int64_t c) { return static_cast<double>(exact[static_cast<std::size_t>(r * cols + c)]); };
+            for (std::size_t l = 1; l <= 5; ++l) {
+                std::vector<float> z(static_cast<std::size_t>(cols) * l);
+                for (auto& x : z) x = d(g);
+                // Reference in double, and the sums of magnitudes that bound f32 rounding.
+                std::vector<double> reference(static_cast<std::size_t>(cols) * l, 0.0), magnitude(reference.size(), 0.0);
+                for (std::size_t k = 0; k < l; ++k)
+                    for (std::int64_t r = 0; r < rows; ++r) {
+                        double t = 0, t_abs = 0;
+                        for (std::int64_t c = 0; c < cols; ++c) {
+                            t += at(r, c) * z[k * static_cast<std::size_t>(cols) + static_cast<std::size_t>(c)];
+                            t_abs += std::abs(at(r, c) * z[k * static_cast<std::size_t>(cols) + static_cast<std::size_t>(c)]);
+                        }
+                        for (std::int64_t c = 0; c < cols; ++c) {
+                            reference[k * static_cast<std::size_t>(cols) + static_cast<std::size_t>(c)] += at(r, c) * t;
+                            magnitude[k * static_cast<std::size_t>(cols) + static_cast<std::size_t>(c)] += std::abs(at(r, c)) * t_abs;
+                        }
+                    }
+                for (std::size_t v = 0; v < detail::available_gram_kernel_count(); ++v) {
+                    const auto& kernels = detail::available_gram_kernel(v);
+                    CAPTURE(kernels.name, rows, cols, dtype_name(type), l);
+                    std::vector<float> out(reference.size() + 1, 12345.0f),
+                        scratch(kernels.normal_scratch(static_cast<std::size_t>(cols), l));
+                    kernels.normal_apply(m, type, static_cast<std::size_t>(rows), static_cast<std::size_t>(cols), z.data(), l,
+                                         out.data(), scratch.data());
+                    std::size_t bad = 0;
+                    for (std::size_t i = 0; i < reference.size(); ++i)
+                        bad += std::abs(out[i] - reference[i]) <= 1e-4 * magnitude[i] + 1e-30 ? 0 : 1;
+                    CHECK(bad == 0);
+                    CHECK(out.back() == 12345.0f);  // nothing written past the block
+                }
+            }
+            // max |x|, with the largest magnitude planted anywhere (the tail included), negative.
+            for (int trial = 0; trial < 3; ++trial) {
+                std::vector<float> planted = values;
+                const std::size_t where = trial == 0 ? count - 1 : static_cast<std::size_t>(g() % count);
+                planted[where] = -7.5f;
+                const Tensor t = Tensor::from_f32(type, {rows, cols}, planted);
+                std::memcpy(m, t.bytes().data(), t.bytes().size());
+                for (std::size_t v = 0; v < detail::available_gram_kernel_count(); ++v) {
+                    const auto& kernels = detail::available_gram_kernel(v);
+                    CAPTURE(kernels.name, rows, cols, dtype_name(type), where);
+                    CHECK(kernels.max_abs(m, type, count) == 7.5f);
+                    CHECK(kernels.max_abs(m, type, 0) == 0.0f);
+                }
+                for (const float bad : {std::numeric_limits<float>::quiet_NaN(), std::numeric_limits<float>::infinity(),
+                                        -std::numeric_limits<float>::infinity()}) {
+                    planted[where] = bad;
+                    const Tensor u = Tensor::from_f32(type, {rows, cols}, planted);
+                    std::memcpy(m, u.bytes().data(), u.bytes().size());
+                    for (std::size_t v = 0; v < detail::available_gram_kernel_count(); ++v) {
+                        const auto& kernels = detail::available_gram_kernel(v);
+                        CAPTURE(kernels.name, rows, cols, dtype_name(type), where, bad);
+                        CHECK(std::isinf(kernels.max_abs(m, type, count)));
+                    }
+                }
+            }
+        }
+}
+
+TEST_CASE("spectral_norm reads f16 and bf16 values in place, as their f32 widening", "[linalg]") {
+    std::mt19937 g(31);
+    std::normal_distribution<float> d;
+    for (const DType type : {DType::F16, DType::BF16})
+        for (const auto& [rows, cols] : {std::pair<std::int64_t, std::int64_t>{200, 120}, {64, 300}, {33, 17}}) {
+            std::vector<float> values(static_cast<std::size_t>(rows * cols));
+            for (auto& x : values) x = d(g);
+            const Tensor stored = Tensor::from_f32(type, {rows, cols}, values);
+            const std::vector<float> widened = stored.to_f32();
+            std::vector<std::byte> unaligned(stored.bytes().size() + 1);
+            std::memcpy(unaligned.data() + 1, stored.bytes().data(), stored.bytes().size());
+            const double expected = spectral_norm(widened.data(), rows, cols);
+            CAPTURE(dtype_name(type), rows, cols);
+            CHECK(spectral_norm(DenseView{stored.bytes().data(), type, rows, cols}) == Approx(expected).epsilon(1e-6));
+            CHECK(spectral_norm(DenseView{unaligned.data() + 1, type, rows, cols}) == Approx(expected).epsilon(1e-6));
+            CHECK(spectral_norm(DenseView{stored.bytes().data(), type, rows, cols}) <=
+                  dense_singular_values(widened.data(), rows, cols).front() * (1 + 1e-6));
+        }
+    const std::vector<std::int8_t> bytes(12, 1);
+    CHECK_THROWS_AS(spectral_norm(DenseView{bytes.data(), DType::I8, 3, 4}), Error);
+    // Non-finite f16 values are refused as the f32 ones are.
+    std::vector<float> bad(12, 1.0f);
+    bad[7] = std::numeric_limits<float>::infinity();
+    const Tensor t = Tensor::from_f32(DType::F16, {3, 4}, bad);
+    CHECK_THROWS_AS(spectral_norm(DenseView{t.bytes().data(), DType::F16, 3, 4}), Error);
 }

@@ -103,6 +103,30 @@ private:
     double limit_;
 };
 
+// The same values served as stored F16 or BF16 bytes read in place (as lora-stack serves a
+// mapped checkpoint tensor), counting the releases.
+class StoredBase final : public BaseWeights {
+public:
+    StoredBase(const std::vector<float>& values, std::int64_t out, std::int64_t in, DType type, double limit)
+        : tensor_(Tensor::from_f32(type, {out, in}, values)), limit_(limit) {}
+    bool load(const LoraModule&, BaseWeight& into) const override {
+        into.values = {};
+        into.stored = tensor_.bytes().data();
+        into.stored_dtype = tensor_.dtype();
+        into.release = [this] { ++releases; };
+        into.tensor = "stored";
+        into.dtype = std::string(dtype_name(tensor_.dtype()));
+        into.limit = limit_;
+        return true;
+    }
+    std::vector<float> widened() const { return tensor_.to_f32(); }
+    mutable int releases = 0;
+
+private:
+    Tensor tensor_;
+    double limit_;
+};
+
 }  // namespace
 
 TEST_CASE("stack metrics match a dense computation on random small modules", "[stack]") {
@@ -304,6 +328,56 @@ TEST_CASE("stack against a base weight: spectral ratio and fp16 overflow", "[sta
         CHECK(scaled.verdict == Verdict::ok);
         o.weights = {2.0 * b.overflow_factor * 1.001};
         CHECK(analyse_stack({adapter_of({m})}, o, false, &base, no_progress()).modules[0].base->overflow_count > 0);
+    }
+    SECTION("f16 and bf16 base values read in place give what their f32 widening gives") {
+        std::vector<float> w(static_cast<std::size_t>(out * in));
+        double dmax = 0;
+        for (double x : dw) dmax = std::max(dmax, std::abs(x));
+        for (std::size_t i = 0; i < w.size(); ++i) w[i] = 0.3f * d(g);
+        for (const DType type : {DType::F16, DType::BF16}) {
+            CAPTURE(dtype_name(type));
+            for (const bool overflowing : {false, true}) {
+                std::vector<float> v = w;
+                // Entries near the limit (after rounding to the type) that ΔW pushes over it.
+                const double limit = overflowing ? 1000.0 : 65504.0;
+                if (overflowing)
+                    for (std::size_t i = 0; i < v.size(); i += 5) v[i] = static_cast<float>((limit - 0.5 * dmax) * (i % 2 ? 1 : -1));
+                StoredBase stored(v, out, in, type, limit);
+                FixedBase widened(stored.widened(), limit);
+                StackOptions o;
+                o.weights = {2.0};
+                o.threads = 1;
+                const auto a = analyse_stack({adapter_of({m})}, o, false, &stored, no_progress());
+                const auto b = analyse_stack({adapter_of({m})}, o, false, &widened, no_progress());
+                CHECK(stored.releases == 1);  // released once the module is done
+                REQUIRE(a.modules[0].base);
+                REQUIRE(b.modules[0].base);
+                const BaseStats &sa = *a.modules[0].base, &sb = *b.modules[0].base;
+                CHECK(sa.dtype == dtype_name(type));
+                CHECK(sa.spectral == Approx(sb.spectral).epsilon(1e-6));
+                CHECK(sa.overflow_count == sb.overflow_count);
+                CHECK(sa.overflow_factor == sb.overflow_factor);
+                CHECK(sa.max_abs == sb.max_abs);
+                // Against dense values: the count is exact, and max_abs bounds every entry.
+                const std::vector<float> wv = stored.widened();
+                std::int64_t expected = 0;
+                double largest = 0;
+                for (std::size_t i = 0; i < wv.size(); ++i) {
+                    expected += std::abs(wv[i] + dw[i]) > limit ? 1 : 0;
+                    largest = std::max(largest, std::abs(wv[i] + dw[i]));
+                }
+                CHECK(sa.overflow_count == expected);
+                CHECK((expected > 0) == overflowing);
+                if (!overflowing) {
+                    // The whole-tensor screen: max|W| + a bound on max|ΔW_pq|, tighter than ‖ΔW‖_F here.
+                    double wmax = 0, fro = 0;
+                    for (float x : wv) wmax = std::max(wmax, static_cast<double>(std::abs(x)));
+                    for (double x : dw) fro += x * x;
+                    CHECK(sa.max_abs >= largest);
+                    CHECK(sa.max_abs <= (wmax + std::sqrt(fro)) * (1 + 1e-6));
+                }
+            }
+        }
     }
 }
 

@@ -103,6 +103,12 @@ std::vector<float> gather_weight(const WeightLocation& where, const LoraModule& 
 // would fill it). Returns those values.
 std::span<float> gather_weight_into(const WeightLocation& where, const LoraModule& module, std::vector<float>& storage);
 
+// The same rows without a copy, when the module uses a contiguous range of the tensor's rows
+// as stored (not transposed) and the tensor holds F32, F16 or BF16 values: a view of the stored
+// values (usually in the mapped file). nullopt otherwise (gather_weight_into then). Checks the
+// shapes as gather_weight_into does.
+std::optional<TensorView> weight_in_place(const WeightLocation& where, const LoraModule& module);
+
 // Refuses (usage error) an output path that is the checkpoint or any of its files: inputs are
 // never modified.
 void refuse_replacing(const Checkpoint& checkpoint, std::string_view role, const std::string& output);

@@ -150,14 +150,28 @@ GramSvd gram_svd(std::span<const double> gram_b, std::span<const double> gram_a,
 // column-major in `matrix` (upper triangle read); `matrix` receives the eigenvectors as columns.
 void symmetric_eigen(std::vector<double>& matrix, std::int64_t n, std::vector<double>& values);
 
-// ‖W‖_2 of a dense row-major rows x cols f32 matrix, estimated by seeded block Krylov
-// iteration (blocks of 4 vectors, `iterations` passes over W, Rayleigh–Ritz on the whole
-// Krylov space): a lower bound that converges to σ_1. Measured (bench shapes, 6 passes): within
-// 1e-6 relative for weights with a dominant singular value (σ_1/σ_2 >= 1.4), within 2e-2 for
-// flat Gaussian spectra (σ_1/σ_2 ~ 1.003), where the block power iteration it replaced was
-// 2-4e-2 off after 9 passes.
-double spectral_norm(const float* matrix, std::int64_t rows, std::int64_t cols, int iterations = 6,
-                     std::uint64_t seed = 0x5eed);
+// A dense row-major rows x cols matrix as stored: F32, F16 or BF16 values (for example a
+// checkpoint tensor in its mapped file), not necessarily aligned.
+struct DenseView {
+    const void* data = nullptr;
+    DType dtype = DType::F32;
+    std::int64_t rows = 0;
+    std::int64_t cols = 0;
+};
+
+// ‖W‖_2 of a dense matrix, estimated by seeded block Krylov iteration (blocks of 4 vectors,
+// `iterations` passes over W, Rayleigh–Ritz on the whole Krylov space): a lower bound that
+// converges to σ_1. Measured (bench shapes, 6 passes): within 1e-6 relative for weights with a
+// dominant singular value (σ_1/σ_2 >= 1.4), within 2e-2 for flat Gaussian spectra (σ_1/σ_2 ~
+// 1.003), where the block power iteration it replaced was 2-4e-2 off after 9 passes. F16 and
+// BF16 values are widened as each pass reads them (exactly: f32 holds every such value), so
+// the stored tensor is the only copy. Throws bad_input when W holds NaN or infinite values,
+// unsupported for other dtypes.
+double spectral_norm(const DenseView& matrix, int iterations = 6, std::uint64_t seed = 0x5eed);
+inline double spectral_norm(const float* matrix, std::int64_t rows, std::int64_t cols, int iterations = 6,
+                            std::uint64_t seed = 0x5eed) {
+    return spectral_norm(DenseView{matrix, DType::F32, rows, cols}, iterations, seed);
+}
 
 // One pass over dense values: ‖x‖², max |x| and whether all are finite (vectorised; the sum in
 // double).

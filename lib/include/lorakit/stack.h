@@ -28,6 +28,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <optional>
 #include <span>
 #include <string>
@@ -110,11 +111,17 @@ struct StackReport {
 };
 
 // Dense base weights for a module, supplied by the caller (lora-stack --base): the rows of the
-// checkpoint tensor the module's ΔW adds to, as out x flat_in row-major f32 (transposed already
-// for fan_in_fan_out and embeddings), its dtype's finite limit (0: no overflow check), and names.
+// checkpoint tensor the module's ΔW adds to, as out x flat_in row-major values (transposed
+// already for fan_in_fan_out and embeddings), its dtype's finite limit (0: no overflow check),
+// and names. The values are either f32 in `values` (usually into `storage`) or, when `stored`
+// is set, the tensor's own F32, F16 or BF16 values read in place (a mapped checkpoint tensor
+// used whole: no converted copy); `release`, when set, is called once the module is done.
 struct BaseWeight {
     std::span<const float> values;  // out x flat_in, usually into `storage`
     std::vector<float> storage;     // reused by load() from module to module; only grows
+    const std::byte* stored = nullptr;
+    DType stored_dtype = DType::F32;
+    std::function<void()> release;
     std::string tensor;
     std::string dtype;
     double limit = 0;
