@@ -393,6 +393,10 @@ GgufFile::GgufFile(std::shared_ptr<const MappedFile> file, std::uint32_t version
     build_index();
 }
 
+void GgufFile::prefetch(const TensorEntry& entry) const {
+    file_->prefetch(static_cast<std::size_t>(data_start_ + entry.offset), static_cast<std::size_t>(entry.size));
+}
+
 void GgufFile::release(const TensorEntry& entry) const {
     file_->release(file_->bytes().subspan(static_cast<std::size_t>(data_start_ + entry.offset), static_cast<std::size_t>(entry.size)));
 }

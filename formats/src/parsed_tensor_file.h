@@ -23,6 +23,11 @@ public:
     const std::vector<TensorEntry>& entries() const override { return entries_; }
     const std::map<std::string, std::string>& metadata() const override { return metadata_; }
     void release(const TensorEntry& entry) const override { file_->release(entry.tensor.bytes()); }
+    void prefetch(const TensorEntry& entry) const override {
+        const auto bytes = entry.tensor.bytes(), all = file_->bytes();
+        if (!bytes.empty() && bytes.data() >= all.data() && bytes.data() + bytes.size() <= all.data() + all.size())
+            file_->prefetch(static_cast<std::size_t>(bytes.data() - all.data()), bytes.size());
+    }
 
 private:
     std::string_view format_;  // a string literal

@@ -43,6 +43,15 @@ public:
         return true;
     }
 
+    void prefetch(const LoraModule& module) const override {
+        try {
+            const auto where = checkpoint_.locate(module);
+            if (where) checkpoint_.files()[where->file]->prefetch(*where->entry);
+        } catch (const Error&) {
+            // Only a hint: a module that does not fit its tensor fails when it is loaded.
+        }
+    }
+
 private:
     const Checkpoint& checkpoint_;
 };

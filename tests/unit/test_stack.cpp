@@ -2,6 +2,8 @@
 // stacks (orthogonal, self, negation, nearly parallel), base checks, auto-scale and the CLI.
 #include <catch2/catch.hpp>
 
+#include <mutex>
+
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -403,6 +405,38 @@ TEST_CASE("stack refuses what it cannot model, naming it", "[stack]") {
     CHECK_THROWS_WITH(analyse({adapter_of({m}), adapter_of({bad})}, {1, 1}), Catch::Contains("NaN"));
 }
 
+TEST_CASE("base tensors are asked for ahead of the workers, each once, before its load", "[stack]") {
+    class Recording final : public BaseWeights {
+    public:
+        bool load(const LoraModule& m, BaseWeight& into) const override {
+            std::lock_guard lock(mutex);
+            events.push_back("load " + m.name);
+            return false;  // no base tensor: reported, not an error
+        }
+        void prefetch(const LoraModule& m) const override {
+            std::lock_guard lock(mutex);
+            events.push_back("prefetch " + m.name);
+        }
+        mutable std::mutex mutex;
+        mutable std::vector<std::string> events;
+    };
+    std::mt19937 g(3);
+    std::vector<LoraModule> modules;
+    for (int i = 0; i < 9; ++i) modules.push_back(random_module(g, 12, 10, 2, 2, fmt::format("model.layers.{}.mlp.up_proj", i)));
+    Recording base;
+    StackOptions o;
+    o.threads = 2;
+    const auto report = analyse_stack({adapter_of(modules)}, o, false, &base, no_progress());
+    CHECK(report.modules.size() == 9);
+    for (const auto& m : modules) {
+        const auto p = std::find(base.events.begin(), base.events.end(), "prefetch " + m.name);
+        const auto l = std::find(base.events.begin(), base.events.end(), "load " + m.name);
+        CHECK(std::count(base.events.begin(), base.events.end(), "prefetch " + m.name) == 1);
+        CHECK(std::count(base.events.begin(), base.events.end(), "load " + m.name) == 1);
+        CHECK(p < l);
+    }
+}
+
 TEST_CASE("split_weight separates PATH:W only when W is a number", "[stack]") {
     CHECK(split_weight("a.safetensors:0.8") == std::pair<std::string, std::optional<double>>{"a.safetensors", 0.8});
     CHECK(split_weight("a.safetensors:-1e-1") == std::pair<std::string, std::optional<double>>{"a.safetensors", -0.1});
@@ -483,6 +517,17 @@ TEST_CASE("lora-stack CLI: report, --json, --strict, -o writes the exact sum", "
         r = run_tool("lora-stack", {sample, "--base", (dir / "missing.safetensors").string()});
         CHECK(r.exit_code == 4);
         CHECK_THAT(r.err, Catch::Contains("missing.safetensors"));
+        // A tensor that cannot take its module: the error names that module (the tensors are
+        // asked for ahead of use, and that hint must not report it under another module).
+        const std::string last = in.modules.back().name;
+        keep.back() = Tensor::from_f32(DType::F16, {in.modules.back().out_features(), in.modules.back().in_features() + 1},
+                                       std::vector<float>(static_cast<std::size_t>(in.modules.back().out_features() *
+                                                                                   (in.modules.back().in_features() + 1))));
+        tensors.back() = {last + ".weight", keep.back().view()};
+        formats::write_safetensors(dir / "wrong.safetensors", tensors, {}, false);
+        r = run_tool("lora-stack", {sample, "--base", (dir / "wrong.safetensors").string(), "-j", "1"});
+        CHECK(r.exit_code == 3);
+        CHECK_THAT(r.err, Catch::Contains("module '" + last + "'") && Catch::Contains("does not fit"));
     }
 }
 

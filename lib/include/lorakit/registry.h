@@ -64,6 +64,10 @@ public:
     // Drops the entry's mapped pages from the process's memory after use (MappedFile::release);
     // a no-op for files whose tensors are not mapped.
     virtual void release(const TensorEntry&) const {}
+    // Asks the OS to start reading the entry's bytes now (MappedFile::prefetch), ahead of their
+    // use, so that reading a file from disk overlaps the work on earlier tensors; a no-op for
+    // files whose tensors are not mapped.
+    virtual void prefetch(const TensorEntry&) const {}
 
     const TensorEntry* find(std::string_view tensor_name) const;
     // The tensor named `tensor_name` (decoded into an F32 tensor for decoded types); throws

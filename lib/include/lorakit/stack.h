@@ -133,6 +133,8 @@ public:
     // and a resize would zero-fill); false when the checkpoint has no tensor for the module
     // (reported, not an error).
     virtual bool load(const LoraModule& module, BaseWeight& into) const = 0;
+    // A hint that `module` will be loaded soon: a checkpoint starts reading its tensor from disk.
+    virtual void prefetch(const LoraModule&) const {}
 };
 
 // Computes the report. With `auto_scale`, multiplies the weights by the suggested factor and

@@ -85,6 +85,7 @@ public:
     const std::map<std::string, std::string>& metadata() const override { return metadata_; }
     // By the stored byte range: decoded (Q8_0) and other quantized entries have no plain tensor.
     void release(const TensorEntry& entry) const override;
+    void prefetch(const TensorEntry& entry) const override;
 
     std::uint32_t version() const noexcept { return version_; }
     std::uint32_t alignment() const noexcept { return alignment_; }
