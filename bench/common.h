@@ -66,6 +66,15 @@ inline Run median_of(const std::vector<std::string>& argv, int repeats) {
     return median_of(argv, repeats, [] {});
 }
 
+// Drops a file's pages from the page cache (posix_fadvise DONTNEED: clean pages only, no root
+// needed), so that the next read comes from the disk.
+inline void evict(const std::filesystem::path& path) {
+    const int fd = ::open(path.c_str(), O_RDONLY);
+    if (fd < 0) return;
+    ::posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED);
+    ::close(fd);
+}
+
 inline std::string tool(const char* self, const char* name) {
     return (std::filesystem::path(self).parent_path() / name).string();
 }

@@ -265,10 +265,8 @@ void judge(ModuleStack& m, const StackThresholds& th) {
     m.ok_factor = t < 1 ? t * (1 - 1e-9) : 1.0;
 }
 
-// W + ΣΔW against the dtype's limit: a row whose bound max|W_p| + ‖b_p‖·max_q‖a_q‖ stays in
-// range cannot overflow for any factor t in [0, 1]; the others are computed exactly.
 // Row p of a base weight as f32: in place when it is aligned f32, widened into `buffer`
-// (in values) otherwise.
+// (`in` values) otherwise.
 const float* row_f32(const linalg::DenseView& w, std::int64_t p, std::vector<float>& buffer) {
     const auto in = static_cast<std::size_t>(w.cols);
     const std::byte* src = static_cast<const std::byte*>(w.data) + static_cast<std::size_t>(p) * in * dtype_size(w.dtype);
@@ -283,6 +281,8 @@ const float* row_f32(const linalg::DenseView& w, std::int64_t p, std::vector<flo
     return buffer.data();
 }
 
+// W + ΣΔW against the dtype's limit: a row whose bound max|W_p| + ‖b_p‖·max_q‖a_q‖ stays in
+// range cannot overflow for any factor t in [0, 1]; the others are computed exactly.
 void check_overflow(BaseStats& stats, const linalg::DenseView& w, const std::vector<double>& bw, std::span<const float> a,
                     std::int64_t out, std::int64_t R, std::int64_t in) {
     double amax = 0;
