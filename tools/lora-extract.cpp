@@ -51,7 +51,7 @@ int main(int argc, char** argv) {
                  "extracted module's bias, else PEFT modules_to_save (tuned values) or LyCORIS diff/diff_b (kohya)");
     app.add_flag("--allow-unmatched", request.allow_unmatched,
                  "skip tuned weights with no counterpart in the base (a warning) instead of failing");
-    app.add_option("-j,--threads", request.threads, "threads for the SVDs (default: all cores)")->check(CLI::NonNegativeNumber);
+    app.add_option("-j,--threads", request.threads, "weights decomposed at once, one per thread (default: all cores)")->check(CLI::NonNegativeNumber);
     tool.add_force_option(request.force);
     tool.add_json_option(request.json, "print the per-module report as JSON on stdout");
     tool.add_verbosity_options();

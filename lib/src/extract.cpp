@@ -3,10 +3,9 @@
 
 #include <algorithm>
 #include <cmath>
-#include <exception>
 #include <filesystem>
-#include <future>
 #include <map>
+#include <optional>
 #include <set>
 
 #include <fmt/format.h>
@@ -14,6 +13,7 @@
 
 #include "lorakit/checkpoint.h"
 #include "lorakit/error.h"
+#include "parallel.h"
 
 extern "C" void cblas_sgemm(int layout, int trans_a, int trans_b, int m, int n, int k, float alpha, const float* a,
                             int lda, const float* b, int ldb, float beta, float* c, int ldc);
@@ -231,39 +231,32 @@ ToolResult run_extract(const Registry& registry, const ExtractRequest& request, 
         }
         if (plan.empty()) fail(ErrorCode::bad_input, "{} holds no weight lorakit can extract a LoRA from", quote(request.tuned));
 
-        linalg::set_blas_threads(request.threads);
         Adapter adapter;
         adapter.source = request.tuned;
         adapter.container = "safetensors";
         adapter.base_model = hint;
-        std::vector<Extracted> report;
+        // One tensor pair per worker at a time, BLAS single-threaded inside each (parallel_for):
+        // with one pair at a time and multi-threaded BLAS, OpenBLAS's idle thread spun through
+        // every gather, subtraction and scan between the products (a fifth of the run's samples
+        // in sched_yield), taking a core from them. Results go to their plan slot, so the output
+        // does not depend on the order the workers finish in.
+        std::vector<Extracted> report(plan.size());
+        std::vector<std::optional<LoraModule>> factored(plan.size());
         progress.begin("extract", plan.size(), total_bytes);
-        std::uint64_t done_bytes = 0;
-        std::size_t done = 0;
-        std::vector<float> delta_storage, base_storage;  // only grow (gather_weight_into)
-        for (const auto& p : plan) {
+        detail::parallel_for(plan.size(), request.threads, progress, [&](std::size_t index) -> std::uint64_t {
+            const auto& p = plan[index];
             const LoraModule& m = p.probe;
-            Extracted x;
+            Extracted& x = report[index];
             x.name = m.name;
             x.out = m.out_features();
             x.in = m.in_features();
             x.kernel = m.kernel_size();
             const std::int64_t rows = m.out_features(), cols = m.flat_in_features();
-            // Both weights at once (the base on a second thread), into buffers reused throughout.
-            std::span<float> delta, base_weight;
-            auto base_done = std::async(std::launch::async, [&] {
-                with_context(fmt::format("{}: module {}", quote(request.base), quote(m.name)),
-                             [&] { base_weight = gather_weight_into(p.base, m, base_storage); });
-            });
-            std::exception_ptr failure;
-            try {
-                with_context(fmt::format("{}: module {}", quote(request.tuned), quote(m.name)),
-                             [&] { delta = gather_weight_into(p.tuned, m, delta_storage); });
-            } catch (...) {
-                failure = std::current_exception();
-            }
-            base_done.get();
-            if (failure) std::rethrow_exception(failure);
+            thread_local std::vector<float> delta_storage, base_storage;  // only grow (gather_weight_into)
+            const std::span<float> base_weight = with_context(fmt::format("{}: module {}", quote(request.base), quote(m.name)),
+                                                              [&] { return gather_weight_into(p.base, m, base_storage); });
+            const std::span<float> delta = with_context(fmt::format("{}: module {}", quote(request.tuned), quote(m.name)),
+                                                        [&] { return gather_weight_into(p.tuned, m, delta_storage); });
             for (std::size_t i = 0; i < delta.size(); ++i) delta[i] -= base_weight[i];
             const linalg::DenseStats stats = linalg::dense_stats(delta.data(), delta.size());
             if (!stats.finite) fail(ErrorCode::bad_input, "module {}: the difference holds NaN or infinite values", quote(m.name));
@@ -300,17 +293,16 @@ ToolResult run_extract(const Registry& registry, const ExtractRequest& request, 
                 out.up = Tensor::from_f32(type, up, x.fit.up);
                 out.alpha = static_cast<double>(k);
                 out.alpha_dtype = type;
-                adapter.modules.push_back(std::move(out));
+                factored[index] = std::move(out);
                 x.fit.up.clear();
                 x.fit.up.shrink_to_fit();
                 x.fit.down.clear();
                 x.fit.down.shrink_to_fit();
             }
-            report.push_back(std::move(x));
-            done_bytes += p.bytes;
-            progress.advance(++done, done_bytes);
-        }
-        progress.end();
+            return p.bytes;
+        });
+        for (auto& module : factored)
+            if (module) adapter.modules.push_back(std::move(*module));
         if (adapter.modules.empty())
             fail(ErrorCode::bad_input, "{} and {} do not differ in any weight lorakit extracts{}", quote(request.base),
                  quote(request.tuned), request.min_diff > 0 ? " (above --min-diff)" : "");

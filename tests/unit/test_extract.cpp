@@ -224,6 +224,15 @@ TEST_CASE("lora-extract: bake then extract recovers the adapter (PEFT, f32 and f
         REQUIRE(r.exit_code == 0);
         CHECK(test::read_file(dir / "x" / "adapter_model.safetensors") == test::read_file(dir / "y" / "adapter_model.safetensors"));
         CHECK(test::read_file(dir / "x" / "adapter_config.json") == test::read_file(dir / "y" / "adapter_config.json"));
+        // Whatever the number of workers (each weight on one worker, BLAS single-threaded in it),
+        // and whatever order they finish in: the same bytes.
+        for (const char* jobs : {"1", "3"}) {
+            const auto z = dir / (std::string("z") + jobs);
+            r = test::run_tool("lora-extract",
+                               {base_llama, (dir / "tuned.safetensors").string(), "-o", z.string(), "--rank", "8", "-j", jobs});
+            REQUIRE(r.exit_code == 0);
+            CHECK(test::read_file(dir / "x" / "adapter_model.safetensors") == test::read_file(z / "adapter_model.safetensors"));
+        }
     }
     SECTION("f16 (the base's dtype): within the rounding of the tuned weights") {
         auto r = test::run_tool("lora-bake", {base_llama, sample, "-o", (dir / "tuned.safetensors").string()});

@@ -408,7 +408,7 @@ TEST_CASE("stack refuses what it cannot model, naming it", "[stack]") {
 TEST_CASE("base tensors are asked for ahead of the workers, each once, before its load", "[stack]") {
     class Recording final : public BaseWeights {
     public:
-        bool load(const LoraModule& m, BaseWeight& into) const override {
+        bool load(const LoraModule& m, BaseWeight&) const override {
             std::lock_guard lock(mutex);
             events.push_back("load " + m.name);
             return false;  // no base tensor: reported, not an error

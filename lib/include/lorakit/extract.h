@@ -63,7 +63,7 @@ struct ExtractRequest {
     bool keep_full = false;
     bool force = false;
     bool json = false;
-    int threads = 0;                // BLAS threads (0: all cores)
+    int threads = 0;                // workers, one weight each, BLAS single-threaded in them (0: all cores)
 };
 
 ToolResult run_extract(const Registry& registry, const ExtractRequest& request, Progress& progress);
