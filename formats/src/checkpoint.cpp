@@ -26,6 +26,7 @@
 #include <filesystem>
 #include <map>
 #include <memory>
+#include <mutex>
 #include <set>
 
 #include <fmt/format.h>
@@ -40,6 +41,7 @@
 #include "lorakit/formats/safetensors.h"
 #include "lorakit/atomic_file.h"
 #include "lorakit/names.h"
+#include "made_ahead.h"
 #include "sd_names.h"
 
 namespace lorakit::formats {
@@ -47,6 +49,43 @@ namespace lorakit::formats {
 namespace fs = std::filesystem;
 
 namespace {
+
+// The changed tensors of a checkpoint write, produced one ahead of the writer on a helper thread
+// (MadeAhead, depth 1), so that one tensor's product overlaps the previous one's write instead of
+// following it; at most two output buffers, recycled (fresh pages are slow to touch). Items are
+// positions in the order the writer asks for them; needs(k) says whether item k is produced.
+class ProducedAhead {
+public:
+    ProducedAhead(std::size_t count, const std::function<bool(std::size_t)>& needs,
+                  std::function<void(std::size_t, std::vector<std::byte>&)> produce)
+        : produce_(std::move(produce)), made_(count, needs, [this](std::size_t k) { return make(k); }, 1) {}
+
+    // Item k's bytes; give them back with recycle() once written.
+    std::vector<std::byte> take(std::size_t k) { return made_.take(k); }
+    void recycle(std::vector<std::byte>&& bytes) {
+        std::lock_guard lock(mutex_);
+        if (free_.size() < 2) free_.push_back(std::move(bytes));
+    }
+
+private:
+    std::vector<std::byte> make(std::size_t k) {
+        std::vector<std::byte> bytes;
+        {
+            std::lock_guard lock(mutex_);
+            if (!free_.empty()) {
+                bytes = std::move(free_.back());
+                free_.pop_back();
+            }
+        }
+        produce_(k, bytes);
+        return bytes;
+    }
+
+    std::function<void(std::size_t, std::vector<std::byte>&)> produce_;
+    std::mutex mutex_;
+    std::vector<std::vector<std::byte>> free_;
+    MadeAhead<std::vector<std::byte>> made_;  // last: its helper stops before the members above go
+};
 
 struct Found {
     std::size_t file;
@@ -502,19 +541,25 @@ void FileCheckpoint::write_gguf_model(const fs::path& target, const TensorSource
     }
     progress.begin("bake", infos.size(), total);
     std::uint64_t items = 0, bytes_done = 0;
-    std::vector<std::byte> buffer;
     with_context(quote(target.string()), [&] {
         AtomicFile out(target, options.overwrite);
+        ProducedAhead ahead(
+            infos.size(), [&](std::size_t i) { return produced[i].has_value(); },
+            [&](std::size_t i, std::vector<std::byte>& bytes) {
+                const TensorEntry& e = g.entries()[i];
+                with_context(fmt::format("tensor {}", quote(e.name)), [&] { source.produce(0, e, *produced[i], bytes); });
+            });
         write_gguf_streamed(out, kv, infos, [&](std::size_t i, AtomicFile& file) {
             const TensorEntry& e = g.entries()[i];
             if (!produced[i]) {
                 file.write(g.raw(i));
             } else {
-                with_context(fmt::format("tensor {}", quote(e.name)), [&] { source.produce(0, e, *produced[i], buffer); });
+                std::vector<std::byte> buffer = ahead.take(i);
                 if (infos[i].type == ggml_q8_0)
                     file.write(quantize_q8_0(reinterpret_cast<const float*>(buffer.data()), buffer.size() / sizeof(float)));
                 else
                     file.write(buffer);
+                ahead.recycle(std::move(buffer));
             }
             g.release(e);
             progress.advance(++items, bytes_done += infos[i].size());
@@ -618,18 +663,28 @@ void FileCheckpoint::write(const fs::path& target, const TensorSource& source, c
     }
     progress.begin("bake", plan.size(), total);
     std::uint64_t items = 0, bytes_done = 0;
-    std::vector<std::byte> buffer;
     auto write_file = [&](AtomicFile& out, const std::vector<std::size_t>& group, const std::map<std::string, std::string>& metadata) {
         std::vector<formats::SafetensorsRecord> records;
         for (auto i : group) {
             const Planned& p = plan[i];
             records.push_back({p.entry->name, p.type.value_or(p.entry->tensor.dtype()), p.entry->shape, p.size, i});
         }
+        // The records are written in the group's order: position k is plan item group[k].
+        ProducedAhead ahead(
+            group.size(), [&](std::size_t k) { return plan[group[k]].type.has_value(); },
+            [&](std::size_t k, std::vector<std::byte>& bytes) {
+                const Planned& p = plan[group[k]];
+                with_context(fmt::format("tensor {}", quote(p.entry->name)), [&] { source.produce(p.file, *p.entry, *p.type, bytes); });
+            });
+        std::size_t position = 0;
         write_safetensors_streamed(out, std::move(records), metadata, [&](std::size_t i, AtomicFile& file) {
             const Planned& p = plan[i];
+            const std::size_t k = position++;
+            if (group[k] != i) fail(ErrorCode::internal, "tensor {} written out of order", quote(p.entry->name));
             if (p.type) {
-                with_context(fmt::format("tensor {}", quote(p.entry->name)), [&] { source.produce(p.file, *p.entry, *p.type, buffer); });
+                std::vector<std::byte> buffer = ahead.take(k);
                 file.write(buffer);
+                ahead.recycle(std::move(buffer));
             } else {
                 file.write(p.entry->tensor.bytes());
             }

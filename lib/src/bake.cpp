@@ -2,6 +2,7 @@
 #include "lorakit/bake.h"
 
 #include <algorithm>
+#include <thread>
 #include <cmath>
 #include <filesystem>
 #include <map>
@@ -57,7 +58,8 @@ public:
         return std::nullopt;
     }
 
-    // Called once per tensor, one at a time: the f32 buffer is reused (no fresh pages per tensor).
+    // Called once per tensor, one at a time (on the writer's helper thread): the f32 buffer is
+    // reused (no fresh pages per tensor).
     void produce(std::size_t file, const TensorEntry& e, DType type, std::vector<std::byte>& bytes) const override {
         std::vector<float>& w = weight_;
         e.to_f32(w);
@@ -272,7 +274,12 @@ ToolResult run_bake(const Registry& registry, const BakeRequest& request, Progre
             if (!request.allow_unmatched) fail(ErrorCode::bad_input, "{}; --allow-unmatched skips them", what);
             result.warning(what + "; skipped (--allow-unmatched)");
         }
-        linalg::set_blas_threads(request.threads);
+        // The writer copies each tensor out while the next one is produced on a helper thread
+        // (the checkpoint writers' ProducedAhead): the products get the other threads. With all
+        // of them on the products, OpenBLAS's idle thread spun through every write and
+        // conversion (a third of a bake's samples in sched_yield on 2 cores).
+        const int threads = request.threads > 0 ? request.threads : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+        linalg::set_blas_threads(std::max(1, threads - 1));
         BakeSource source(plan, request.dtype);
         CheckpointWriteOptions options;
         options.overwrite = request.force;

@@ -31,7 +31,7 @@ struct BakeRequest {
     bool force = false;
     bool json = false;
     std::uint64_t shard_size = 0;       // > 0: sharded output directory
-    int threads = 0;                    // BLAS threads for the products (0: all cores)
+    int threads = 0;                    // threads: one writes, the others compute the products (0: all cores)
 };
 
 ToolResult run_bake(const Registry& registry, const BakeRequest& request, Progress& progress);

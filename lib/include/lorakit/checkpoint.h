@@ -40,6 +40,8 @@ public:
     // they are. Called once per tensor before anything is written.
     virtual std::optional<DType> output_dtype(std::size_t file, const TensorEntry& entry) const = 0;
     // Appends the tensor's new bytes (in the dtype output_dtype gave) to `bytes` (cleared first).
+    // Called once per changed tensor, one at a time, in writing order, on a helper thread of the
+    // writer while the tensors before it are written.
     virtual void produce(std::size_t file, const TensorEntry& entry, DType type, std::vector<std::byte>& bytes) const = 0;
 };
 
