@@ -878,8 +878,9 @@ TEST_CASE("Gram kernels: every variant's MᵀM z and max |x| over stored f32, f1
     std::normal_distribution<float> d;
     const std::pair<std::int64_t, std::int64_t> shapes[] = {{1, 1},   {3, 17},    {5, 16},   {7, 64},  {9, 81},
                                                             {130, 15}, {300, 1100}, {1030, 40}, {4, 2000}};
-    for (const auto& [rows, cols] : shapes)
+    for (const auto& shape : shapes)
         for (const DType type : {DType::F32, DType::F16, DType::BF16}) {
+            const std::int64_t rows = shape.first, cols = shape.second;  // (lambdas below capture them)
             const auto count = static_cast<std::size_t>(rows * cols);
             std::vector<float> values(count);
             for (auto& x : values) x = d(g);
