@@ -146,7 +146,7 @@ double spectral_norm(const DenseView& matrix, int iterations, std::uint64_t seed
         fail(ErrorCode::unsupported, "spectral norm of {} values", dtype_name(matrix.dtype));
     if (rows <= 0 || cols <= 0) return 0.0;
     // Block Krylov (block Lanczos with full reorthogonalisation): orthonormal blocks of up to l
-    // vectors spanning [Z, MᵀM Z, ..., (MᵀM)^{s-1} Z], one pass over M each (gram_apply); then
+    // vectors spanning [Z, MᵀM Z, ..., (MᵀM)^{s-1} Z], one pass over M each (normal_apply); then
     // Rayleigh–Ritz on the whole span, the largest eigenvalue of Qᵀ MᵀM Q = Qᵀ [MᵀM Q_0 ...],
     // which is σ_1² from below as long as Q is orthonormal. The whole Krylov space converges
     // much faster than the last block of a power iteration with as many passes (Musco & Musco
