@@ -33,7 +33,8 @@ int main(int argc, char** argv) {
     app.add_flag("--subtract", request.subtract, "remove previously baked adapters instead (W - sum)");
     app.add_flag("--allow-unmatched", request.allow_unmatched,
                  "skip adapter modules with no tensor in the base (a warning) instead of failing");
-    app.add_option("-j,--threads", request.threads, "threads: one writes the output while the others compute the next tensor (default: all cores)")->check(CLI::NonNegativeNumber);
+    app.add_option("-j,--threads", request.threads, "threads: one writes the output while the others compute the next\n"
+                   "tensor; -j 1 does both on one (default: all cores)")->check(CLI::NonNegativeNumber);
     tool.add_force_option(request.force);
     tool.add_json_option(request.json, "print which tensors were changed by which modules, as JSON");
     tool.add_verbosity_options();

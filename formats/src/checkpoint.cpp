@@ -53,7 +53,8 @@ namespace {
 // The changed tensors of a checkpoint write, produced one ahead of the writer on a helper thread
 // (MadeAhead, depth 1), so that one tensor's product overlaps the previous one's write instead of
 // following it; at most two output buffers, recycled (fresh pages are slow to touch). Items are
-// positions in the order the writer asks for them; needs(k) says whether item k is produced.
+// positions in the order the writer asks for them; needs(k) says whether item k is produced
+// ahead (take() makes any other item on the caller's thread).
 class ProducedAhead {
 public:
     ProducedAhead(std::size_t count, const std::function<bool(std::size_t)>& needs,
@@ -544,7 +545,7 @@ void FileCheckpoint::write_gguf_model(const fs::path& target, const TensorSource
     with_context(quote(target.string()), [&] {
         AtomicFile out(target, options.overwrite);
         ProducedAhead ahead(
-            infos.size(), [&](std::size_t i) { return produced[i].has_value(); },
+            infos.size(), [&](std::size_t i) { return options.produce_ahead && produced[i].has_value(); },
             [&](std::size_t i, std::vector<std::byte>& bytes) {
                 const TensorEntry& e = g.entries()[i];
                 with_context(fmt::format("tensor {}", quote(e.name)), [&] { source.produce(0, e, *produced[i], bytes); });
@@ -671,7 +672,7 @@ void FileCheckpoint::write(const fs::path& target, const TensorSource& source, c
         }
         // The records are written in the group's order: position k is plan item group[k].
         ProducedAhead ahead(
-            group.size(), [&](std::size_t k) { return plan[group[k]].type.has_value(); },
+            group.size(), [&](std::size_t k) { return options.produce_ahead && plan[group[k]].type.has_value(); },
             [&](std::size_t k, std::vector<std::byte>& bytes) {
                 const Planned& p = plan[group[k]];
                 with_context(fmt::format("tensor {}", quote(p.entry->name)), [&] { source.produce(p.file, *p.entry, *p.type, bytes); });

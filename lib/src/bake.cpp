@@ -285,6 +285,7 @@ ToolResult run_bake(const Registry& registry, const BakeRequest& request, Progre
         options.overwrite = request.force;
         options.shard_size = request.shard_size;
         options.keep_quantized = !request.dtype;
+        options.produce_ahead = threads > 1;
         if (request.q8_0) options.gguf_type = "q8_0";
         else if (request.dtype)
             options.gguf_type = *request.dtype == DType::F32 ? "f32" : *request.dtype == DType::F16 ? "f16" : "bf16";

@@ -89,6 +89,14 @@ TEST_CASE("lora-bake: W + sum of weighted deltas, rounded once; the rest byte fo
         REQUIRE(run_tool("lora-bake", {base.string(), sample + ":0.7", sample + ":-0.2", "-o", again.string()}).exit_code == 0);
         CHECK(read_file(again) == read_file(out));
         std::filesystem::remove(again);
+        // Produced on the writer's thread (-j 1) or one tensor ahead on a helper (-j 2, -j 3): the
+        // same bytes.
+        for (const char* jobs : {"1", "2", "3"}) {
+            REQUIRE(run_tool("lora-bake", {base.string(), sample + ":0.7", sample + ":-0.2", "-o", again.string(), "-j", jobs})
+                        .exit_code == 0);
+            CHECK(read_file(again) == read_file(out));
+            std::filesystem::remove(again);
+        }
         if (type == DType::F32) {
             // --subtract undoes the bake (to f32 rounding).
             const auto undone = dir / "undone.safetensors";
@@ -343,6 +351,11 @@ TEST_CASE("lora-bake into a GGUF model: q/k rows in llama.cpp's order, Q8_0 requ
     auto r = test::run_tool("lora-bake", {(dir / "base.gguf").string(), (dir / "lora").string(), "-o", (dir / "out.gguf").string()});
     INFO(r.err);
     REQUIRE(r.exit_code == 0);
+    // Produced on the writer's thread (-j 1) or ahead of it: the same bytes.
+    r = test::run_tool("lora-bake", {(dir / "base.gguf").string(), (dir / "lora").string(), "-o", (dir / "out-j1.gguf").string(),
+                                     "-j", "1"});
+    REQUIRE(r.exit_code == 0);
+    CHECK(test::read_file(dir / "out-j1.gguf") == test::read_file(dir / "out.gguf"));
     const auto base = registry.open_checkpoint(dir / "base.gguf");
     const auto out = registry.open_checkpoint(dir / "out.gguf");
     const auto& in_file = dynamic_cast<const formats::GgufFile&>(*base->files()[0]);

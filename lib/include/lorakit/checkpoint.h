@@ -41,7 +41,7 @@ public:
     virtual std::optional<DType> output_dtype(std::size_t file, const TensorEntry& entry) const = 0;
     // Appends the tensor's new bytes (in the dtype output_dtype gave) to `bytes` (cleared first).
     // Called once per changed tensor, one at a time, in writing order, on a helper thread of the
-    // writer while the tensors before it are written.
+    // writer while the tensors before it are written (CheckpointWriteOptions::produce_ahead).
     virtual void produce(std::size_t file, const TensorEntry& entry, DType type, std::vector<std::byte>& bytes) const = 0;
 };
 
@@ -56,6 +56,9 @@ struct CheckpointWriteOptions {
     // quantizes the others (F16 where a row is not a multiple of 32), and general.file_type
     // follows.
     std::string gguf_type;
+    // Changed tensors are produced on a helper thread, one ahead of the writer (false: on the
+    // writer's thread, one thread in all: lora-bake -j 1).
+    bool produce_ahead = true;
 };
 
 class Checkpoint {
