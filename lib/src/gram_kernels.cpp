@@ -1,7 +1,6 @@
 #include "gram_kernels.h"
 
 #include "cpu_features.h"
-#include "dtype_kernels.h"
 
 #include <algorithm>
 #include <cstdint>
@@ -125,14 +124,10 @@ void portable_normal_apply(const std::byte* m, DType dtype, std::size_t rows, st
         const std::size_t p = std::min(panel, rows - r0), count = p * cols;
         const std::byte* src = m + r0 * cols * size;
         const float* block = scratch;
-        if (dtype == DType::F16)
-            kernels().f16_to_f32(src, scratch, count);
-        else if (dtype == DType::BF16)
-            kernels().bf16_to_f32(src, scratch, count);
-        else if (reinterpret_cast<std::uintptr_t>(src) % alignof(float) == 0)
+        if (dtype == DType::F32 && reinterpret_cast<std::uintptr_t>(src) % alignof(float) == 0)
             block = reinterpret_cast<const float*>(src);
         else
-            std::memcpy(scratch, src, count * sizeof(float));
+            convert_to_f32(dtype, src, scratch, count);
         cblas_sgemm(col_major, trans, no_trans, static_cast<int>(p), width, n, 1.0f, block, n, z, n, 0.0f, t,
                     static_cast<int>(p));
         cblas_sgemm(col_major, no_trans, no_trans, n, width, static_cast<int>(p), 1.0f, block, n, t, static_cast<int>(p),

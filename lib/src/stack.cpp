@@ -16,7 +16,6 @@
 #include "lorakit/random.h"
 #include "module_groups.h"
 #include "select.h"
-#include "dtype_kernels.h"
 #include "gram_kernels.h"
 #include "small_eigen.h"
 #include "parallel.h"
@@ -272,67 +271,25 @@ const float* row_f32(const linalg::DenseView& w, std::int64_t p, std::vector<flo
     const std::byte* src = static_cast<const std::byte*>(w.data) + static_cast<std::size_t>(p) * in * dtype_size(w.dtype);
     if (w.dtype == DType::F32 && reinterpret_cast<std::uintptr_t>(src) % alignof(float) == 0)
         return reinterpret_cast<const float*>(src);
-    if (w.dtype == DType::F16)
-        detail::kernels().f16_to_f32(src, buffer.data(), in);
-    else if (w.dtype == DType::BF16)
-        detail::kernels().bf16_to_f32(src, buffer.data(), in);
-    else
-        std::memcpy(buffer.data(), src, in * sizeof(float));
+    convert_to_f32(w.dtype, src, buffer.data(), in);
     return buffer.data();
 }
 
-// W + ΣΔW against the dtype's limit: a row whose bound max|W_p| + ‖b_p‖·max_q‖a_q‖ stays in
-// range cannot overflow for any factor t in [0, 1]; the others are computed exactly.
-void check_overflow(BaseStats& stats, const linalg::DenseView& w, const std::vector<double>& bw, std::span<const float> a,
-                    std::int64_t out, std::int64_t R, std::int64_t in) {
-    double amax = 0;
-    std::vector<double> column(static_cast<std::size_t>(in), 0.0);
-    for (std::int64_t k = 0; k < R; ++k)
-        for (std::int64_t q = 0; q < in; ++q) {
-            const double x = a[static_cast<std::size_t>(k * in + q)];
-            column[static_cast<std::size_t>(q)] += x * x;
-        }
-    for (double c : column) amax = std::max(amax, std::sqrt(c));
-    std::vector<double> row(static_cast<std::size_t>(in));
-    std::vector<float> widened(static_cast<std::size_t>(in));
-    for (std::int64_t p = 0; p < out; ++p) {
-        // max |W_p| on the stored values (a vectorised integer max over the bits of |x|; that
-        // loop, portable SSE2 code on f32, was a fifth of a --base run). A non-finite row takes
-        // the exact path (spectral_norm refuses such bases before this runs).
-        const std::byte* stored = static_cast<const std::byte*>(w.data) +
-                                  static_cast<std::size_t>(p) * static_cast<std::size_t>(in) * dtype_size(w.dtype);
-        const double wmax = detail::gram_kernels().max_abs(stored, w.dtype, static_cast<std::size_t>(in));
-        double bnorm = 0;
-        for (std::int64_t k = 0; k < R; ++k) bnorm += bw[static_cast<std::size_t>(p * R + k)] * bw[static_cast<std::size_t>(p * R + k)];
-        const double bound = wmax + std::sqrt(bnorm) * amax;
-        if (bound <= stats.limit) {
-            stats.max_abs = std::max(stats.max_abs, bound);
-            continue;
-        }
-        const float* wp = row_f32(w, p, widened);
-        std::fill(row.begin(), row.end(), 0.0);
-        for (std::int64_t k = 0; k < R; ++k) {
-            const double b = bw[static_cast<std::size_t>(p * R + k)];
-            if (b == 0) continue;
-            const float* ak = a.data() + k * in;
-            for (std::int64_t q = 0; q < in; ++q) row[static_cast<std::size_t>(q)] += b * ak[q];
-        }
-        for (std::int64_t q = 0; q < in; ++q) {
-            const double base = wp[q], d = row[static_cast<std::size_t>(q)], sum = base + d;
-            stats.max_abs = std::max(stats.max_abs, std::abs(sum));
-            if (std::abs(sum) > stats.limit) {
-                ++stats.overflow_count;
-                const double t = d > 0 ? (stats.limit - base) / d : (stats.limit + base) / -d;
-                stats.overflow_factor = std::min(stats.overflow_factor, std::max(t, 0.0) * (1 - 1e-9));
-            }
-        }
+// The norms both overflow screens bound |ΔW_pq| with: ‖(Bw)_p‖² for each row p of Bw = [w_1 s_1
+// B_1 ... w_n s_n B_n], and max_q ‖A_q‖² over the columns of the stacked A, from the factors as
+// stored; |ΔW_pq| = |(Bw)_p · A_q| <= ‖(Bw)_p‖ ‖A_q‖ (Cauchy–Schwarz).
+struct FactorNorms {
+    const std::vector<double>& row_squares;  // thread-local: valid until the next call on this thread
+    double column_max_squared = 0;
+    double entry_bound() const {
+        double row_max = 0;
+        for (double v : row_squares) row_max = std::max(row_max, v);
+        return std::sqrt(row_max) * std::sqrt(column_max_squared);
     }
-}
+};
 
-// max_p ‖(Bw)_p‖ · max_q ‖A_q‖ for Bw = [w_1 s_1 B_1 ... w_n s_n B_n] and the stacked A, from
-// the factors as stored: every |ΔW_pq| = |(Bw)_p · A_q| is at most that (Cauchy–Schwarz).
-double entry_bound(const std::vector<linalg::LowRankTerm>& terms, const std::vector<Member>& members, std::int64_t out,
-                   std::int64_t in) {
+FactorNorms factor_norms(const std::vector<linalg::LowRankTerm>& terms, const std::vector<Member>& members, std::int64_t out,
+                         std::int64_t in) {
     thread_local std::vector<float> buffer;  // only grows
     thread_local std::vector<double> rows, columns;
     rows.assign(static_cast<std::size_t>(out), 0.0);
@@ -359,10 +316,48 @@ double entry_bound(const std::vector<linalg::LowRankTerm>& terms, const std::vec
             for (std::size_t q = 0; q < static_cast<std::size_t>(in); ++q) columns[q] += static_cast<double>(x[q]) * x[q];
         }
     }
-    double row_max = 0, column_max = 0;
-    for (double v : rows) row_max = std::max(row_max, v);
+    double column_max = 0;
     for (double v : columns) column_max = std::max(column_max, v);
-    return std::sqrt(row_max) * std::sqrt(column_max);
+    return {rows, column_max};
+}
+
+// W + ΣΔW against the dtype's limit: a row whose bound max|W_p| + ‖b_p‖·max_q‖a_q‖ stays in
+// range cannot overflow for any factor t in [0, 1]; the others are computed exactly.
+void check_overflow(BaseStats& stats, const linalg::DenseView& w, const FactorNorms& norms, const std::vector<double>& bw,
+                    std::span<const float> a, std::int64_t out, std::int64_t R, std::int64_t in) {
+    const double amax = std::sqrt(norms.column_max_squared);
+    std::vector<double> row(static_cast<std::size_t>(in));
+    std::vector<float> widened(static_cast<std::size_t>(in));
+    for (std::int64_t p = 0; p < out; ++p) {
+        // max |W_p| on the stored values (a vectorised integer max over the bits of |x|; that
+        // loop, portable SSE2 code on f32, was a fifth of a --base run). A non-finite row takes
+        // the exact path (spectral_norm refuses such bases before this runs).
+        const std::byte* stored = static_cast<const std::byte*>(w.data) +
+                                  static_cast<std::size_t>(p) * static_cast<std::size_t>(in) * dtype_size(w.dtype);
+        const double wmax = detail::gram_kernels().max_abs(stored, w.dtype, static_cast<std::size_t>(in));
+        const double bound = wmax + std::sqrt(norms.row_squares[static_cast<std::size_t>(p)]) * amax;
+        if (bound <= stats.limit) {
+            stats.max_abs = std::max(stats.max_abs, bound);
+            continue;
+        }
+        const float* wp = row_f32(w, p, widened);
+        std::fill(row.begin(), row.end(), 0.0);
+        for (std::int64_t k = 0; k < R; ++k) {
+            const double b = bw[static_cast<std::size_t>(p * R + k)];
+            if (b == 0) continue;
+            const float* ak = a.data() + k * in;
+            for (std::int64_t q = 0; q < in; ++q) row[static_cast<std::size_t>(q)] += b * ak[q];
+        }
+        for (std::int64_t q = 0; q < in; ++q) {
+            const double base = wp[q], d = row[static_cast<std::size_t>(q)], sum = base + d;
+            stats.max_abs = std::max(stats.max_abs, std::abs(sum));
+            if (std::abs(sum) > stats.limit) {
+                ++stats.overflow_count;
+                const double t = d > 0 ? (stats.limit - base) / d : (stats.limit + base) / -d;
+                stats.overflow_factor = std::min(stats.overflow_factor, std::max(t, 0.0) * (1 - 1e-9));
+            }
+        }
+    }
 }
 
 ModuleStack analyse_module(const std::vector<Member>& members, const StackOptions& o, const BaseWeights* base,
@@ -556,35 +551,34 @@ ModuleStack analyse_module(const std::vector<Member>& members, const StackOption
             b.ratio = b.spectral > 0 ? m.sum_spectral / b.spectral : (m.sum_spectral > 0 ? INFINITY : 0.0);
             // The overflow screen, first for the whole tensor: max|W| + max|ΔW_pq| <= limit
             // clears every entry after one pass over W's stored values. max|ΔW_pq| is bounded by
-            // entry_bound, and by ‖ΣΔW‖_F (an entry is at most ‖ΣΔW‖_2 <= ‖ΣΔW‖_F); that one
+            // factor_norms, and by ‖ΣΔW‖_F (an entry is at most ‖ΣΔW‖_2 <= ‖ΣΔW‖_F); that one
             // from the Grams loses digits when the adapters cancel (its square is a difference),
             // so it is taken with a margin of 1e-3 Σ‖ΔW_i‖_F, or as the triangle inequality's
             // Σ‖ΔW_i‖_F, whichever is smaller.
-            double whole_bound = INFINITY;
             if (b.limit > 0) {
+                const FactorNorms norms = factor_norms(terms, members, out, in);
                 double parts = 0;
                 for (double f : m.fro) parts += f;
                 const double wmax = detail::gram_kernels().max_abs(static_cast<const std::byte*>(values.data), values.dtype,
                                                                     static_cast<std::size_t>(out * in));
-                const double delta = std::min({parts, m.sum_fro + 1e-3 * parts, entry_bound(terms, members, out, in)});
-                whole_bound = (wmax + delta) * (1 + 1e-9);
-                b.max_abs = whole_bound;
-            }
-            if (b.limit > 0 && !(whole_bound <= b.limit)) {
-                // Row by row: |ΔW_pq| <= ‖(Bw)_p‖ max_q ‖A_q‖ screens the rows; the rows it
-                // leaves are computed exactly.
-                b.max_abs = 0;
-                // Bw = [w_1 s_1 B_1 ... w_n s_n B_n] in double; A is the stacked A as it is.
-                const linalg::Stacks stacks = linalg::stack_factors(terms, workspace);
-                std::vector<double> ds(static_cast<std::size_t>(R));
-                for (std::size_t i = 0; i < n; ++i)
-                    for (std::int64_t c = offset[i]; c < offset[i + 1]; ++c)
-                        ds[static_cast<std::size_t>(c)] = members[i].weight * terms[i].coefficient;
-                std::vector<double> bw(static_cast<std::size_t>(out * R));
-                for (std::int64_t p = 0; p < out; ++p)
-                    for (std::int64_t c = 0; c < R; ++c)
-                        bw[static_cast<std::size_t>(p * R + c)] = ds[static_cast<std::size_t>(c)] * stacks.b[p * R + c];
-                check_overflow(b, values, bw, {stacks.a, static_cast<std::size_t>(R * in)}, out, R, in);
+                const double delta = std::min({parts, m.sum_fro + 1e-3 * parts, norms.entry_bound()});
+                b.max_abs = (wmax + delta) * (1 + 1e-9);
+                if (!(b.max_abs <= b.limit)) {
+                    // Row by row: |ΔW_pq| <= ‖(Bw)_p‖ max_q ‖A_q‖ screens the rows; the rows it
+                    // leaves are computed exactly.
+                    b.max_abs = 0;
+                    // Bw = [w_1 s_1 B_1 ... w_n s_n B_n] in double; A is the stacked A as it is.
+                    const linalg::Stacks stacks = linalg::stack_factors(terms, workspace);
+                    std::vector<double> ds(static_cast<std::size_t>(R));
+                    for (std::size_t i = 0; i < n; ++i)
+                        for (std::int64_t c = offset[i]; c < offset[i + 1]; ++c)
+                            ds[static_cast<std::size_t>(c)] = members[i].weight * terms[i].coefficient;
+                    std::vector<double> bw(static_cast<std::size_t>(out * R));
+                    for (std::int64_t p = 0; p < out; ++p)
+                        for (std::int64_t c = 0; c < R; ++c)
+                            bw[static_cast<std::size_t>(p * R + c)] = ds[static_cast<std::size_t>(c)] * stacks.b[p * R + c];
+                    check_overflow(b, values, norms, bw, {stacks.a, static_cast<std::size_t>(R * in)}, out, R, in);
+                }
             }
             m.base = std::move(b);
             if (weight->release) weight->release();
