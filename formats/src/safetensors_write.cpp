@@ -115,7 +115,7 @@ std::vector<std::byte> serialize_safetensors_header(std::vector<TensorToWrite>& 
                                                     const std::map<std::string, std::string>& metadata) {
     sort_for_safetensors(tensors);
     std::vector<SafetensorsRecord> records;
-    for (const auto& t : tensors) records.push_back({t.name, t.view.dtype(), t.view.shape(), t.view.bytes().size(), 0});
+    for (const auto& t : tensors) records.push_back({t.name, t.view.dtype(), t.view.shape(), t.size(), 0});
     return serialize_safetensors_header(records, metadata);
 }
 
@@ -131,6 +131,10 @@ void write_safetensors_streamed(AtomicFile& out, std::vector<SafetensorsRecord> 
     }
 }
 
+std::size_t TensorToWrite::size() const {
+    return deferred ? static_cast<std::size_t>(checked_byte_count(view.shape(), view.dtype())) : view.bytes().size();
+}
+
 namespace {
 
 // A scaled tensor's bytes (TensorToWrite::scale), not zero-filled first.
@@ -141,33 +145,61 @@ struct ScaledBytes {
 };
 
 ScaledBytes scaled_bytes(const TensorToWrite& t) {
-    ScaledBytes out{std::make_unique_for_overwrite<std::byte[]>(t.view.bytes().size()), t.view.bytes().size()};
-    scale_encoded(t.view.dtype(), t.view.bytes().data(), out.data.get(), static_cast<std::size_t>(t.view.element_count()),
-                  t.scale);
+    const Tensor held = t.deferred ? t.deferred->take() : Tensor();  // made now, dropped once scaled
+    const std::span<const std::byte> in = t.deferred ? held.bytes() : t.view.bytes();
+    ScaledBytes out{std::make_unique_for_overwrite<std::byte[]>(in.size()), in.size()};
+    scale_encoded(t.view.dtype(), in.data(), out.data.get(), in.size() / dtype_size(t.view.dtype()), t.scale);
     return out;
 }
 
-// Writes the tensors' data in order; a scaled tensor is computed on a helper thread while the
-// tensors before it are written, so the scaling overlaps the copying.
-void write_data(AtomicFile& out, const std::vector<TensorToWrite>& tensors) {
+// Tells each source of deferred tensors the order the writer will take them in.
+void plan_deferred(const std::vector<TensorToWrite>& tensors) {
+    std::vector<std::pair<TensorMaker*, std::vector<std::size_t>>> plans;
+    for (const auto& t : tensors) {
+        if (!t.deferred) continue;
+        TensorMaker* source = &t.deferred->source();
+        auto at = std::find_if(plans.begin(), plans.end(), [&](const auto& p) { return p.first == source; });
+        if (at == plans.end()) at = plans.insert(plans.end(), {source, {}});
+        at->second.push_back(t.deferred->id());
+    }
+    for (auto& [source, ids] : plans) source->plan(ids);
+}
+
+// Writes the tensors' data in order (updating `hash` with it, when given); a scaled tensor is
+// computed on a helper thread while the tensors before it are written, so the scaling overlaps
+// the copying; a deferred one is taken from its source when its turn comes.
+void write_data(AtomicFile& out, const std::vector<TensorToWrite>& tensors, Sha256* hash = nullptr) {
+    plan_deferred(tensors);
     MadeAhead<ScaledBytes> scaled(
         tensors.size(), [&](std::size_t i) { return tensors[i].scale != 1.0; },
         [&](std::size_t i) { return scaled_bytes(tensors[i]); });
+    auto put = [&](std::span<const std::byte> bytes) {
+        out.write(bytes);
+        if (hash) hash->update(bytes);
+    };
     for (std::size_t i = 0; i < tensors.size(); ++i) {
-        if (tensors[i].scale == 1.0) out.write(tensors[i].view.bytes());
-        else out.write(scaled.take(i).bytes());
+        const TensorToWrite& t = tensors[i];
+        if (t.scale != 1.0) put(scaled.take(i).bytes());
+        else if (t.deferred) put(t.deferred->take().bytes());
+        else put(t.view.bytes());
     }
 }
 
-// Replaces scaled tensors by views of their scaled bytes (kept in `store`), for the paths that
-// read every tensor's bytes more than once (the data hash) or all at once.
+// Replaces scaled tensors by views of their scaled bytes (kept in `store`), and deferred ones by
+// views of their bytes made and kept, for the paths that read every tensor's bytes more than
+// once (the data hash) or all at once.
 void materialize_scaled(std::vector<TensorToWrite>& tensors, std::vector<ScaledBytes>& store) {
-    for (auto& t : tensors)
+    for (auto& t : tensors) {
+        if (t.deferred) {
+            t.view = TensorView(t.view.dtype(), t.view.shape(), t.deferred->kept());
+            t.deferred.reset();  // the tensor being written keeps its DeferredBytes alive
+        }
         if (t.scale != 1.0) {
             store.push_back(scaled_bytes(t));
             t.view = TensorView(t.view.dtype(), t.view.shape(), store.back().bytes());
             t.scale = 1.0;
         }
+    }
 }
 
 }  // namespace
@@ -193,15 +225,14 @@ void write_safetensors(AtomicFile& out, std::vector<TensorToWrite> tensors, std:
         write_safetensors(out, std::move(tensors), metadata);
         return;
     }
+    const bool deferred = std::any_of(tensors.begin(), tensors.end(), [](const TensorToWrite& t) { return t.deferred; });
     std::vector<ScaledBytes> store;  // the hash and the write both read every tensor
-    materialize_scaled(tensors, store);
+    if (!deferred || !out.patchable()) materialize_scaled(tensors, store);
     sort_for_safetensors(tensors);
     auto hash_data = [&tensors] {
         Sha256 hash;
         for (const auto& t : tensors) hash.update(t.view.bytes());
-        std::string hex;
-        for (auto b : hash.finish()) hex += fmt::format("{:02x}", b);
-        return hex;
+        return hash.finish_hex();
     };
     if (!out.patchable()) {  // standard output: hash first, then write
         metadata[data_hash_key] = hash_data();
@@ -218,6 +249,14 @@ void write_safetensors(AtomicFile& out, std::vector<TensorToWrite> tensors, std:
     const std::size_t at = text.find(needle);
     if (at == std::string_view::npos) fail(ErrorCode::internal, "hash placeholder not found in the header");
     const std::size_t digest_at = at + needle.size() - 1 - placeholder.size();
+    if (deferred) {  // tensors made as they are written: hashed as they are written
+        Sha256 hash;
+        out.write(header);
+        write_data(out, tensors, &hash);
+        const std::string hex = hash.finish_hex();
+        out.patch(digest_at, std::as_bytes(std::span(hex.data(), hex.size())));
+        return;
+    }
     std::future<std::string> digest = std::async(std::launch::async, hash_data);
     try {
         out.write(header);

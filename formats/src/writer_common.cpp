@@ -16,7 +16,12 @@ void OutputTensors::add(std::string name, Tensor tensor, double scale) {
 std::vector<TensorToWrite> OutputTensors::views() const {
     std::vector<TensorToWrite> out;
     out.reserve(items_.size());
-    for (const auto& item : items_) out.push_back({item.name, item.tensor.view(), item.scale});
+    for (const auto& item : items_) {
+        if (const auto& deferred = item.tensor.deferred())
+            out.push_back({item.name, TensorView(item.tensor.dtype(), item.tensor.shape(), {}), item.scale, deferred});
+        else
+            out.push_back({item.name, item.tensor.view(), item.scale, nullptr});
+    }
     return out;
 }
 

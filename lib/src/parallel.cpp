@@ -11,6 +11,10 @@
 
 namespace lorakit::detail {
 
+std::size_t worker_count(int threads) {
+    return threads > 0 ? static_cast<std::size_t>(threads) : std::max(1u, std::thread::hardware_concurrency());
+}
+
 void parallel_for(std::size_t count, int threads, Progress& progress,
                   const std::function<std::uint64_t(std::size_t)>& body) {
     std::atomic<std::size_t> next{0};
@@ -37,7 +41,7 @@ void parallel_for(std::size_t count, int threads, Progress& progress,
             progress.advance(++done, done_bytes);
         }
     };
-    const int requested = threads > 0 ? threads : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+    const int requested = static_cast<int>(worker_count(threads));
     threads = std::max(1, std::min<int>(requested, static_cast<int>(std::max<std::size_t>(count, 1))));
     // BLAS runs single-threaded inside our workers, and with -j 1 too (OpenBLAS's own threads
     // would take the cores the user kept free: a `lora-stack -j 1` spent 4 s of system time in

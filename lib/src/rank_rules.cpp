@@ -110,6 +110,22 @@ RankChoice rank_statistics(const std::vector<double>& values, std::int64_t k) {
     return c;
 }
 
+namespace {
+
+// lorakit's clamps on a rule's rank k.
+std::int64_t clamped(std::int64_t k, std::int64_t current_rank, const RankSpec& spec) {
+    k = std::max(k, spec.min_rank);
+    if (spec.max_rank > 0) k = std::min(k, spec.max_rank);
+    return std::max<std::int64_t>(1, std::min(k, current_rank));  // never raise a rank
+}
+
+}  // namespace
+
+std::optional<std::int64_t> rank_without_spectrum(std::int64_t current_rank, bool conv, const RankSpec& spec) {
+    if (spec.compat != RankCompat::lorakit || spec.rule != RankRule::fixed) return std::nullopt;
+    return clamped(conv && spec.conv_rank > 0 ? spec.conv_rank : spec.rank, current_rank, spec);
+}
+
 RankChoice choose_rank(const std::vector<double>& values, std::int64_t full_length, std::int64_t current_rank,
                        bool conv, const RankSpec& spec) {
     const std::int64_t limit = conv && spec.conv_rank > 0 ? spec.conv_rank : spec.rank;
@@ -129,9 +145,7 @@ RankChoice choose_rank(const std::vector<double>& values, std::int64_t full_leng
         case RankRule::energy: k = searchsorted_fraction(values, length, spec.parameter * (1 - 1e-12), true) + 1; break;
         }
         if (spec.rule != RankRule::fixed && limit > 0) k = std::min(k, limit);
-        k = std::max(k, spec.min_rank);
-        if (spec.max_rank > 0) k = std::min(k, spec.max_rank);
-        k = std::max<std::int64_t>(1, std::min(k, current_rank));  // never raise a rank
+        k = clamped(k, current_rank, spec);
     } else {
         const bool legacy = spec.compat == RankCompat::kohya;
         const std::int64_t cap = limit > 0 ? limit : 4;  // kohya's --new_rank defaults to 4

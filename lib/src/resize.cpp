@@ -7,6 +7,7 @@
 #include "lorakit/error.h"
 #include "lorakit/linalg.h"
 #include "parallel.h"
+#include "pipeline.h"
 
 namespace lorakit {
 
@@ -67,44 +68,38 @@ LoraModule refactor_module(const LoraModule& m, std::int64_t k, FactorSplit spli
     });
 }
 
-ResizeResult resize_adapter(const Adapter& input, const ResizeOptions& options, Progress& progress) {
-    ResizeResult result;
-    result.adapter = input;
-    result.modules.resize(input.modules.size());
-    const bool compat = options.rank.compat != RankCompat::lorakit;
-    const std::size_t count = input.modules.size();
-    progress.begin("resize", count, 0);
-    detail::parallel_for(count, options.threads, progress, [&](std::size_t i) -> std::uint64_t {
-        const LoraModule& m = input.modules[i];
-        ModuleResize& report = result.modules[i];
-        report.name = m.name;
-        report.old_rank = m.rank();
-        with_context(fmt::format("module {}", quote(m.name)), [&] {
-            thread_local linalg::Workspace workspace;
-            const linalg::LowRankTerm term = term_of(m);
-            const std::int64_t full = std::min(m.out_features(), m.flat_in_features());
-            // One decomposition: the rule sees the spectrum, vectors are formed only for what it keeps.
-            linalg::factored_lora(
-                {&term, 1},
-                [&](const std::vector<double>& spectrum) -> std::int64_t {
-                    report.choice = choose_rank(spectrum, full, m.rank(), m.kind == ModuleKind::conv, options.rank);
-                    report.unchanged = !compat && report.choice.rank >= m.rank();
-                    return report.unchanged ? 0 : report.choice.rank;
-                },
-                options.split == FactorSplit::balanced, workspace, up_buffer, down_buffer);
-            if (report.unchanged) {
-                if (options.dtype) {
-                    result.adapter.modules[i].down = m.down.converted(*options.dtype);
-                    result.adapter.modules[i].up = m.up.converted(*options.dtype);
-                }
-            } else {
-                result.adapter.modules[i] =
-                    module_with_factors(m, up_buffer, down_buffer, report.choice.rank, options.dtype);
-            }
-        });
-        return 0;
-    });
+namespace {
 
+// One module of lora-resize: `report` filled, the module returned with its new factors (or as it
+// was, in the output dtype, when the rule keeps its rank).
+LoraModule resize_module(const LoraModule& m, const ResizeOptions& options, ModuleResize& report) {
+    const bool compat = options.rank.compat != RankCompat::lorakit;
+    report.name = m.name;
+    report.old_rank = m.rank();
+    return with_context(fmt::format("module {}", quote(m.name)), [&] {
+        thread_local linalg::Workspace workspace;
+        const linalg::LowRankTerm term = term_of(m);
+        const std::int64_t full = std::min(m.out_features(), m.flat_in_features());
+        // One decomposition: the rule sees the spectrum, vectors are formed only for what it keeps.
+        linalg::factored_lora(
+            {&term, 1},
+            [&](const std::vector<double>& spectrum) -> std::int64_t {
+                report.choice = choose_rank(spectrum, full, m.rank(), m.kind == ModuleKind::conv, options.rank);
+                report.unchanged = !compat && report.choice.rank >= m.rank();
+                return report.unchanged ? 0 : report.choice.rank;
+            },
+            options.split == FactorSplit::balanced, workspace, up_buffer, down_buffer);
+        if (!report.unchanged) return module_with_factors(m, up_buffer, down_buffer, report.choice.rank, options.dtype);
+        LoraModule same = m;
+        if (options.dtype) {
+            same.down = m.down.converted(*options.dtype);
+            same.up = m.up.converted(*options.dtype);
+        }
+        return same;
+    });
+}
+
+void add_notes(const Adapter& input, ResizeResult& result) {
     std::size_t dora = 0;
     for (const auto& m : result.adapter.modules) dora += m.magnitude ? 1 : 0;
     if (dora)
@@ -113,6 +108,68 @@ ResizeResult resize_adapter(const Adapter& input, const ResizeOptions& options, 
     if (!input.lycoris_modules.empty())
         result.notes.push_back(fmt::format("{} LyCORIS module(s) are carried unchanged (lora-convert --rank turns them into LoRA)",
                                            input.lycoris_modules.size()));
+}
+
+}  // namespace
+
+ResizeResult resize_adapter(const Adapter& input, const ResizeOptions& options, Progress& progress) {
+    ResizeResult result;
+    result.adapter = input;
+    result.modules.resize(input.modules.size());
+    const std::size_t count = input.modules.size();
+    progress.begin("resize", count, 0);
+    detail::parallel_for(count, options.threads, progress, [&](std::size_t i) -> std::uint64_t {
+        result.adapter.modules[i] = resize_module(input.modules[i], options, result.modules[i]);
+        return 0;
+    });
+    add_notes(input, result);
+    return result;
+}
+
+std::optional<ResizeResult> resize_adapter_streamed(const Adapter& input, const ResizeOptions& options,
+                                                    Progress& progress,
+                                                    const std::function<void(const Adapter&)>& write) {
+    const std::size_t count = input.modules.size();
+    std::vector<std::int64_t> ranks(count);
+    for (std::size_t i = 0; i < count; ++i) {
+        const LoraModule& m = input.modules[i];
+        const auto k = rank_without_spectrum(m.rank(), m.kind == ModuleKind::conv, options.rank);
+        if (!k) return std::nullopt;
+        ranks[i] = *k;
+    }
+    // The workers fill the reports; the pipeline's copies of the input and options keep the
+    // deferred factors makeable for as long as the returned adapter lives.
+    auto reports = std::make_shared<std::vector<ModuleResize>>(count);
+    auto pipeline = std::make_shared<detail::TensorPipeline>(
+        count, 2,
+        [input, options, reports, ranks](std::size_t i) {
+            const LoraModule made = resize_module(input.modules[i], options, (*reports)[i]);
+            if (made.rank() != ranks[i])
+                fail(ErrorCode::internal, "module {}: rank {} made for {} foreseen", quote(made.name), made.rank(), ranks[i]);
+            return std::vector<Tensor>{made.down, made.up};
+        },
+        2 * detail::worker_count(options.threads) + 2);
+    ResizeResult result;
+    result.adapter = input;
+    for (std::size_t i = 0; i < count; ++i) {
+        const LoraModule& m = input.modules[i];
+        LoraModule& out = result.adapter.modules[i];
+        const std::int64_t k = ranks[i];
+        Shape down_shape = m.down.shape(), up_shape = m.up.shape();
+        if (k < m.rank()) {  // resized; otherwise kept as it is
+            down_shape[0] = k;
+            up_shape[1] = k;
+            out.alpha = alpha_for(m, k);
+        }
+        out.down = Tensor::deferred(options.dtype.value_or(m.down.dtype()), down_shape, pipeline, 2 * i);
+        out.up = Tensor::deferred(options.dtype.value_or(m.up.dtype()), up_shape, pipeline, 2 * i + 1);
+    }
+    progress.begin("resize", count, 0);
+    detail::write_while_made(*pipeline, options.threads, progress, [&] { write(result.adapter); });
+    for (std::size_t i = 0; i < count; ++i)  // a module the writer did not take: its report alone
+        if (!pipeline->made(i)) resize_module(input.modules[i], options, (*reports)[i]);
+    result.modules = *reports;
+    add_notes(input, result);
     return result;
 }
 

@@ -25,19 +25,26 @@ ToolResult run_resize(const Registry& registry, const ResizeRequest& request, Pr
         if (!request.output.empty()) {
             registry.check_output(convention, request.output, request.force);  // before any work
         }
-        ResizeResult resized = resize_adapter(input, request.options, progress);
         std::int64_t old_max = 0;
-        for (const auto& m : resized.modules) old_max = std::max(old_max, m.old_rank);
-        if (resized.adapter.metadata.count("ss_network_dim") || convention == "kohya") {
-            const std::string comment = resized.adapter.metadata.count("ss_training_comment")
-                                            ? resized.adapter.metadata["ss_training_comment"]
-                                            : std::string();
-            resized.adapter.metadata["ss_training_comment"] = fmt::format(
-                "resized by lorakit from rank {} ({}); {}", old_max, describe(request.options.rank), comment);
-        }
+        for (const auto& m : input.modules) old_max = std::max(old_max, m.rank());
+        std::vector<std::string> write_notes;
+        auto write = [&](const Adapter& resized) {
+            Adapter out = resized;
+            if (out.metadata.count("ss_network_dim") || convention == "kohya") {
+                const std::string comment =
+                    out.metadata.count("ss_training_comment") ? out.metadata["ss_training_comment"] : std::string();
+                out.metadata["ss_training_comment"] = fmt::format("resized by lorakit from rank {} ({}); {}", old_max,
+                                                                  describe(request.options.rank), comment);
+            }
+            registry.write_adapter(out, convention, request.output, write_options(request.force), write_notes);
+        };
+        // Written while computed when the ranks are known in advance (a fixed --rank).
+        std::optional<ResizeResult> streamed;
+        if (!request.output.empty()) streamed = resize_adapter_streamed(input, request.options, progress, write);
+        ResizeResult resized = streamed ? std::move(*streamed) : resize_adapter(input, request.options, progress);
+        if (!streamed && !request.output.empty()) write(resized.adapter);
         std::vector<std::string> notes = resized.notes;
-        if (!request.output.empty())
-            registry.write_adapter(resized.adapter, convention, request.output, write_options(request.force), notes);
+        notes.insert(notes.end(), write_notes.begin(), write_notes.end());
 
         double fro_sum = 0, fro_sq = 0, error_sum = 0;
         std::size_t changed = 0;

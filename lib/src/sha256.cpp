@@ -104,16 +104,20 @@ std::array<std::uint8_t, 32> Sha256::finish() {
     return digest;
 }
 
-std::string sha256_hex(std::span<const std::byte> bytes) {
-    Sha256 hash;
-    hash.update(bytes);
+std::string Sha256::finish_hex() {
     static constexpr char hex[] = "0123456789abcdef";
     std::string out;
-    for (std::uint8_t b : hash.finish()) {
+    for (std::uint8_t b : finish()) {
         out += hex[b >> 4];
         out += hex[b & 15];
     }
     return out;
+}
+
+std::string sha256_hex(std::span<const std::byte> bytes) {
+    Sha256 hash;
+    hash.update(bytes);
+    return hash.finish_hex();
 }
 
 }  // namespace lorakit

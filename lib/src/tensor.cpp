@@ -135,6 +135,45 @@ Tensor Tensor::zeros(DType type, Shape shape) {
     return own(type, std::move(shape), std::move(bytes));
 }
 
+Tensor Tensor::deferred(DType type, Shape shape, std::shared_ptr<TensorMaker> source, std::size_t id) {
+    Tensor t;
+    t.type_ = type;
+    t.size_ = static_cast<std::size_t>(checked_byte_count(shape, type));
+    t.shape_ = std::move(shape);
+    t.deferred_ = std::make_shared<const DeferredBytes>(std::move(source), id, type, t.size_);
+    return t;
+}
+
+DeferredBytes::DeferredBytes(std::shared_ptr<TensorMaker> source, std::size_t id, DType type, std::size_t size)
+    : source_(std::move(source)), id_(id), type_(type), size_(size) {}
+
+DeferredBytes::~DeferredBytes() = default;
+
+namespace {
+
+Tensor checked_made(Tensor t, std::size_t id, DType type, std::size_t size) {
+    if (t.deferred() || t.dtype() != type || t.bytes().size() != size)
+        fail(ErrorCode::internal, "deferred tensor {}: made {} bytes of {} for {} bytes of {}", id, t.bytes().size(),
+             dtype_name(t.dtype()), size, dtype_name(type));
+    return t;
+}
+
+}  // namespace
+
+Tensor DeferredBytes::take() const {
+    {
+        std::lock_guard lock(mutex_);
+        if (kept_) return *kept_;
+    }
+    return checked_made(source_->take(id_), id_, type_, size_);
+}
+
+std::span<const std::byte> DeferredBytes::kept() const {
+    std::lock_guard lock(mutex_);
+    if (!kept_) kept_ = std::make_unique<Tensor>(checked_made(source_->take(id_), id_, type_, size_));
+    return kept_->bytes();
+}
+
 Tensor Tensor::reshaped(Shape shape) const {
     if (checked_element_count(shape) != element_count())
         fail(ErrorCode::internal, "cannot reshape {} to {}", format_shape(shape_), format_shape(shape));
@@ -155,7 +194,7 @@ Tensor Tensor::transposed_2d() const {
     const auto cols = static_cast<std::size_t>(shape_[1]);
     const std::size_t size = dtype_size(type_);
     std::vector<std::byte> out(size_);
-    const std::byte* in = data_.get();
+    const std::byte* in = bytes().data();
     for (std::size_t r = 0; r < rows; ++r)
         for (std::size_t c = 0; c < cols; ++c) std::memcpy(&out[(c * rows + r) * size], in + (r * cols + c) * size, size);
     return own(type_, Shape{shape_[1], shape_[0]}, std::move(out));

@@ -58,6 +58,12 @@ struct RankChoice {
 RankChoice choose_rank(const std::vector<double>& values, std::int64_t full_length, std::int64_t current_rank,
                        bool conv, const RankSpec& spec);
 
+// The rank choose_rank gives whatever the spectrum, when the rule fixes it (a fixed rank under
+// lorakit's rules, with the min/max clamps and never above current_rank): lora-resize and
+// lora-merge then know their output's shapes before computing it. nullopt for the rules that
+// read the spectrum (and for the compatibility modes: kohya's gives rank 1 to a zero matrix).
+std::optional<std::int64_t> rank_without_spectrum(std::int64_t current_rank, bool conv, const RankSpec& spec);
+
 // The statistics of keeping the top k values.
 RankChoice rank_statistics(const std::vector<double>& values, std::int64_t k);
 

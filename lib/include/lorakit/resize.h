@@ -7,6 +7,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <optional>
 #include <string>
 #include <vector>
@@ -46,6 +47,16 @@ struct ResizeResult {
 };
 
 ResizeResult resize_adapter(const Adapter& input, const ResizeOptions& options, Progress& progress);
+
+// The same, written while it is computed, when every module's new rank is known before its
+// spectrum (rank_without_spectrum: a fixed rank): `write` gets the resized adapter at once, each
+// module's factors deferred (Tensor::deferred) and made on the workers in the order the writer
+// takes them, so the writing overlaps the computing and only a few modules' factors are held.
+// Returns what resize_adapter returns (the adapter's factors still deferred: made again if
+// read), or nullopt, having done nothing, when the rule needs the spectra.
+std::optional<ResizeResult> resize_adapter_streamed(const Adapter& input, const ResizeOptions& options,
+                                                    Progress& progress,
+                                                    const std::function<void(const Adapter&)>& write);
 
 // New factors for one module from the exact SVD of its B·A, at rank k (padded with zero
 // directions when k exceeds the numerical rank, as kohya's fixed ranks may ask).

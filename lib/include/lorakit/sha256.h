@@ -15,6 +15,8 @@ public:
     Sha256();
     void update(std::span<const std::byte> bytes);
     std::array<std::uint8_t, 32> finish();
+    // finish() as lower-case hex.
+    std::string finish_hex();
 
 private:
     std::array<std::uint32_t, 8> state_;

@@ -8,6 +8,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <mutex>
 #include <span>
 #include <string>
 #include <vector>
@@ -58,6 +59,46 @@ private:
     std::span<const std::byte> bytes_;
 };
 
+class Tensor;
+
+// Makes tensors on demand (Tensor::deferred). lora-resize and lora-merge make the new factors
+// while the output is written, so that only a few modules' factors are held at a time.
+class TensorMaker {
+public:
+    virtual ~TensorMaker() = default;
+    // The ids in the order a writer will take them, before its first take, so that the source
+    // can make them ahead. Optional: a source also serves takes in any other order.
+    virtual void plan(std::span<const std::size_t> ids) = 0;
+    // The tensor `id`, made now if it is not made yet (blocking until it is). Handed over: the
+    // source keeps no copy, so a second take of the same id makes it again. Throws what making
+    // it threw.
+    virtual Tensor take(std::size_t id) = 0;
+};
+
+// The bytes of a deferred tensor: made by the source when first needed.
+class DeferredBytes {
+public:
+    DeferredBytes(std::shared_ptr<TensorMaker> source, std::size_t id, DType type, std::size_t size);
+    ~DeferredBytes();
+
+    TensorMaker& source() const noexcept { return *source_; }
+    std::size_t id() const noexcept { return id_; }
+    // For a writer that needs the bytes once: the tensor made (or the copy kept, if another use
+    // made it already); the caller holds it while it writes. internal error if the source made
+    // a tensor of another dtype or size.
+    Tensor take() const;
+    // For every other use: made once and kept for as long as the deferred tensor lives.
+    std::span<const std::byte> kept() const;
+
+private:
+    std::shared_ptr<TensorMaker> source_;
+    std::size_t id_;
+    DType type_;
+    std::size_t size_;
+    mutable std::mutex mutex_;
+    mutable std::unique_ptr<Tensor> kept_;
+};
+
 class Tensor {
 public:
     Tensor() = default;
@@ -72,15 +113,24 @@ public:
     static Tensor from_f32(DType type, Shape shape, std::span<const float> values);
     // A zero-filled tensor.
     static Tensor zeros(DType type, Shape shape);
+    // A tensor whose bytes `source` makes (its id `id`) when they are first needed: a writer
+    // that streams takes them as it writes them (deferred()), any other use of bytes() makes
+    // them once and keeps them. Its dtype and shape are known at once.
+    static Tensor deferred(DType type, Shape shape, std::shared_ptr<TensorMaker> source, std::size_t id);
 
-    bool empty() const noexcept { return !data_ && shape_.empty(); }
+    bool empty() const noexcept { return !data_ && !deferred_ && shape_.empty(); }
     DType dtype() const noexcept { return type_; }
     const Shape& shape() const noexcept { return shape_; }
     std::size_t ndim() const noexcept { return shape_.size(); }
     std::int64_t dim(std::size_t i) const { return shape_.at(i); }
     std::int64_t element_count() const noexcept;
-    std::span<const std::byte> bytes() const noexcept { return {data_.get(), size_}; }
+    // A deferred tensor's bytes are made here if no one made them yet (this can throw).
+    std::span<const std::byte> bytes() const {
+        return deferred_ ? deferred_->kept() : std::span<const std::byte>{data_.get(), size_};
+    }
     TensorView view() const { return TensorView(type_, shape_, bytes()); }
+    // Non-null for a tensor made on demand (Tensor::deferred).
+    const std::shared_ptr<const DeferredBytes>& deferred() const noexcept { return deferred_; }
     operator TensorView() const { return view(); }
 
     std::vector<float> to_f32() const { return view().to_f32(); }
@@ -101,6 +151,7 @@ private:
     Shape shape_;
     std::shared_ptr<const std::byte> data_;
     std::size_t size_ = 0;
+    std::shared_ptr<const DeferredBytes> deferred_;
 };
 
 struct NamedTensor {

@@ -40,6 +40,13 @@ struct TensorToWrite {
     // f32, as formats::scaled): the writers fold a scale while writing, a tensor at a time,
     // instead of holding scaled copies of them all.
     double scale = 1.0;
+    // Set for a tensor made while the file is written (Tensor::deferred): `view` then carries
+    // its dtype and shape only, and the writer takes the bytes when the tensor's turn comes
+    // (having told each source its order), holding one or two such tensors at a time.
+    std::shared_ptr<const DeferredBytes> deferred = nullptr;
+
+    // The tensor's size in bytes.
+    std::size_t size() const;
 };
 
 // count values of `type` from src, times factor, into dst (same type): widened to f32, multiplied
