@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <map>
+#include <memory>
 
 #include <fmt/format.h>
 
@@ -11,6 +12,7 @@
 #include "merge_math.h"
 #include "module_groups.h"
 #include "parallel.h"
+#include "pipeline.h"
 
 namespace lorakit {
 
@@ -92,8 +94,10 @@ Factors from_svd(const Svd& svd, std::int64_t out, std::int64_t in, std::int64_t
     return f;
 }
 
-std::int64_t svd_rank(const std::vector<Term>& terms, const std::vector<double>& spectrum, std::int64_t total_rank,
-                      const MergeOptions& o) {
+// The svd method's rank for a module: from `spectrum` (null: only when the rule fixes the rank
+// without it, else nullopt).
+std::optional<std::int64_t> svd_rank(const std::vector<Term>& terms, const std::vector<double>* spectrum,
+                                     std::int64_t total_rank, const MergeOptions& o) {
     const LoraModule& m = *terms[0].module;
     const bool conv3 = m.kind == ModuleKind::conv && m.flat_in_features() != m.in_features();
     const std::int64_t full = std::min(m.out_features(), m.flat_in_features());
@@ -109,7 +113,9 @@ std::int64_t svd_rank(const std::vector<Term>& terms, const std::vector<double>&
         return std::max<std::int64_t>(1, std::min(k, full));
     }
     spec.compat = RankCompat::lorakit;
-    return choose_rank(spectrum, full, std::max(total_rank, spec.rank), conv3, spec).rank;
+    const std::int64_t current = std::max(total_rank, spec.rank);
+    if (!spectrum) return rank_without_spectrum(current, conv3, spec);
+    return choose_rank(*spectrum, full, current, conv3, spec).rank;
 }
 
 // Buffers the svd method's factors live in between modules (fresh pages are slow to touch):
@@ -133,7 +139,7 @@ Factors svd_merge(const std::vector<Term>& terms, const std::vector<double>& coe
     f.up.swap(spare_up);
     f.down.swap(spare_down);
     const linalg::FactoredLora svd = linalg::factored_lora(
-        low, [&](const std::vector<double>& spectrum) { return svd_rank(terms, spectrum, total, o); },
+        low, [&](const std::vector<double>& spectrum) { return *svd_rank(terms, &spectrum, total, o); },
         o.split == FactorSplit::balanced, workspace, f.up, f.down);
     f.rank = svd.rank;
     f.alpha = static_cast<double>(svd.rank);  // scale 1
@@ -167,7 +173,7 @@ Factors dense_svd_merge(const std::vector<Term>& terms, const std::vector<double
         // The rank rule needs a spectrum only for dynamic rules.
         std::vector<double> spectrum;
         if (o.rank.rule != RankRule::fixed) spectrum = linalg::dense_singular_values(merged.data(), out, in);
-        k = svd_rank(terms, spectrum, std::min(out, in), o);
+        k = *svd_rank(terms, &spectrum, std::min(out, in), o);
     }
     const linalg::DenseSvd svd = linalg::truncated_svd(merged.data(), out, in, k, o.dense_svd);
     Factors f = from_svd(svd, out, in, k, o.split);
@@ -331,9 +337,36 @@ std::string_view merge_method_name(MergeMethod method) noexcept {
     return "concat";
 }
 
-MergeResult merge_adapters(const std::vector<Adapter>& inputs, const MergeOptions& o, Progress& progress) {
+namespace {
+
+// A merge ready to run: the inputs (copies: the module references point into them), the
+// groups of modules, the output dtype, and the result with its reports' names and inputs set.
+struct MergeJob {
+    std::vector<Adapter> inputs;
+    MergeOptions options;
+    detail::ModuleGroups groups;
+    DType type = DType::F32;
+    MergeResult result;
+
+    const std::vector<Term>& terms(std::size_t i) const { return groups.by_name.at(groups.order[i]); }
+
+    // Module i merged (its report filled).
+    LoraModule make(std::size_t i, ModuleMerge& report) const {
+        const auto& t = terms(i);
+        // The first input's keys are reused when the output is in its convention.
+        const bool keep_name = t[0].adapter == 0;
+        return with_context(fmt::format("module {}", quote(groups.order[i])), [&] {
+            return merge_module(t, options, options.seed + 0x632be59bd9b4e019ULL * (i + 1), type, keep_name, report);
+        });
+    }
+};
+
+std::shared_ptr<MergeJob> prepare_merge(const std::vector<Adapter>& inputs, const MergeOptions& o) {
     if (inputs.empty()) fail(ErrorCode::usage, "nothing to merge");
-    std::vector<double> weights = o.weights;
+    auto job = std::make_shared<MergeJob>();
+    job->inputs = inputs;
+    job->options = o;
+    std::vector<double>& weights = job->options.weights;
     if (weights.empty()) weights.assign(inputs.size(), 1.0);
     if (weights.size() != inputs.size())
         fail(ErrorCode::usage, "{} weights for {} inputs", weights.size(), inputs.size());
@@ -346,9 +379,8 @@ MergeResult merge_adapters(const std::vector<Adapter>& inputs, const MergeOption
                  i + 1);
 
     // Modules by canonical name, in the first input's order, then new ones as they appear.
-    const detail::ModuleGroups groups = detail::group_modules(inputs, weights);
-    const auto& order = groups.order;
-    const auto& by_name = groups.by_name;
+    job->groups = detail::group_modules(job->inputs, weights);
+    const auto& order = job->groups.order;
     // Output dtype: the inputs' common dtype, F32 when they differ.
     std::optional<DType> common;
     bool mixed = false;
@@ -358,35 +390,115 @@ MergeResult merge_adapters(const std::vector<Adapter>& inputs, const MergeOption
                 if (!common) common = t;
                 else if (*common != t) mixed = true;
             }
-    const DType type = o.dtype.value_or(mixed || !common ? DType::F32 : *common);
+    job->type = o.dtype.value_or(mixed || !common ? DType::F32 : *common);
 
-    MergeResult result;
+    MergeResult& result = job->result;
     result.adapter = inputs[0];
     result.adapter.modules.assign(order.size(), LoraModule{});
     result.modules.assign(order.size(), ModuleMerge{});
     std::size_t partial = 0;
     for (std::size_t i = 0; i < order.size(); ++i) {
         result.modules[i].name = order[i];
-        for (const auto& t : by_name.at(order[i])) result.modules[i].inputs.push_back(t.adapter);
+        for (const auto& t : job->terms(i)) result.modules[i].inputs.push_back(t.adapter);
         partial += result.modules[i].inputs.size() < inputs.size() ? 1 : 0;
     }
-    progress.begin("merge", order.size(), 0);
-    detail::parallel_for(order.size(), o.threads, progress, [&](std::size_t i) -> std::uint64_t {
-        const auto& terms = by_name.at(order[i]);
-        // The first input's keys are reused when the output is in its convention.
-        const bool keep_name = terms[0].adapter == 0;
-        result.adapter.modules[i] = with_context(fmt::format("module {}", quote(order[i])), [&] {
-            return merge_module(terms, o, o.seed + 0x632be59bd9b4e019ULL * (i + 1), type, keep_name, result.modules[i]);
-        });
-        return 0;
-    });
-
     if (partial)
         result.notes.push_back(fmt::format("{} module(s) are in only some inputs and were merged from those", partial));
     for (std::size_t i = 1; i < inputs.size(); ++i)
         if (!inputs[i].other_tensors.empty())
             result.notes.push_back(fmt::format("input {}: {} non-LoRA tensor(s) not carried (only the first input's are)",
                                                i + 1, inputs[i].other_tensors.size()));
+    return job;
+}
+
+// The merged module's rank and alpha when the method fixes them before computing (concat, cat,
+// kohya's linear, an svd to a fixed rank), for a module without LoRA biases; nullopt otherwise.
+struct Foreseen {
+    std::int64_t rank = 0;
+    double alpha = 0;
+};
+std::optional<Foreseen> foresee(const std::vector<Term>& terms, const MergeOptions& o) {
+    std::int64_t total = 0;
+    for (const auto& t : terms) {
+        if (t.module->bias) return std::nullopt;
+        total += t.module->rank();
+    }
+    const LoraModule& first = *terms[0].module;
+    const double base_alpha = first.scale() * static_cast<double>(first.rank());  // kohya_merge's
+    const bool kohya = o.compat == MergeCompat::kohya;
+    switch (o.method) {
+    case MergeMethod::concat: return Foreseen{total, kohya ? base_alpha : static_cast<double>(total)};
+    case MergeMethod::cat: return Foreseen{total, static_cast<double>(total)};
+    case MergeMethod::linear:
+        if (kohya) return Foreseen{first.rank(), base_alpha};
+        return std::nullopt;
+    case MergeMethod::svd:
+        if (const auto k = svd_rank(terms, nullptr, total, o)) return Foreseen{*k, static_cast<double>(*k)};
+        return std::nullopt;
+    default: return std::nullopt;
+    }
+}
+
+}  // namespace
+
+MergeResult merge_adapters(const std::vector<Adapter>& inputs, const MergeOptions& o, Progress& progress) {
+    const std::shared_ptr<MergeJob> job = prepare_merge(inputs, o);
+    MergeResult& result = job->result;
+    const std::size_t count = job->groups.order.size();
+    progress.begin("merge", count, 0);
+    detail::parallel_for(count, o.threads, progress, [&](std::size_t i) -> std::uint64_t {
+        result.adapter.modules[i] = job->make(i, result.modules[i]);
+        return 0;
+    });
+    return std::move(result);
+}
+
+std::optional<MergeResult> merge_adapters_streamed(const std::vector<Adapter>& inputs, const MergeOptions& o,
+                                                   Progress& progress,
+                                                   const std::function<void(const Adapter&)>& write) {
+    const std::shared_ptr<MergeJob> job = prepare_merge(inputs, o);
+    const std::size_t count = job->groups.order.size();
+    std::vector<Foreseen> foreseen(count);
+    for (std::size_t i = 0; i < count; ++i) {
+        const auto f = foresee(job->terms(i), job->options);
+        if (!f) return std::nullopt;
+        foreseen[i] = *f;
+    }
+    // The workers fill the job's reports; the pipeline keeps the job (and so the deferred
+    // factors makeable) for as long as the returned adapter lives.
+    auto pipeline = std::make_shared<detail::TensorPipeline>(
+        count, 2,
+        [job, foreseen](std::size_t i) {
+            const LoraModule m = job->make(i, job->result.modules[i]);
+            if (m.rank() != foreseen[i].rank || m.alpha != foreseen[i].alpha)
+                fail(ErrorCode::internal, "module {}: rank {} alpha {} made for rank {} alpha {} foreseen", quote(m.name),
+                     m.rank(), m.alpha.value_or(0), foreseen[i].rank, foreseen[i].alpha);
+            return std::vector<Tensor>{m.down, m.up};
+        },
+        2 * detail::worker_count(o.threads) + 2);
+    MergeResult result = job->result;  // the reports' names and inputs, the notes
+    for (std::size_t i = 0; i < count; ++i) {
+        const LoraModule& first = *job->terms(i)[0].module;
+        LoraModule& m = result.adapter.modules[i];
+        m.name = first.name;
+        m.source_name = job->terms(i)[0].adapter == 0 ? first.source_name : std::string();
+        m.kind = first.kind;
+        m.fan_in_fan_out = first.fan_in_fan_out;
+        Shape down_shape = first.down.shape(), up_shape = first.up.shape();
+        down_shape[0] = foreseen[i].rank;
+        up_shape[1] = foreseen[i].rank;
+        m.down = Tensor::deferred(job->type, down_shape, pipeline, 2 * i);
+        m.up = Tensor::deferred(job->type, up_shape, pipeline, 2 * i + 1);
+        m.scale_rule = ScaleRule::alpha_over_rank;
+        m.alpha = foreseen[i].alpha;
+        m.alpha_dtype = first.alpha_dtype;
+    }
+    progress.begin("merge", count, 0);
+    detail::write_while_made(*pipeline, o.threads, progress, [&] { write(result.adapter); });
+    for (std::size_t i = 0; i < count; ++i) {
+        if (!pipeline->made(i)) (void)job->make(i, job->result.modules[i]);  // not written: its report alone
+        result.modules[i] = job->result.modules[i];
+    }
     return result;
 }
 

@@ -20,13 +20,21 @@ ToolResult run_merge(const Registry& registry, const MergeRequest& request, Prog
         if (!request.output.empty()) {
             registry.check_output(convention, request.output, request.force);  // before any work
         }
-        MergeResult merged = merge_adapters(inputs, request.options, progress);
+        std::vector<std::string> write_notes;
+        auto write = [&](const Adapter& merged) {
+            Adapter out = merged;
+            if (out.metadata.count("ss_network_dim") || convention == "kohya")
+                out.metadata["ss_training_comment"] = fmt::format(
+                    "merged by lorakit ({}) from {} adapters", merge_method_name(request.options.method), inputs.size());
+            registry.write_adapter(out, convention, request.output, write_options(request.force), write_notes);
+        };
+        // Written while computed when the merged ranks are known in advance (concat, svd --rank N).
+        std::optional<MergeResult> streamed;
+        if (!request.output.empty()) streamed = merge_adapters_streamed(inputs, request.options, progress, write);
+        MergeResult merged = streamed ? std::move(*streamed) : merge_adapters(inputs, request.options, progress);
+        if (!streamed && !request.output.empty()) write(merged.adapter);
         std::vector<std::string> notes = merged.notes;
-        if (merged.adapter.metadata.count("ss_network_dim") || convention == "kohya")
-            merged.adapter.metadata["ss_training_comment"] = fmt::format(
-                "merged by lorakit ({}) from {} adapters", merge_method_name(request.options.method), inputs.size());
-        if (!request.output.empty())
-            registry.write_adapter(merged.adapter, convention, request.output, write_options(request.force), notes);
+        notes.insert(notes.end(), write_notes.begin(), write_notes.end());
         if (request.json) {
             Json j;
             j["inputs"] = request.inputs;

@@ -14,6 +14,7 @@
 #include "lorakit/error.h"
 #include "lorakit/formats/builtin.h"
 #include "lorakit/formats/safetensors.h"
+#include "lorakit/merge.h"
 #include "lorakit/resize.h"
 #include "pipeline.h"
 #include "support.h"
@@ -286,4 +287,59 @@ TEST_CASE("lora-resize streamed: a bad module fails the run by its name and leav
         CHECK_FALSE(std::filesystem::exists(dir / "out.safetensors"));
         CHECK(dir.list() == std::vector<std::string>{"bad.safetensors"});  // no temporary file left behind
     }
+}
+
+TEST_CASE("lora-merge's streamed route writes what the eager one writes", "[pipeline][merge]") {
+    const auto samples = std::filesystem::path(LORAKIT_SOURCE_DIR) / "samples";
+    const Registry& registry = formats::builtin_registry();
+    struct Case {
+        MergeMethod method;
+        MergeCompat compat;
+        std::int64_t rank;
+    };
+    const Case cases[] = {{MergeMethod::concat, MergeCompat::lorakit, 0}, {MergeMethod::cat, MergeCompat::lorakit, 0},
+                          {MergeMethod::svd, MergeCompat::lorakit, 3},    {MergeMethod::svd, MergeCompat::lorakit, 0},
+                          {MergeMethod::svd, MergeCompat::kohya, 3},      {MergeMethod::concat, MergeCompat::kohya, 0},
+                          {MergeMethod::linear, MergeCompat::kohya, 0}};
+    for (const char* input : {"peft-llama", "kohya-sdxl.safetensors"}) {
+        const Adapter first = registry.load_adapter(samples / input);
+        Adapter second = first;  // without its first module: merged from the first input alone
+        second.modules.erase(second.modules.begin());
+        for (const auto& c : cases) {
+            INFO(input << " " << merge_method_name(c.method) << " compat " << static_cast<int>(c.compat) << " rank " << c.rank);
+            MergeOptions options;
+            options.method = c.method;
+            options.compat = c.compat;
+            options.rank.rank = c.rank;
+            options.weights = {0.7, -0.3};
+            options.threads = 2;
+            test::ScratchDir dir;
+            std::vector<std::string> notes;
+            const MergeResult eager = merge_adapters({first, second}, options, no_progress());
+            registry.write_adapter(eager.adapter, first.convention, dir / "eager", {}, notes);
+            const auto streamed = merge_adapters_streamed({first, second}, options, no_progress(), [&](const Adapter& a) {
+                registry.write_adapter(a, first.convention, dir / "streamed", {}, notes);
+            });
+            REQUIRE(streamed);
+            REQUIRE(streamed->modules.size() == eager.modules.size());
+            for (std::size_t i = 0; i < eager.modules.size(); ++i) {
+                CHECK(streamed->modules[i].rank == eager.modules[i].rank);
+                CHECK(streamed->modules[i].inputs == eager.modules[i].inputs);
+                CHECK(streamed->modules[i].relative_error == eager.modules[i].relative_error);
+            }
+            CHECK(streamed->notes == eager.notes);
+            if (std::filesystem::is_directory(dir / "eager")) {
+                for (const auto& entry : std::filesystem::directory_iterator(dir / "eager"))
+                    CHECK(test::read_file(entry.path()) == test::read_file(dir / "streamed" / entry.path().filename()));
+            } else {
+                CHECK(test::read_file(dir / "eager") == test::read_file(dir / "streamed"));
+            }
+        }
+    }
+    // Methods whose ranks are not known beforehand are not streamed.
+    MergeOptions ties;
+    ties.method = MergeMethod::ties;
+    ties.density = 0.5;
+    const Adapter llama = registry.load_adapter(samples / "peft-llama");
+    CHECK_FALSE(merge_adapters_streamed({llama, llama}, ties, no_progress(), [](const Adapter&) { FAIL("written"); }));
 }

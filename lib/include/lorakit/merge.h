@@ -24,6 +24,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <optional>
 #include <string>
 #include <vector>
@@ -79,6 +80,15 @@ struct MergeResult {
 };
 
 MergeResult merge_adapters(const std::vector<Adapter>& inputs, const MergeOptions& options, Progress& progress);
+
+// The same, written while it is computed when every merged module's rank and alpha are known
+// beforehand (concat, cat, kohya's linear, svd to a fixed rank; modules without LoRA biases):
+// `write` gets the merged adapter at once, its factors deferred (Tensor::deferred) and made on
+// the workers in the order the writer takes them (see resize_adapter_streamed). nullopt, having
+// done nothing but the checks on the options, otherwise.
+std::optional<MergeResult> merge_adapters_streamed(const std::vector<Adapter>& inputs, const MergeOptions& options,
+                                                   Progress& progress,
+                                                   const std::function<void(const Adapter&)>& write);
 
 struct MergeRequest {
     std::vector<std::string> inputs;
