@@ -151,7 +151,10 @@ void MappedFile::prefetch(std::size_t offset, std::size_t length) const noexcept
     length = std::min(length, size_ - offset);
     const auto page = static_cast<std::size_t>(::sysconf(_SC_PAGESIZE));
     const std::size_t start = offset / page * page;
-    ::madvise(const_cast<std::byte*>(data_) + start, length + (offset - start), MADV_WILLNEED);
+    void* at = const_cast<std::byte*>(data_) + start;
+    // Only a read ahead: an error (EIO, a file truncated meanwhile) shows when the bytes are used.
+    if (::madvise(at, length + (offset - start), MADV_POPULATE_READ) != 0 && errno == EINVAL)
+        ::madvise(at, length + (offset - start), MADV_WILLNEED);
 }
 
 void MappedFile::release(std::span<const std::byte> bytes) const noexcept {

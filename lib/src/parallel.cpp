@@ -58,4 +58,53 @@ void parallel_for(std::size_t count, int threads, Progress& progress,
     if (failure) std::rethrow_exception(failure);
 }
 
+ReadAhead::ReadAhead(std::size_t count, std::uint64_t budget, std::function<std::uint64_t(std::size_t)> read)
+    : count_(count), budget_(budget), read_(std::move(read)) {
+    if (count_ > 0) thread_ = std::thread([this] { run(); });
+}
+
+ReadAhead::~ReadAhead() {
+    {
+        std::lock_guard lock(mutex_);
+        stop_ = true;
+    }
+    changed_.notify_all();
+    if (thread_.joinable()) thread_.join();
+}
+
+void ReadAhead::started(std::size_t i) {
+    {
+        std::lock_guard lock(mutex_);
+        started_ = std::max(started_, i + 1);
+        while (!ahead_.empty() && ahead_.front().first < started_) {
+            ahead_bytes_ -= ahead_.front().second;
+            ahead_.pop_front();
+        }
+    }
+    changed_.notify_all();
+}
+
+void ReadAhead::run() {
+    std::size_t i = 0;
+    for (;;) {
+        {
+            std::unique_lock lock(mutex_);
+            changed_.wait(lock, [&] { return stop_ || ahead_bytes_ < budget_; });
+            i = std::max(i, started_);  // the workers passed it: reading it now would not help
+            if (stop_ || i >= count_) return;
+        }
+        std::uint64_t bytes = 0;
+        try {
+            bytes = read_(i);
+        } catch (...) {
+        }
+        std::lock_guard lock(mutex_);
+        if (i >= started_) {
+            ahead_.emplace_back(i, bytes);
+            ahead_bytes_ += bytes;
+        }
+        ++i;
+    }
+}
+
 }  // namespace lorakit::detail

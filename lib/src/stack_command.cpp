@@ -43,12 +43,14 @@ public:
         return true;
     }
 
-    void prefetch(const LoraModule& module) const override {
+    std::uint64_t prefetch(const LoraModule& module) const override {
         try {
             const auto where = checkpoint_.locate(module);
-            if (where) checkpoint_.files()[where->file]->prefetch(*where->entry);
+            if (!where) return 0;
+            checkpoint_.files()[where->file]->prefetch(*where->entry);
+            return where->entry->size;
         } catch (const Error&) {
-            // Only a hint: a module that does not fit its tensor fails when it is loaded.
+            return 0;  // only a read ahead: a module that does not fit its tensor fails when it is loaded
         }
     }
 

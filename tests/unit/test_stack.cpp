@@ -2,6 +2,10 @@
 // stacks (orthogonal, self, negation, nearly parallel), base checks, auto-scale and the CLI.
 #include <catch2/catch.hpp>
 
+#include <chrono>
+
+#include <thread>
+
 #include <mutex>
 
 #include <algorithm>
@@ -405,35 +409,52 @@ TEST_CASE("stack refuses what it cannot model, naming it", "[stack]") {
     CHECK_THROWS_WITH(analyse({adapter_of({m}), adapter_of({bad})}, {1, 1}), Catch::Contains("NaN"));
 }
 
-TEST_CASE("base tensors are asked for ahead of the workers, each once, before its load", "[stack]") {
+TEST_CASE("base tensors are read ahead of the workers, in order, each once, within the budget", "[stack]") {
+    // Each module's base tensor "holds" 1000 bytes and the budget is 3500: the reader may hold
+    // at most 3 read and not yet loaded (a fourth may be in its read when one of them starts).
     class Recording final : public BaseWeights {
     public:
         bool load(const LoraModule& m, BaseWeight&) const override {
             std::lock_guard lock(mutex);
-            events.push_back("load " + m.name);
+            loads.push_back(m.name);
+            std::erase(pending, m.name);
             return false;  // no base tensor: reported, not an error
         }
-        void prefetch(const LoraModule& m) const override {
+        std::uint64_t prefetch(const LoraModule& m) const override {
+            std::this_thread::sleep_for(std::chrono::milliseconds(2));  // a disk
             std::lock_guard lock(mutex);
-            events.push_back("prefetch " + m.name);
+            reads.push_back(m.name);
+            if (std::find(loads.begin(), loads.end(), m.name) == loads.end()) pending.push_back(m.name);
+            most_pending = std::max(most_pending, pending.size());
+            return 1000;
         }
         mutable std::mutex mutex;
-        mutable std::vector<std::string> events;
+        mutable std::vector<std::string> loads, reads, pending;
+        mutable std::size_t most_pending = 0;
     };
     std::mt19937 g(3);
     std::vector<LoraModule> modules;
-    for (int i = 0; i < 9; ++i) modules.push_back(random_module(g, 12, 10, 2, 2, fmt::format("model.layers.{}.mlp.up_proj", i)));
-    Recording base;
-    StackOptions o;
-    o.threads = 2;
-    const auto report = analyse_stack({adapter_of(modules)}, o, false, &base, no_progress());
-    CHECK(report.modules.size() == 9);
-    for (const auto& m : modules) {
-        const auto p = std::find(base.events.begin(), base.events.end(), "prefetch " + m.name);
-        const auto l = std::find(base.events.begin(), base.events.end(), "load " + m.name);
-        CHECK(std::count(base.events.begin(), base.events.end(), "prefetch " + m.name) == 1);
-        CHECK(std::count(base.events.begin(), base.events.end(), "load " + m.name) == 1);
-        CHECK(p < l);
+    for (int i = 0; i < 40; ++i) modules.push_back(random_module(g, 12, 10, 2, 2, fmt::format("model.layers.{}.mlp.up_proj", i)));
+    for (const int threads : {1, 2}) {
+        INFO(threads);
+        Recording base;
+        StackOptions o;
+        o.threads = threads;
+        o.read_ahead_bytes = 3500;
+        const auto report = analyse_stack({adapter_of(modules)}, o, false, &base, no_progress());
+        CHECK(report.modules.size() == 40);
+        CHECK(base.loads.size() == 40);
+        CHECK(base.most_pending <= 4);
+        CHECK_FALSE(base.reads.empty());
+        // In module order, each at most once.
+        std::vector<std::size_t> index;
+        for (const auto& name : base.reads) {
+            const auto at = std::find_if(modules.begin(), modules.end(), [&](const LoraModule& m) { return m.name == name; });
+            REQUIRE(at != modules.end());
+            index.push_back(static_cast<std::size_t>(at - modules.begin()));
+        }
+        CHECK(std::is_sorted(index.begin(), index.end()));
+        CHECK(std::adjacent_find(index.begin(), index.end()) == index.end());
     }
 }
 

@@ -64,9 +64,9 @@ public:
     // Drops the entry's mapped pages from the process's memory after use (MappedFile::release);
     // a no-op for files whose tensors are not mapped.
     virtual void release(const TensorEntry&) const {}
-    // Asks the OS to start reading the entry's bytes now (MappedFile::prefetch), ahead of their
-    // use, so that reading a file from disk overlaps the work on earlier tensors; a no-op for
-    // files whose tensors are not mapped.
+    // Reads the entry's bytes into memory now, waiting for the disk (MappedFile::prefetch): a
+    // thread reading ahead of the work calls it, so that reading a file from disk overlaps the
+    // work on earlier tensors; a no-op for files whose tensors are not mapped.
     virtual void prefetch(const TensorEntry&) const {}
 
     const TensorEntry* find(std::string_view tensor_name) const;

@@ -60,6 +60,8 @@ struct StackOptions {
     double top_fraction = 0.2;       // "largest-magnitude entries": this top fraction of each adapter's samples
     std::uint64_t seed = 0;
     int threads = 0;
+    // With a base: how far the base is read ahead of the workers (bytes read and not yet used).
+    std::uint64_t read_ahead_bytes = std::uint64_t{256} << 20;
 };
 
 struct PairStats {
@@ -133,8 +135,10 @@ public:
     // and a resize would zero-fill); false when the checkpoint has no tensor for the module
     // (reported, not an error).
     virtual bool load(const LoraModule& module, BaseWeight& into) const = 0;
-    // A hint that `module` will be loaded soon: a checkpoint starts reading its tensor from disk.
-    virtual void prefetch(const LoraModule&) const {}
+    // Reads the base tensor of `module` into memory now (waiting for the disk): called from a
+    // thread that runs ahead of the workers, in module order. Returns the bytes it read (0:
+    // nothing to read), which bound how far ahead that thread runs.
+    virtual std::uint64_t prefetch(const LoraModule&) const { return 0; }
 };
 
 // Computes the report. With `auto_scale`, multiplies the weights by the suggested factor and
