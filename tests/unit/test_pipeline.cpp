@@ -36,6 +36,16 @@ std::vector<Tensor> group_tensors(std::size_t g, std::size_t parts, std::int64_t
 
 float first_value(const Tensor& t) { return t.to_f32().front(); }
 
+// The same bytes in `a` and `b`: two files, or every file of two adapter directories.
+void check_same_output(const std::filesystem::path& a, const std::filesystem::path& b) {
+    if (!std::filesystem::is_directory(a)) {
+        CHECK(test::read_file(a) == test::read_file(b));
+        return;
+    }
+    for (const auto& entry : std::filesystem::directory_iterator(a))
+        CHECK(test::read_file(entry.path()) == test::read_file(b / entry.path().filename()));
+}
+
 }  // namespace
 
 TEST_CASE("TensorPipeline makes groups in the planned order, within the window", "[pipeline]") {
@@ -244,12 +254,7 @@ TEST_CASE("lora-resize's streamed route writes what the eager one writes", "[pip
                 CHECK(streamed->modules[i].unchanged == eager.modules[i].unchanged);
             }
             CHECK(streamed->notes == eager.notes);
-            if (std::filesystem::is_directory(dir / "eager")) {
-                for (const auto& entry : std::filesystem::directory_iterator(dir / "eager"))
-                    CHECK(test::read_file(entry.path()) == test::read_file(dir / "streamed" / entry.path().filename()));
-            } else {
-                CHECK(test::read_file(dir / "eager") == test::read_file(dir / "streamed"));
-            }
+            check_same_output(dir / "eager", dir / "streamed");
             // The returned adapter's factors are made again when read.
             CHECK(streamed->adapter.modules[0].down.to_f32() == eager.adapter.modules[0].down.to_f32());
         }
@@ -328,12 +333,7 @@ TEST_CASE("lora-merge's streamed route writes what the eager one writes", "[pipe
                 CHECK(streamed->modules[i].relative_error == eager.modules[i].relative_error);
             }
             CHECK(streamed->notes == eager.notes);
-            if (std::filesystem::is_directory(dir / "eager")) {
-                for (const auto& entry : std::filesystem::directory_iterator(dir / "eager"))
-                    CHECK(test::read_file(entry.path()) == test::read_file(dir / "streamed" / entry.path().filename()));
-            } else {
-                CHECK(test::read_file(dir / "eager") == test::read_file(dir / "streamed"));
-            }
+            check_same_output(dir / "eager", dir / "streamed");
         }
     }
     // Methods whose ranks are not known beforehand are not streamed.
