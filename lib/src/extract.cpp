@@ -243,7 +243,16 @@ ToolResult run_extract(const Registry& registry, const ExtractRequest& request, 
         std::vector<Extracted> report(plan.size());
         std::vector<std::optional<LoraModule>> factored(plan.size());
         progress.begin("extract", plan.size(), total_bytes);
+        // Both checkpoints are read on a thread of their own ahead of the workers, so that files on
+        // the disk stream while earlier weights are computed (as lora-stack --base).
+        detail::ReadAhead ahead(plan.size(), std::uint64_t{256} << 20, [&](std::size_t i) -> std::uint64_t {
+            const auto& p = plan[i];
+            tuned->files()[p.tuned.file]->prefetch(*p.tuned.entry);
+            base->files()[p.base.file]->prefetch(*p.base.entry);
+            return p.tuned.entry->size + p.base.entry->size;
+        });
         detail::parallel_for(plan.size(), request.threads, progress, [&](std::size_t index) -> std::uint64_t {
+            ahead.started(index);
             const auto& p = plan[index];
             const LoraModule& m = p.probe;
             Extracted& x = report[index];

@@ -6,6 +6,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstdint>
 #include <cstring>
@@ -151,10 +152,27 @@ void MappedFile::prefetch(std::size_t offset, std::size_t length) const noexcept
     length = std::min(length, size_ - offset);
     const auto page = static_cast<std::size_t>(::sysconf(_SC_PAGESIZE));
     const std::size_t start = offset / page * page;
-    void* at = const_cast<std::byte*>(data_) + start;
-    // Only a read ahead: an error (EIO, a file truncated meanwhile) shows when the bytes are used.
-    if (::madvise(at, length + (offset - start), MADV_POPULATE_READ) != 0 && errno == EINVAL)
-        ::madvise(at, length + (offset - start), MADV_WILLNEED);
+    const std::size_t end = offset + length;
+    // In chunks, each mapped (which reads it from the disk and waits) and unmapped again (the page
+    // cache keeps it): the resident set does not grow with what is read ahead. Only a read ahead:
+    // an error (EIO, a file truncated meanwhile) shows when the bytes are used.
+    // A chunk wholly in the page cache already (mincore) is skipped: mapping it here would only
+    // cost the workers' time (a warm lora-stack --base: +0.3 s of 2.8).
+    constexpr std::size_t chunk = std::size_t{8} << 20;
+    std::vector<unsigned char> resident(chunk / page + 1);
+    for (std::size_t at = start; at < end; at += chunk) {
+        const std::size_t n = std::min(chunk, end - at);
+        auto* where = const_cast<std::byte*>(data_) + at;
+        if (::mincore(where, n, resident.data()) == 0 &&
+            std::all_of(resident.begin(), resident.begin() + static_cast<std::ptrdiff_t>((n + page - 1) / page),
+                        [](unsigned char r) { return (r & 1) != 0; }))
+            continue;
+        if (::madvise(where, n, MADV_POPULATE_READ) != 0) {
+            if (errno == EINVAL) ::madvise(where, end - at, MADV_WILLNEED);  // before Linux 5.14: a hint
+            return;
+        }
+        release({where, n});
+    }
 }
 
 void MappedFile::release(std::span<const std::byte> bytes) const noexcept {

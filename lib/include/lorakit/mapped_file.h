@@ -30,10 +30,11 @@ public:
     const std::string& name() const noexcept { return name_; }
     const std::filesystem::path& path() const noexcept { return path_; }
 
-    // Reads [offset, offset + length) from the disk now and maps it, waiting for it (madvise
-    // POPULATE_READ; where the kernel lacks that, before Linux 5.14, the WILLNEED hint): for a
-    // thread that reads ahead of the work, so that the workers find the pages in memory. No-op
-    // for in-memory data.
+    // Reads [offset, offset + length) from the disk into the page cache now, waiting for it
+    // (madvise POPULATE_READ, then DONTNEED, chunk by chunk, so the resident set does not grow;
+    // where the kernel lacks POPULATE_READ, before Linux 5.14, the WILLNEED hint): for a thread
+    // that reads ahead of the work, so that the workers find the pages in memory. No-op for
+    // in-memory data.
     void prefetch(std::size_t offset, std::size_t length) const noexcept;
     // Drops the whole pages of `bytes` (a range inside this file's mapping) from the process's
     // memory once they have been used (madvise DONTNEED: the page cache keeps them, a later read
