@@ -464,12 +464,17 @@ std::optional<MergeResult> merge_adapters_streamed(const std::vector<Adapter>& i
         if (!f) return std::nullopt;
         foreseen[i] = *f;
     }
-    // The workers fill the job's reports; the pipeline keeps the job (and so the deferred
-    // factors makeable) for as long as the returned adapter lives.
+    // The workers fill the reports (under a lock, as resize_adapter_streamed's); the pipeline
+    // keeps the job (and so the deferred factors makeable) for as long as the returned adapter
+    // lives.
+    auto reports = std::make_shared<detail::Guarded<std::vector<ModuleMerge>>>();
+    reports->value = job->result.modules;
     auto pipeline = std::make_shared<detail::TensorPipeline>(
         count, 2,
-        [job, foreseen](std::size_t i) {
-            const LoraModule m = job->make(i, job->result.modules[i]);
+        [job, foreseen, reports](std::size_t i) {
+            ModuleMerge report = job->result.modules[i];
+            const LoraModule m = job->make(i, report);
+            reports->set([&](std::vector<ModuleMerge>& all) { all[i] = report; });
             if (m.rank() != foreseen[i].rank || m.alpha != foreseen[i].alpha)
                 fail(ErrorCode::internal, "module {}: rank {} alpha {} made for rank {} alpha {} foreseen", quote(m.name),
                      m.rank(), m.alpha.value_or(0), foreseen[i].rank, foreseen[i].alpha);
@@ -495,10 +500,9 @@ std::optional<MergeResult> merge_adapters_streamed(const std::vector<Adapter>& i
     }
     progress.begin("merge", count, 0);
     detail::write_while_made(*pipeline, o.threads, progress, [&] { write(result.adapter); });
-    for (std::size_t i = 0; i < count; ++i) {
-        if (!pipeline->made(i)) (void)job->make(i, job->result.modules[i]);  // not written: its report alone
-        result.modules[i] = job->result.modules[i];
-    }
+    for (std::size_t i = 0; i < count; ++i)  // a module the writer did not take: its report alone
+        if (!pipeline->made(i)) (void)job->make(i, reports->value[i]);
+    result.modules = reports->get();
     return result;
 }
 

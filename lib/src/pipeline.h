@@ -67,6 +67,22 @@ private:
     std::exception_ptr failure_;
 };
 
+// A value shared between the makes of a pipeline, changed and read under its lock.
+template <typename T>
+struct Guarded {
+    T value;
+    std::mutex mutex;
+    template <typename Change>
+    void set(Change&& change) {
+        std::lock_guard lock(mutex);
+        change(value);
+    }
+    T get() {
+        std::lock_guard lock(mutex);
+        return value;
+    }
+};
+
 // Runs write() (which writes an adapter whose deferred tensors `pipeline` makes) on its own
 // thread while this thread runs the pipeline's workers, then rethrows the first failure: a
 // make's (its own message, e.g. "module 'x': ...") before the writer's.

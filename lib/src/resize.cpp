@@ -137,13 +137,17 @@ std::optional<ResizeResult> resize_adapter_streamed(const Adapter& input, const 
         if (!k) return std::nullopt;
         ranks[i] = *k;
     }
-    // The workers fill the reports; the pipeline's copies of the input and options keep the
-    // deferred factors makeable for as long as the returned adapter lives.
-    auto reports = std::make_shared<std::vector<ModuleResize>>(count);
+    // The workers fill the reports (under a lock: a module made again later, when the returned
+    // adapter's deferred factors are read, may be made on two threads at once); the pipeline's
+    // copies of the input and options keep those factors makeable for as long as they live.
+    auto reports = std::make_shared<detail::Guarded<std::vector<ModuleResize>>>();
+    reports->value.resize(count);
     auto pipeline = std::make_shared<detail::TensorPipeline>(
         count, 2,
         [input, options, reports, ranks](std::size_t i) {
-            const LoraModule made = resize_module(input.modules[i], options, (*reports)[i]);
+            ModuleResize report;
+            const LoraModule made = resize_module(input.modules[i], options, report);
+            reports->set([&](std::vector<ModuleResize>& all) { all[i] = report; });
             if (made.rank() != ranks[i])
                 fail(ErrorCode::internal, "module {}: rank {} made for {} foreseen", quote(made.name), made.rank(), ranks[i]);
             return std::vector<Tensor>{made.down, made.up};
@@ -167,8 +171,8 @@ std::optional<ResizeResult> resize_adapter_streamed(const Adapter& input, const 
     progress.begin("resize", count, 0);
     detail::write_while_made(*pipeline, options.threads, progress, [&] { write(result.adapter); });
     for (std::size_t i = 0; i < count; ++i)  // a module the writer did not take: its report alone
-        if (!pipeline->made(i)) resize_module(input.modules[i], options, (*reports)[i]);
-    result.modules = *reports;
+        if (!pipeline->made(i)) resize_module(input.modules[i], options, reports->value[i]);
+    result.modules = reports->get();
     add_notes(input, result);
     return result;
 }

@@ -343,3 +343,29 @@ TEST_CASE("lora-merge's streamed route writes what the eager one writes", "[pipe
     const Adapter llama = registry.load_adapter(samples / "peft-llama");
     CHECK_FALSE(merge_adapters_streamed({llama, llama}, ties, no_progress(), [](const Adapter&) { FAIL("written"); }));
 }
+
+TEST_CASE("a streamed result's deferred factors can be read on several threads at once", "[pipeline][resize]") {
+    const auto samples = std::filesystem::path(LORAKIT_SOURCE_DIR) / "samples";
+    const Adapter adapter = formats::builtin_registry().load_adapter(samples / "peft-llama");
+    ResizeOptions options;
+    options.rank.rank = 2;
+    const ResizeResult eager = resize_adapter(adapter, options, no_progress());
+    const auto streamed = resize_adapter_streamed(adapter, options, no_progress(), [](const Adapter&) {});
+    REQUIRE(streamed);
+    // Nothing was written, so every module is made again here, down and up on different threads.
+    std::vector<std::thread> readers;
+    std::vector<std::vector<float>> values(2 * eager.adapter.modules.size());
+    for (int part = 0; part < 2; ++part)
+        readers.emplace_back([&, part] {
+            for (std::size_t i = 0; i < eager.adapter.modules.size(); ++i) {
+                const LoraModule& m = streamed->adapter.modules[i];
+                values[2 * i + static_cast<std::size_t>(part)] = (part ? m.up : m.down).to_f32();
+            }
+        });
+    for (auto& t : readers) t.join();
+    for (std::size_t i = 0; i < eager.adapter.modules.size(); ++i) {
+        CHECK(values[2 * i] == eager.adapter.modules[i].down.to_f32());
+        CHECK(values[2 * i + 1] == eager.adapter.modules[i].up.to_f32());
+        CHECK(streamed->modules[i].choice.rank == eager.modules[i].choice.rank);
+    }
+}
