@@ -222,10 +222,17 @@ ToolResult run_stack(const Registry& registry, const StackRequest& request, Prog
             if (request.rank) merge.rank = *request.rank;
             merge.dtype = request.dtype;
             merge.threads = options.threads;
-            MergeResult merged = merge_adapters(adapters, merge, progress);
-            if (merged.adapter.metadata.count("ss_network_dim") || convention == "kohya")
-                merged.adapter.metadata["ss_training_comment"] =
-                    fmt::format("stacked by lorakit from {} adapters", adapters.size());
+            std::vector<std::string> write_notes;
+            auto write = [&](const Adapter& stacked) {
+                Adapter out = stacked;
+                if (out.metadata.count("ss_network_dim") || convention == "kohya")
+                    out.metadata["ss_training_comment"] = fmt::format("stacked by lorakit from {} adapters", adapters.size());
+                registry.write_adapter(out, convention, request.output, write_options(request.force), write_notes);
+            };
+            // Written while merged when the ranks are known beforehand (concat, a fixed --rank).
+            std::optional<MergeResult> streamed = merge_adapters_streamed(adapters, merge, progress, write);
+            const MergeResult merged = streamed ? std::move(*streamed) : merge_adapters(adapters, merge, progress);
+            if (!streamed) write(merged.adapter);
             notes.insert(notes.end(), merged.notes.begin(), merged.notes.end());
             if (request.rank) {
                 double worst = 0;
@@ -233,7 +240,7 @@ ToolResult run_stack(const Registry& registry, const StackRequest& request, Prog
                 notes.push_back(fmt::format("compressed by factored SVD ({}): largest relative error {:.3g}",
                                             describe(*request.rank), worst));
             }
-            registry.write_adapter(merged.adapter, convention, request.output, write_options(request.force), notes);
+            notes.insert(notes.end(), write_notes.begin(), write_notes.end());
         }
         result.out = request.json ? report_json(report, request).dump(2) + "\n" : report_text(report, request);
         for (const auto& note : notes) result.note(note);
