@@ -223,10 +223,10 @@ ToolResult run_stack(const Registry& registry, const StackRequest& request, Prog
             merge.dtype = request.dtype;
             merge.threads = options.threads;
             std::vector<std::string> write_notes;
+            const std::string comment = fmt::format("stacked by lorakit from {} adapters", adapters.size());
             auto write = [&](const Adapter& stacked) {
                 Adapter out = stacked;
-                if (out.metadata.count("ss_network_dim") || convention == "kohya")
-                    out.metadata["ss_training_comment"] = fmt::format("stacked by lorakit from {} adapters", adapters.size());
+                if (out.metadata.count("ss_network_dim") || convention == "kohya") out.metadata["ss_training_comment"] = comment;
                 registry.write_adapter(out, convention, request.output, write_options(request.force), write_notes);
             };
             // Written while merged when the ranks are known beforehand (concat, a fixed --rank).
