@@ -3,6 +3,7 @@
 #include <catch2/catch.hpp>
 
 #include <chrono>
+#include <condition_variable>
 
 #include <thread>
 
@@ -415,7 +416,10 @@ TEST_CASE("base tensors are read ahead of the workers, in order, each once, with
     class Recording final : public BaseWeights {
     public:
         bool load(const LoraModule& m, BaseWeight&) const override {
-            std::lock_guard lock(mutex);
+            std::unique_lock lock(mutex);
+            // The first load waits for the reader's first read (up to 10 s), so that a busy
+            // machine (CI under ASan) cannot finish every module before the reader thread runs.
+            if (loads.empty()) read_once.wait_for(lock, std::chrono::seconds(10), [&] { return !reads.empty(); });
             loads.push_back(m.name);
             std::erase(pending, m.name);
             return false;  // no base tensor: reported, not an error
@@ -426,9 +430,11 @@ TEST_CASE("base tensors are read ahead of the workers, in order, each once, with
             reads.push_back(m.name);
             if (std::find(loads.begin(), loads.end(), m.name) == loads.end()) pending.push_back(m.name);
             most_pending = std::max(most_pending, pending.size());
+            read_once.notify_all();
             return 1000;
         }
         mutable std::mutex mutex;
+        mutable std::condition_variable read_once;
         mutable std::vector<std::string> loads, reads, pending;
         mutable std::size_t most_pending = 0;
     };
