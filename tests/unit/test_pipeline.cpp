@@ -79,9 +79,10 @@ TEST_CASE("TensorPipeline makes groups in the planned order, within the window",
     });
     CHECK(calls == static_cast<int>(groups));  // each group once
     CHECK(most_live <= static_cast<int>(window) + 1);  // the window, plus one the writer may claim
-    // Workers claim in the planned order (two workers may finish out of order by one place).
+    // Workers claim in the planned order; a claimant descheduled between its claim and its make
+    // lets the others make at most the rest of the window first.
     for (std::size_t i = 0; i < made_order.size(); ++i)
-        CHECK(std::abs(static_cast<long>(made_order[i]) - static_cast<long>(groups - 1 - i)) <= 2);
+        CHECK(std::abs(static_cast<long>(made_order[i]) - static_cast<long>(groups - 1 - i)) <= static_cast<long>(window) + 1);
     for (std::size_t g = 0; g < groups; ++g) CHECK(pipeline->made(g));
 }
 
