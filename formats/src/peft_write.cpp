@@ -60,10 +60,14 @@ void write_peft(const Adapter& a, const std::filesystem::path& target, const Wri
         refuse_other_tensors(rest, "PEFT");
     }
     const auto components = components_of(a);
-    if (components.size() > 1)
+    if (components.size() > 1) {
+        std::vector<std::string> named;  // "" is the component of LLM paths (model.layers...)
+        for (const auto& c : components) named.push_back(c.empty() ? "an LLM's module paths" : quote(c));
         fail(ErrorCode::unsupported,
-             "a PEFT adapter covers one model, but this adapter spans {} (write diffusers or kohya instead)",
-             fmt::join(components, ", "));
+             "a PEFT adapter covers one model, but this adapter spans {} (adapters for different models merged? "
+             "write diffusers or kohya instead)",
+             fmt::join(named, ", "));
+    }
     if (a.modules.empty()) fail(ErrorCode::bad_input, "no LoRA modules to write");
 
     bool rslora = true, any_dora = false, all_dora = true, any_bias = false;

@@ -383,6 +383,8 @@ TEST_CASE("lora-merge end to end: exact concat of the samples, then svd", "[merg
     r = test::run_tool("lora-merge", {llama, (samples / "kohya-sdxl.safetensors").string(), "-o", (dir / "x").string()});
     CHECK(r.exit_code == 3);
     CHECK_THAT(r.err, Catch::Contains("a PEFT adapter covers one model"));
+    // Each part named (the LLM's paths have no component name: they used to print as "spans , text_encoder").
+    CHECK_THAT(r.err, Catch::Contains("spans an LLM's module paths, 'text_encoder'"));
     r = test::run_tool("lora-merge", {llama, "-o", (dir / "y").string()});
     CHECK(r.exit_code == 2);
     r = test::run_tool("lora-merge", {llama, llama, "--weights", "1,x", "-o", (dir / "z").string()});
