@@ -2,7 +2,6 @@
 #include "lorakit/bake.h"
 
 #include <algorithm>
-#include <thread>
 #include <cmath>
 #include <filesystem>
 #include <map>
@@ -13,6 +12,7 @@
 #include "lorakit/checkpoint.h"
 #include "lorakit/error.h"
 #include "lorakit/linalg.h"
+#include "parallel.h"
 
 extern "C" void cblas_sgemm(int layout, int trans_a, int trans_b, int m, int n, int k, float alpha, const float* a,
                             int lda, const float* b, int ldb, float beta, float* c, int ldc);
@@ -278,7 +278,7 @@ ToolResult run_bake(const Registry& registry, const BakeRequest& request, Progre
         // (the checkpoint writers' ProducedAhead): the products get the other threads. With all
         // of them on the products, OpenBLAS's idle thread spun through every write and
         // conversion (a third of a bake's samples in sched_yield on 2 cores).
-        const int threads = request.threads > 0 ? request.threads : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+        const int threads = static_cast<int>(detail::worker_count(request.threads));
         linalg::set_blas_threads(std::max(1, threads - 1));
         BakeSource source(plan, request.dtype);
         CheckpointWriteOptions options;

@@ -10,7 +10,6 @@
 #include <lapacke.h>
 
 #include <algorithm>
-#include <thread>
 #include <cmath>
 #include <cstring>
 
@@ -18,6 +17,7 @@
 
 #include "lorakit/error.h"
 #include "gram_kernels.h"
+#include "parallel.h"
 #include "small_eigen.h"
 
 extern "C" {
@@ -792,7 +792,7 @@ void stop_blas_pool() noexcept {
 }
 
 void set_blas_threads(int threads) noexcept {
-    openblas_set_num_threads(threads > 0 ? threads : static_cast<int>(std::max(1u, std::thread::hardware_concurrency())));
+    openblas_set_num_threads(static_cast<int>(detail::worker_count(threads)));
     stop_blas_pool();
 }
 int blas_threads() noexcept { return openblas_get_num_threads(); }

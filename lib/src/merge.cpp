@@ -210,13 +210,15 @@ Factors factorwise_merge(const std::vector<Term>& terms, const std::vector<doubl
     return f;
 }
 
+// A module's alpha as merge_lora.py reads it: the one that gives its scale at its rank.
+double kohya_alpha(const LoraModule& m) { return m.scale() * static_cast<double>(m.rank()); }
+
 Factors kohya_merge(const std::vector<Term>& terms, bool concat) {
     // merge_lora.py: base_alpha from the first input having the module; ratio_i applied as
     // sqrt(alpha_i / base_alpha) · ratio_i on down and its absolute value on up.
-    auto alpha_of = [](const LoraModule& m) { return m.scale() * static_cast<double>(m.rank()); };
-    const double base_alpha = alpha_of(*terms[0].module);
+    const double base_alpha = kohya_alpha(*terms[0].module);
     std::vector<double> ratios;
-    for (const auto& t : terms) ratios.push_back(std::sqrt(alpha_of(*t.module) / base_alpha) * t.weight);
+    for (const auto& t : terms) ratios.push_back(std::sqrt(kohya_alpha(*t.module) / base_alpha) * t.weight);
     if (concat) {
         std::vector<double> up_ratios;
         for (double r : ratios) up_ratios.push_back(std::abs(r));
@@ -424,7 +426,7 @@ std::optional<Foreseen> foresee(const std::vector<Term>& terms, const MergeOptio
         total += t.module->rank();
     }
     const LoraModule& first = *terms[0].module;
-    const double base_alpha = first.scale() * static_cast<double>(first.rank());  // kohya_merge's
+    const double base_alpha = kohya_alpha(first);  // kohya_merge's
     const bool kohya = o.compat == MergeCompat::kohya;
     switch (o.method) {
     case MergeMethod::concat: return Foreseen{total, kohya ? base_alpha : static_cast<double>(total)};

@@ -11,7 +11,7 @@
 
 namespace lorakit::detail {
 
-std::size_t worker_count(int threads) {
+std::size_t worker_count(int threads) noexcept {
     return threads > 0 ? static_cast<std::size_t>(threads) : std::max(1u, std::thread::hardware_concurrency());
 }
 

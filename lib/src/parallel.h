@@ -21,7 +21,7 @@ namespace lorakit::detail {
 // when all is done (the caller has begun the stage). The first exception stops the remaining
 // work and is rethrown once every worker has stopped.
 // The workers `threads` asks for (0: all cores).
-std::size_t worker_count(int threads);
+std::size_t worker_count(int threads) noexcept;
 
 void parallel_for(std::size_t count, int threads, Progress& progress,
                   const std::function<std::uint64_t(std::size_t)>& body);
