@@ -12,8 +12,8 @@
 
 #include "lorakit/error.h"
 #include "lorakit/formats/safetensors.h"
+#include "lorakit/mapped_file.h"
 #include "lorakit/sha256.h"
-#include "made_ahead.h"
 
 namespace lorakit::formats {
 
@@ -166,22 +166,33 @@ void plan_deferred(const std::vector<TensorToWrite>& tensors) {
 }
 
 // Writes the tensors' data in order (updating `hash` with it, when given); a scaled tensor is
-// computed on a helper thread while the tensors before it are written, so the scaling overlaps
-// the copying; a deferred one is taken from its source when its turn comes.
+// read (pread, for a mapped input), scaled and written a chunk at a time through one reused
+// buffer (the scaling runs at memory speed: handing whole tensors to a helper thread cost more
+// in fresh pages and wake-ups than it saved); a deferred one is taken from its source when its
+// turn comes.
 void write_data(AtomicFile& out, const std::vector<TensorToWrite>& tensors, Sha256* hash = nullptr) {
     plan_deferred(tensors);
-    MadeAhead<ScaledBytes> scaled(
-        tensors.size(), [&](std::size_t i) { return tensors[i].scale != 1.0; },
-        [&](std::size_t i) { return scaled_bytes(tensors[i]); });
     auto put = [&](std::span<const std::byte> bytes) {
         out.write(bytes);
         if (hash) hash->update(bytes);
     };
-    for (std::size_t i = 0; i < tensors.size(); ++i) {
-        const TensorToWrite& t = tensors[i];
-        if (t.scale != 1.0) put(scaled.take(i).bytes());
-        else if (t.deferred) put(t.deferred->take().bytes());
-        else put(t.view.bytes());
+    constexpr std::size_t chunk_bytes = 64u << 10;
+    std::vector<std::byte> chunk;
+    for (const TensorToWrite& t : tensors) {
+        const Tensor held = t.deferred ? t.deferred->take() : Tensor();
+        const std::span<const std::byte> bytes = t.deferred ? held.bytes() : t.view.bytes();
+        if (t.scale == 1.0) {
+            put(bytes);
+            continue;
+        }
+        const std::size_t width = dtype_size(t.view.dtype());
+        if (chunk.empty()) chunk.resize(chunk_bytes);
+        for (std::size_t at = 0; at < bytes.size(); at += chunk_bytes) {
+            const std::size_t n = std::min(chunk_bytes, bytes.size() - at);
+            read_bytes(bytes.subspan(at, n), chunk.data());  // pread from a mapped input
+            scale_encoded(t.view.dtype(), chunk.data(), chunk.data(), n / width, t.scale);
+            put({chunk.data(), n});
+        }
     }
 }
 

@@ -34,7 +34,7 @@ void scale_encoded(DType type, const std::byte* src, std::byte* dst, std::size_t
     for (std::size_t at = 0; at < count; at += chunk) {
         const std::size_t n = std::min(chunk, count - at);
         convert_to_f32(type, src + at * width, buffer, n);
-        for (std::size_t i = 0; i < n; ++i) buffer[i] = static_cast<float>(static_cast<double>(buffer[i]) * factor);
+        scale_f32(buffer, n, factor);
         convert_from_f32(type, buffer, dst + at * width, n);
     }
 }

@@ -196,7 +196,7 @@ AtomicFile::AtomicFile(fs::path target, bool overwrite) : target_(std::move(targ
     if (target_ == "-") {
         to_stdout_ = true;
         fd_ = STDOUT_FILENO;
-        buffer_.resize(1 << 16);
+        buffer_ = std::make_unique_for_overwrite<std::byte[]>(capacity_ = 1 << 16);
         return;
     }
     check_output_path(target_, overwrite_);
@@ -228,7 +228,8 @@ void AtomicFile::open_temporary(const fs::path& dir) {
         if (fd_ < 0) fail_io("create a temporary file in", dir, EEXIST);
         register_temp(temp_path_);
     }
-    buffer_.resize(buffer_capacity);
+    // Not zero-filled: a page of it is touched only when small writes reach it.
+    buffer_ = std::make_unique_for_overwrite<std::byte[]>(capacity_ = buffer_capacity);
 }
 
 AtomicFile::~AtomicFile() {
@@ -300,7 +301,7 @@ std::size_t AtomicFile::copy_mapped(std::span<const std::byte> bytes) {
 void AtomicFile::flush_buffer() {
     const std::size_t n = buffered_;
     buffered_ = 0;
-    raw_write(buffer_.data(), n);
+    raw_write(buffer_.get(), n);
 }
 
 void AtomicFile::write(std::span<const std::byte> bytes) {
@@ -315,11 +316,11 @@ void AtomicFile::write(std::span<const std::byte> bytes) {
             raw_write(bytes.data() + copied, bytes.size() - copied);
             return;
         }
-        const std::size_t n = std::min(bytes.size(), buffer_.size() - buffered_);
-        std::memcpy(buffer_.data() + buffered_, bytes.data(), n);
+        const std::size_t n = std::min(bytes.size(), capacity_ - buffered_);
+        std::memcpy(buffer_.get() + buffered_, bytes.data(), n);
         buffered_ += n;
         bytes = bytes.subspan(n);
-        if (buffered_ == buffer_.size()) flush_buffer();
+        if (buffered_ == capacity_) flush_buffer();
     }
 }
 

@@ -234,6 +234,9 @@ void scalar_f32_to_f16(const float* src, std::byte* dst, std::size_t count) noex
 void scalar_f32_to_bf16(const float* src, std::byte* dst, std::size_t count) noexcept {
     for (std::size_t i = 0; i < count; ++i) store<std::uint16_t>(dst + 2 * i, f32_to_bf16(src[i]));
 }
+void scalar_scale_f32(float* values, std::size_t count, double factor) noexcept {
+    for (std::size_t i = 0; i < count; ++i) values[i] = static_cast<float>(static_cast<double>(values[i]) * factor);
+}
 
 }  // namespace detail
 
@@ -341,6 +344,10 @@ void convert_from_f32(DType to, std::span<const float> src, std::span<std::byte>
         fail(ErrorCode::internal, "convert_from_f32: {} elements do not fit {} bytes of {}", src.size(), dst.size(),
              dtype_name(to));
     convert_from_f32(to, src.data(), dst.data(), src.size());
+}
+
+void scale_f32(float* values, std::size_t count, double factor) noexcept {
+    detail::kernels().scale_f32(values, count, factor);
 }
 
 std::string_view conversion_kernel_name() noexcept { return detail::kernels().name; }

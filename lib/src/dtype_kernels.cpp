@@ -12,17 +12,18 @@ void avx2_f16_to_f32(const std::byte*, float*, std::size_t) noexcept;
 void avx2_bf16_to_f32(const std::byte*, float*, std::size_t) noexcept;
 void avx2_f32_to_f16(const float*, std::byte*, std::size_t) noexcept;
 void avx2_f32_to_bf16(const float*, std::byte*, std::size_t) noexcept;
+void avx2_scale_f32(float*, std::size_t, double) noexcept;
 #endif
 
 namespace {
 
 constexpr ConversionKernels scalar{
-    "scalar", scalar_f16_to_f32, scalar_bf16_to_f32, scalar_f32_to_f16, scalar_f32_to_bf16,
+    "scalar", scalar_f16_to_f32, scalar_bf16_to_f32, scalar_f32_to_f16, scalar_f32_to_bf16, scalar_scale_f32,
 };
 
 #if defined(__x86_64__) || defined(__i386__)
 constexpr ConversionKernels avx2{
-    "avx2+f16c", avx2_f16_to_f32, avx2_bf16_to_f32, avx2_f32_to_f16, avx2_f32_to_bf16,
+    "avx2+f16c", avx2_f16_to_f32, avx2_bf16_to_f32, avx2_f32_to_f16, avx2_f32_to_bf16, avx2_scale_f32,
 };
 #endif
 

@@ -13,6 +13,8 @@ struct ConversionKernels {
     void (*bf16_to_f32)(const std::byte*, float*, std::size_t) noexcept;
     void (*f32_to_f16)(const float*, std::byte*, std::size_t) noexcept;
     void (*f32_to_bf16)(const float*, std::byte*, std::size_t) noexcept;
+    // values[i] = float(double(values[i]) * factor): the product in f64, rounded once to f32.
+    void (*scale_f32)(float*, std::size_t, double) noexcept;
 };
 
 // The kernels for this CPU (selected on first use, thread-safe).
@@ -27,5 +29,6 @@ void scalar_f16_to_f32(const std::byte* src, float* dst, std::size_t count) noex
 void scalar_bf16_to_f32(const std::byte* src, float* dst, std::size_t count) noexcept;
 void scalar_f32_to_f16(const float* src, std::byte* dst, std::size_t count) noexcept;
 void scalar_f32_to_bf16(const float* src, std::byte* dst, std::size_t count) noexcept;
+void scalar_scale_f32(float* values, std::size_t count, double factor) noexcept;
 
 }  // namespace lorakit::detail

@@ -67,6 +67,18 @@ LORAKIT_AVX2 void avx2_f32_to_bf16(const float* src, std::byte* dst, std::size_t
     scalar_f32_to_bf16(src + i, dst + 2 * i, count - i);
 }
 
+LORAKIT_AVX2 void avx2_scale_f32(float* values, std::size_t count, double factor) noexcept {
+    const __m256d f = _mm256_set1_pd(factor);
+    std::size_t i = 0;
+    for (; i + 8 <= count; i += 8) {
+        const __m256 x = _mm256_loadu_ps(values + i);
+        const __m128 lo = _mm256_cvtpd_ps(_mm256_mul_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(x)), f));
+        const __m128 hi = _mm256_cvtpd_ps(_mm256_mul_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(x, 1)), f));
+        _mm256_storeu_ps(values + i, _mm256_set_m128(hi, lo));
+    }
+    scalar_scale_f32(values + i, count - i, factor);
+}
+
 }  // namespace lorakit::detail
 
 #endif

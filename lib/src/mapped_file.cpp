@@ -70,6 +70,19 @@ std::optional<FileRange> mapped_source(std::span<const std::byte> bytes) noexcep
     return FileRange{it->second.second, static_cast<std::uint64_t>(begin - it->first)};
 }
 
+void read_bytes(std::span<const std::byte> bytes, std::byte* dst) noexcept {
+    std::size_t done = 0;
+    if (const std::optional<FileRange> from = mapped_source(bytes)) {
+        while (done < bytes.size()) {
+            const ssize_t n = ::pread(from->fd, dst + done, bytes.size() - done, static_cast<off_t>(from->offset + done));
+            if (n < 0 && errno == EINTR) continue;
+            if (n <= 0) break;  // the rest through the mapping, which reports a changed file as reading it would
+            done += static_cast<std::size_t>(n);
+        }
+    }
+    if (done < bytes.size()) std::memcpy(dst + done, bytes.data() + done, bytes.size() - done);
+}
+
 std::shared_ptr<const MappedFile> MappedFile::open(const std::filesystem::path& path) {
     auto file = std::shared_ptr<MappedFile>(new MappedFile());
     file->path_ = path;

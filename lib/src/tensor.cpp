@@ -1,5 +1,6 @@
 #include "lorakit/tensor.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -7,6 +8,7 @@
 #include <fmt/format.h>
 
 #include "lorakit/error.h"
+#include "lorakit/mapped_file.h"
 
 namespace lorakit {
 
@@ -64,8 +66,13 @@ const float* TensorView::f32_data(std::vector<float>& scratch) const {
 double TensorView::scalar_value() const {
     if (element_count() != 1)
         fail(ErrorCode::bad_input, "expected a single value, found a tensor of shape {}", format_shape(shape_));
+    // Read with pread when it lies in a mapped file: a fault on the mapping (mapping 64 KiB
+    // around the value) costs ten times as much, paid per scalar (kohya's alphas are ~1000
+    // values spread through the file).
+    std::byte copy[8];  // the widest dtype
+    read_bytes(bytes_.first(std::min(bytes_.size(), sizeof copy)), copy);
     double value = 0;
-    convert_to_f64(type_, bytes_.data(), &value, 1);
+    convert_to_f64(type_, copy, &value, 1);
     return value;
 }
 

@@ -238,6 +238,31 @@ TEST_CASE("every SIMD kernel is bit-identical to the scalar one", "[dtype]") {
             candidate(inputs.data(), reinterpret_cast<std::byte*>(got16.data()), inputs.size());
             CHECK(want16 == got16);
         }
+        // scale_f32: the f64 product rounded once, for factors that round, overflow, underflow
+        // into subnormals and flip signs, over the same inputs and NaN/Inf/zero/subnormal ones.
+        {
+            std::vector<float> values = inputs;
+            for (float special : {std::numeric_limits<float>::quiet_NaN(), -std::numeric_limits<float>::infinity(),
+                                  std::numeric_limits<float>::infinity(), 0.0f, -0.0f,
+                                  std::numeric_limits<float>::denorm_min(), -std::numeric_limits<float>::min(),
+                                  std::numeric_limits<float>::max()})
+                values.push_back(special);
+            for (double factor : {0.5, 1.0 / 3.0, 0.3, -2.5, 1e30, 1e-30, 1e-45, 0.0, 3.0e38}) {
+                INFO("factor " << factor);
+                std::vector<float> a = values, b = values;
+                scalar.scale_f32(a.data(), a.size(), factor);
+                kernel.scale_f32(b.data(), b.size(), factor);
+                CHECK(std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0);
+                CHECK(a[7] == static_cast<float>(static_cast<double>(values[7]) * factor));
+                for (std::size_t n = 0; n <= 20; ++n) {  // tails; the element past n untouched
+                    std::vector<float> x(values.begin() + 3, values.begin() + 3 + n + 1), y = x;
+                    scalar.scale_f32(x.data(), n, factor);
+                    kernel.scale_f32(y.data(), n, factor);
+                    CHECK(std::memcmp(x.data(), y.data(), x.size() * sizeof(float)) == 0);
+                    CHECK(std::memcmp(&y[n], &values[3 + n], sizeof(float)) == 0);
+                }
+            }
+        }
         // Tails and unaligned pointers: every length 0..70 at byte offsets 0..3.
         std::vector<std::byte> source(2 * 80 + 8);
         for (std::size_t i = 0; i < source.size(); ++i) source[i] = static_cast<std::byte>((i * 37 + 11) & 0xff);

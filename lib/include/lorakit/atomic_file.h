@@ -71,7 +71,8 @@ private:
     bool staged_ = false;     // part of an AtomicDirectory: commit() syncs, the directory places it
     bool synced_ = false;
     std::string temp_path_;   // the named temporary when not anonymous
-    std::vector<std::byte> buffer_;
+    std::unique_ptr<std::byte[]> buffer_;
+    std::size_t capacity_ = 0;
     std::size_t buffered_ = 0;
     std::uint64_t written_ = 0;
     std::uint64_t flushed_ = 0;         // bytes handed to the kernel

@@ -64,6 +64,10 @@ void convert_from_f32(DType to, std::span<const float> src, std::span<std::byte>
 // largest 64-bit integers, which round to nearest even).
 void convert_to_f64(DType from, const std::byte* src, double* dst, std::size_t count) noexcept;
 
+// values[i] = float(double(values[i]) * factor) for each i: the product in f64, rounded once to
+// f32 (how lorakit folds a scale into stored factors).
+void scale_f32(float* values, std::size_t count, double factor) noexcept;
+
 // Scalar conversions, exposed for tests and for small code paths.
 float f16_to_f32(std::uint16_t bits) noexcept;
 std::uint16_t f32_to_f16(float value) noexcept;

@@ -64,4 +64,10 @@ struct FileRange {
 };
 std::optional<FileRange> mapped_source(std::span<const std::byte> bytes) noexcept;
 
+// Copies `bytes` to `dst` (bytes.size() bytes). Bytes that lie in the mapping of a live
+// MappedFile are read from its descriptor (pread): for data read once, a copy out of the page
+// cache costs less than mapping the pages into the process (a fault per 64 KiB, then the
+// unmapping). Anything else, or a read that fails, is copied through memory.
+void read_bytes(std::span<const std::byte> bytes, std::byte* dst) noexcept;
+
 }  // namespace lorakit

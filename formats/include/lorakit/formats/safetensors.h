@@ -50,7 +50,7 @@ struct TensorToWrite {
 };
 
 // count values of `type` from src, times factor, into dst (same type): widened to f32, multiplied
-// in f64, rounded to f32 and then once to `type`.
+// in f64, rounded to f32 and then once to `type`. src may equal dst (in place).
 void scale_encoded(DType type, const std::byte* src, std::byte* dst, std::size_t count, double factor);
 
 // The order tensors are laid out in, the reference writer's: by dtype, widest first in the
