@@ -182,9 +182,12 @@ int main(int argc, char** argv) {
     auto clean = [&] { fs::remove_all(out); };
 
     std::printf("TinyLlama-shaped checkpoint: %.2f GB bf16 (%s)\n\n", gb, model.c_str());
-    const Run cp = median_of({"cp", model.string(), out.string()}, args.repeats, clean);
-    const Run cp_sync = median_of({"sh", "-c", "cp \"$0\" \"$1\" && sync \"$1\"", model.string(), out.string()}, args.repeats, clean);
-    const Run bake = median_of({tool(argv[0], "lora-bake"), base.string(), lora.string(), "-o", out.string()}, args.repeats, clean);
+    const std::vector<Run> timed =
+        interleaved_medians({{{"cp", model.string(), out.string()}, clean},
+                             {{"sh", "-c", "cp \"$0\" \"$1\" && sync \"$1\"", model.string(), out.string()}, clean},
+                             {{tool(argv[0], "lora-bake"), base.string(), lora.string(), "-o", out.string()}, clean}},
+                            args.repeats);
+    const Run &cp = timed[0], &cp_sync = timed[1], &bake = timed[2];
     std::printf("%-44s %9s %11s %12s\n", "command", "seconds", "peak RSS", "ratio");
     std::printf("%-44s %9.2f %8.0f MB %12s\n", "cp of the checkpoint", cp.seconds, cp.peak_rss_mb, "");
     std::printf("%-44s %9.2f %8.0f MB %12s\n", "cp + fsync", cp_sync.seconds, cp_sync.peak_rss_mb, "");
@@ -196,9 +199,11 @@ int main(int argc, char** argv) {
     const fs::path gguf = args.dir / "tinyllama-q8_0.gguf", gguf_out = args.dir / "tinyllama-q8_0-out.gguf";
     generate_once(gguf, gguf, [&] { make_gguf_q8(gguf); });
     auto clean_gguf = [&] { fs::remove(gguf_out); };
-    const Run cp_gguf = median_of({"cp", gguf.string(), gguf_out.string()}, args.repeats, clean_gguf);
-    const Run bake_gguf =
-        median_of({tool(argv[0], "lora-bake"), gguf.string(), lora.string(), "-o", gguf_out.string()}, args.repeats, clean_gguf);
+    const std::vector<Run> timed_gguf =
+        interleaved_medians({{{"cp", gguf.string(), gguf_out.string()}, clean_gguf},
+                             {{tool(argv[0], "lora-bake"), gguf.string(), lora.string(), "-o", gguf_out.string()}, clean_gguf}},
+                            args.repeats);
+    const Run &cp_gguf = timed_gguf[0], &bake_gguf = timed_gguf[1];
     std::printf("%-44s %9.2f %8.0f MB %12s\n", "cp of the GGUF Q8_0 twin", cp_gguf.seconds, cp_gguf.peak_rss_mb, "");
     std::printf("%-44s %9.2f %8.0f MB %5.2fx cp%s\n", "lora-bake into GGUF Q8_0 (requantized)", bake_gguf.seconds,
                 bake_gguf.peak_rss_mb, bake_gguf.seconds / cp_gguf.seconds, bake_gguf.status ? " FAILED" : "");

@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <chrono>
 #include <filesystem>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -64,6 +65,33 @@ Run median_of(const std::vector<std::string>& argv, int repeats, Before before) 
 
 inline Run median_of(const std::vector<std::string>& argv, int repeats) {
     return median_of(argv, repeats, [] {});
+}
+
+// One command of an interleaved measurement, and what runs (untimed, followed by sync()) before
+// each of its runs.
+struct Timed {
+    std::vector<std::string> argv;
+    std::function<void()> before = [] {};
+};
+
+// The medians of `repeats` rounds after one warm-up round, a round running every command once in
+// turn: the commands compared are timed in the same minutes instead of one series after another
+// (this VM's write speed drifts 2-5x from one minute to the next). Result i is commands[i]'s.
+inline std::vector<Run> interleaved_medians(const std::vector<Timed>& commands, int repeats) {
+    std::vector<std::vector<Run>> runs(commands.size());
+    for (int round = 0; round <= repeats; ++round)
+        for (std::size_t i = 0; i < commands.size(); ++i) {
+            commands[i].before();
+            ::sync();
+            const Run r = run(commands[i].argv);
+            if (round > 0) runs[i].push_back(r);
+        }
+    std::vector<Run> medians;
+    for (auto& r : runs) {
+        std::sort(r.begin(), r.end(), [](const Run& a, const Run& b) { return a.seconds < b.seconds; });
+        medians.push_back(r[r.size() / 2]);
+    }
+    return medians;
 }
 
 // Drops a file's pages from the page cache (posix_fadvise DONTNEED: clean pages only, no root

@@ -5,7 +5,8 @@
 // the same way (with and without an fsync of the copy).
 //
 // Usage: bench-convert [DIR] [REPEATS]   (DIR default /tmp/lorakit-bench, shared with the
-// other benchmarks; REPEATS default 3, median reported after a warm-up)
+// other benchmarks; REPEATS default 3, median reported after a warm-up; each row's four commands
+// are timed in interleaved rounds)
 #include <cstdio>
 
 #include <fmt/format.h>
@@ -22,13 +23,6 @@ int main(int argc, char** argv) {
     const std::string convert = tool(argv[0], "lora-convert");
     const fs::path copy = dir / "out-copy", diffusers = dir / "out-diffusers.safetensors",
                    kohya = dir / "out-kohya.safetensors", gguf = dir / "out-llama.gguf", peft = dir / "out-peft";
-    auto cp = [&](const fs::path& from) {
-        return median_of({"cp", from.string(), copy.string()}, repeats, [&] { fs::remove(copy); });
-    };
-    auto cp_sync = [&](const fs::path& from) {
-        return median_of({"sh", "-c", fmt::format("cp '{}' '{}' && sync '{}'", from.string(), copy.string(), copy.string())},
-                         repeats, [&] { fs::remove(copy); });
-    };
     struct Row {
         std::string what;
         Run ours, ours_no_sync, cp, cp_sync;
@@ -39,11 +33,18 @@ int main(int argc, char** argv) {
                    const fs::path& output) {
         std::vector<std::string> command{convert, input.string(), "-o", output.string(), "-q", "-f"};
         command.insert(command.end(), args.begin(), args.end());
-        const Run ours = median_of(command, repeats, [&] { fs::remove_all(output); });
-        command.push_back("--no-sync");
-        const Run ours_no_sync = median_of(command, repeats, [&] { fs::remove_all(output); });
-        Row row{std::move(what), ours, ours_no_sync, cp(input_bytes), cp_sync(input_bytes),
-                static_cast<double>(fs::file_size(input_bytes)) / 1e6};
+        std::vector<std::string> no_sync = command;
+        no_sync.push_back("--no-sync");
+        auto clean = [&] { fs::remove_all(output); };
+        auto clean_copy = [&] { fs::remove(copy); };
+        const std::vector<Run> r = interleaved_medians(
+            {{command, clean},
+             {no_sync, clean},
+             {{"cp", input_bytes.string(), copy.string()}, clean_copy},
+             {{"sh", "-c", fmt::format("cp '{}' '{}' && sync '{}'", input_bytes.string(), copy.string(), copy.string())},
+              clean_copy}},
+            repeats);
+        Row row{std::move(what), r[0], r[1], r[2], r[3], static_cast<double>(fs::file_size(input_bytes)) / 1e6};
         if (row.ours.status != 0 || row.ours_no_sync.status != 0) {
             std::fprintf(stderr, "lora-convert failed (%d) for %s\n", row.ours.status, row.what.c_str());
             std::exit(1);
@@ -56,7 +57,7 @@ int main(int argc, char** argv) {
         {"--to", "gguf", "--arch", "llama", "--head-count", "32", "--head-count-kv", "32"}, gguf);
     run("7B PEFT -> PEFT (lorakit read + write)", llama, llama / "adapter_model.safetensors", {"--to", "peft"}, peft);
 
-    fmt::print("## lora-convert (median of {}, after a warm-up)\n\n", repeats);
+    fmt::print("## lora-convert (median of {} interleaved rounds, after a warm-up round)\n\n", repeats);
     fmt::print("| conversion | input | `cp` + fsync | lora-convert | ratio | `cp` | lora-convert --no-sync | ratio | peak RSS |\n");
     fmt::print("|---|---|---|---|---|---|---|---|---|\n");
     for (const auto& r : rows)

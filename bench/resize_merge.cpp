@@ -52,15 +52,16 @@ int main(int argc, char** argv) {
     const fs::path resized = dir / "out-resized", merged = dir / "out-merged.safetensors", copy = dir / "out-copy";
 
     // Resize: 224 modules, rank 128 -> 32.
-    const Run cp = median_of({"cp", (llama / "adapter_model.safetensors").string(), copy.string()}, repeats,
-                             [&] { fs::remove(copy); });
-    const Run cp_sync =
-        median_of({"sh", "-c", "cp \"$0\" \"$1\" && sync \"$1\"", (llama / "adapter_model.safetensors").string(), copy.string()},
-                  repeats, [&] { fs::remove(copy); });
-    const Run lr = median_of({resize, llama.string(), "-o", resized.string(), "--rank", "32", "-q"}, repeats,
-                             [&] { fs::remove_all(resized); });
-    const Run lr_no_sync = median_of({resize, llama.string(), "-o", resized.string(), "--rank", "32", "-q", "--no-sync"},
-                                     repeats, [&] { fs::remove_all(resized); });
+    const std::string input = (llama / "adapter_model.safetensors").string();
+    auto clean_copy = [&] { fs::remove(copy); };
+    auto clean_resized = [&] { fs::remove_all(resized); };
+    const std::vector<Run> timed = interleaved_medians(
+        {{{"cp", input, copy.string()}, clean_copy},
+         {{"sh", "-c", "cp \"$0\" \"$1\" && sync \"$1\"", input, copy.string()}, clean_copy},
+         {{resize, llama.string(), "-o", resized.string(), "--rank", "32", "-q"}, clean_resized},
+         {{resize, llama.string(), "-o", resized.string(), "--rank", "32", "-q", "--no-sync"}, clean_resized}},
+        repeats);
+    const Run &cp = timed[0], &cp_sync = timed[1], &lr = timed[2], &lr_no_sync = timed[3];
     if (lr.status != 0 || lr_no_sync.status != 0) {
         std::fprintf(stderr, "lora-resize failed (%d)\n", lr.status);
         return 1;
