@@ -133,6 +133,16 @@ TEST_CASE("bytes of a mapped input are copied file to file, at any offset, mixed
         CHECK(test::read_file(target) == expected);
     }
     CHECK(test::read_file(dir / "in.bin") == source);  // the input is untouched
+    // read_bytes: a mapped range (read with pread), memory elsewhere, nothing.
+    for (auto [offset, length] : {std::pair<std::size_t, std::size_t>{0, 1}, {12345, 70000}, {(3u << 20) - 5, 5}}) {
+        std::string got(length, '?');
+        read_bytes(all.subspan(offset, length), reinterpret_cast<std::byte*>(got.data()));
+        CHECK(got == source.substr(offset, length));
+    }
+    std::string got(5000, '?');
+    read_bytes(copy->bytes().subspan(17, 5000), reinterpret_cast<std::byte*>(got.data()));
+    CHECK(got == source.substr(17, 5000));
+    read_bytes({}, nullptr);
     in.reset();  // unmapped: its range is no longer a source (only the address is compared)
     CHECK_FALSE(mapped_source(all.subspan(12345, 1000)));
 }
