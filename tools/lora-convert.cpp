@@ -33,6 +33,11 @@ int main(int argc, char** argv) {
                    "printing each module's relative error (needed when the target cannot hold LyCORIS)")
         ->type_name("N")
         ->check(CLI::PositiveNumber);
+    app.add_flag("--allow-lossy", request.allow_lossy,
+                 "write what the target can hold when it cannot hold everything, with a note for each loss: DoRA\n"
+                 "magnitudes, LoRA biases, non-LoRA tensors (e.g. textual-inversion embeddings), LyCORIS modules\n"
+                 "without --rank are left out; a --dtype cast saturates values beyond the dtype's range (without\n"
+                 "this flag such conversions are refused, saying what would be lost)");
     tool.add_force_option(request.force);
     tool.add_json_option(request.json, "print a JSON report on stdout");
     tool.add_verbosity_options();

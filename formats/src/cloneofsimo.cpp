@@ -101,7 +101,9 @@ void write_cloneofsimo(const Adapter& a, const std::filesystem::path& target, co
     std::map<std::string, std::string> metadata = a.metadata;
     std::size_t folded = 0;
     for (const auto& m : a.modules) {
-        if (m.magnitude) fail(ErrorCode::unsupported, "module {} has a DoRA magnitude, which cloneofsimo files cannot hold", quote(m.name));
+        if (m.magnitude)
+            fail_lossy(Loss::dora_magnitudes, {}, "module {} has a DoRA magnitude, which cloneofsimo files cannot hold",
+                       quote(m.name));
         const double s = m.scale();
         folded += s != 1.0;
         out.add(m.source_name + ":down", m.down);

@@ -28,8 +28,9 @@ std::vector<LoraModule> split_rows(const LoraModule& m, const std::string& prefi
     if (m.up.ndim() != 2 || m.up.dim(0) != total)
         fail(ErrorCode::bad_input, "module {}: {} output rows cannot be split into {}", quote(m.name), m.up.dim(0),
              fmt::join(dims, "+"));
-    if (m.bias) fail(ErrorCode::unsupported, "module {}: a LoRA bias on a fused module is not split", quote(m.name));
-    if (m.magnitude) fail(ErrorCode::unsupported, "module {}: a DoRA fused module cannot be split exactly", quote(m.name));
+    if (m.bias) fail_lossy(Loss::lora_bias, {}, "module {}: a LoRA bias on a fused module is not split", quote(m.name));
+    if (m.magnitude)
+        fail_lossy(Loss::dora_magnitudes, {}, "module {}: a DoRA fused module cannot be split exactly", quote(m.name));
     std::vector<LoraModule> out;
     std::int64_t at = 0;
     for (std::size_t i = 0; i < parts.size(); ++i) {
@@ -85,7 +86,7 @@ std::optional<std::vector<LoraModule>> bfl_to_diffusers_flux(const LoraModule& m
         std::vector<std::byte> bytes(scale.bytes().begin(), scale.bytes().end());
         bytes.insert(bytes.end(), shift.bytes().begin(), shift.bytes().end());
         r.up = Tensor::own(m.up.dtype(), m.up.shape(), std::move(bytes));
-        if (m.bias) fail(ErrorCode::unsupported, "module {}: a LoRA bias on the final modulation", quote(m.name));
+        if (m.bias) fail_lossy(Loss::lora_bias, {}, "module {}: a LoRA bias on the final modulation", quote(m.name));
         return std::vector<LoraModule>{std::move(r)};
     }
     const auto dot1 = path.find('.');

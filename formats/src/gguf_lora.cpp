@@ -284,10 +284,14 @@ void GgufLoraDriver::write(const Adapter& a, const std::filesystem::path& target
                            std::vector<std::string>& notes) const {
     refuse_lycoris(a, "gguf");
     refuse_bias(a, "gguf");
+    std::vector<std::string> refused;
     for (const auto& t : a.other_tensors)
         if (!t.name.ends_with("_norm.weight") && !hf_to_gguf(t.name.substr(0, t.name.rfind(".weight"))))
-            fail(ErrorCode::unsupported, "tensor {} is not a LoRA factor; llama.cpp adapters hold only LoRAs and norms",
-                 quote(t.name));
+            refused.push_back(t.name);
+    if (!refused.empty())
+        fail_lossy(Loss::other_tensors, refused,
+                   "{} tensor(s) that are not LoRA factors ({}, ...): llama.cpp adapters hold only LoRAs and norms",
+                   refused.size(), quote(refused.front()));
     const std::string arch = arch_for(a, options.hints);
     // Head counts: given, else those a GGUF source recorded.
     ModelHints hints = options.hints;
@@ -346,7 +350,7 @@ void GgufLoraDriver::write(const Adapter& a, const std::filesystem::path& target
         pending.push_back(std::move(p));
     };
     for (const auto& m : a.modules) {
-        if (m.magnitude) fail(ErrorCode::unsupported, "module {} is DoRA; llama.cpp has no DoRA adapters", quote(m.name));
+        if (m.magnitude) fail_lossy(Loss::dora_magnitudes, {}, "module {} is DoRA; llama.cpp has no DoRA adapters", quote(m.name));
         if (m.kind == ModuleKind::conv) fail(ErrorCode::unsupported, "module {} is a convolution", quote(m.name));
         if (m.fan_in_fan_out)
             fail(ErrorCode::unsupported, "module {} is a Conv1D (fan_in_fan_out) LoRA, which this converter does not map",

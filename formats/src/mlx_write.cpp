@@ -72,8 +72,8 @@ void write_mlx(const Adapter& a, const std::filesystem::path& target, const Writ
             const MagnitudeAxis want =
                 m.kind == ModuleKind::embedding ? MagnitudeAxis::input_columns : MagnitudeAxis::output_rows;
             if (m.magnitude_axis != want)
-                fail(ErrorCode::unsupported, "module {}: its DoRA magnitude normalises the other axis than mlx-lm's",
-                     quote(m.name));
+                fail_lossy(Loss::dora_magnitudes, {}, "module {}: its DoRA magnitude normalises the other axis than mlx-lm's",
+                           quote(m.name));
             out.add(m.name + ".m", m.magnitude->reshaped({m.magnitude->element_count()}));
         }
         std::smatch match;

@@ -83,7 +83,7 @@ void write_peft(const Adapter& a, const std::filesystem::path& target, const Wri
         fan_in_fan_out = m.fan_in_fan_out;
     }
     if (any_dora && !all_dora)
-        fail(ErrorCode::unsupported, "only some modules carry DoRA magnitudes; PEFT's use_dora applies to all");
+        fail_lossy(Loss::dora_magnitudes, {}, "only some modules carry DoRA magnitudes; PEFT's use_dora applies to all");
 
     OutputTensors out;
     std::vector<std::string> paths;

@@ -1,4 +1,8 @@
 #include <algorithm>
+#include <bit>
+#include <cmath>
+#include <cstdint>
+#include <limits>
 
 #include <fmt/format.h>
 
@@ -29,12 +33,25 @@ void scale_encoded(DType type, const std::byte* src, std::byte* dst, std::size_t
     // Chunk by chunk through a small f32 buffer: no full-size f32 copy, whose fresh pages are
     // slow to touch.
     const std::size_t width = dtype_size(type);
+    // The smallest magnitude that rounds to infinity in `type`: a finite value scaled past it
+    // would be written as an infinity (a broken adapter), so that is refused.
+    const float threshold = type == DType::F16    ? 65520.0f
+                            : type == DType::BF16 ? std::bit_cast<float>(std::uint32_t{0x7f7f8000})
+                                                  : std::numeric_limits<float>::infinity();
     constexpr std::size_t chunk = 4096;
     float buffer[chunk];
     for (std::size_t at = 0; at < count; at += chunk) {
         const std::size_t n = std::min(chunk, count - at);
         convert_to_f32(type, src + at * width, buffer, n);
+        std::size_t infinite = 0, beyond = 0;
+        for (std::size_t i = 0; i < n; ++i) infinite += std::abs(buffer[i]) == std::numeric_limits<float>::infinity();
         scale_f32(buffer, n, factor);
+        for (std::size_t i = 0; i < n; ++i) beyond += std::abs(buffer[i]) >= threshold;
+        if (beyond > infinite)
+            fail(ErrorCode::unsupported,
+                 "folding the scale {:g} into a factor takes {} of its values beyond {}'s range; write wider factors "
+                 "(lora-convert --dtype f32)",
+                 factor, beyond - infinite, dtype_name(type));
         convert_from_f32(type, buffer, dst + at * width, n);
     }
 }
@@ -61,9 +78,9 @@ Tensor scalar_tensor(double value, DType preferred) {
 
 Tensor magnitude_as_rows(const LoraModule& m, std::string_view convention) {
     if (m.magnitude_axis != MagnitudeAxis::output_rows)
-        fail(ErrorCode::unsupported,
-             "module {}: its DoRA magnitude normalises input columns, which {} cannot express (it would be lost)",
-             quote(m.name), convention);
+        fail_lossy(Loss::dora_magnitudes, {},
+                   "module {}: its DoRA magnitude normalises input columns, which {} cannot express (it would be lost)",
+                   quote(m.name), convention);
     return m.magnitude->reshaped({m.magnitude->element_count()});
 }
 
@@ -91,13 +108,16 @@ void refuse_lycoris(const Adapter& adapter, std::string_view convention) {
 
 void refuse_bias(const Adapter& adapter, std::string_view convention) {
     for (const auto& m : adapter.modules)
-        if (m.bias) fail(ErrorCode::unsupported, "module {} has a LoRA bias, which {} cannot hold", quote(m.name), convention);
+        if (m.bias)
+            fail_lossy(Loss::lora_bias, {}, "module {} has a LoRA bias, which {} cannot hold", quote(m.name), convention);
 }
 
 void refuse_other_tensors(const Adapter& adapter, std::string_view convention) {
-    if (!adapter.other_tensors.empty())
-        fail(ErrorCode::unsupported, "{} tensor(s) that are not LoRA factors ({}, ...) cannot be carried into {}",
-             adapter.other_tensors.size(), quote(adapter.other_tensors.front().name), convention);
+    if (adapter.other_tensors.empty()) return;
+    std::vector<std::string> names;
+    for (const auto& t : adapter.other_tensors) names.push_back(t.name);
+    fail_lossy(Loss::other_tensors, std::move(names), "{} tensor(s) that are not LoRA factors ({}, ...) cannot be carried into {}",
+               adapter.other_tensors.size(), quote(adapter.other_tensors.front().name), convention);
 }
 
 void refuse_llama_cpp_names(const Adapter& adapter, std::string_view convention) {

@@ -3,7 +3,12 @@
 #include "lorakit/convert.h"
 
 #include <algorithm>
+#include <bit>
+#include <cmath>
+#include <cstdint>
 #include <filesystem>
+#include <limits>
+#include <utility>
 
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
@@ -77,13 +82,129 @@ ModelHints hints_from_base(const Registry& registry, const std::string& path, Mo
     });
 }
 
-Adapter with_factor_dtype(Adapter adapter, DType dtype) {
-    for (auto& m : adapter.modules) {
-        m.down = m.down.converted(dtype);
-        m.up = m.up.converted(dtype);
+namespace {
+
+float largest_finite(DType type) {
+    switch (type) {
+    case DType::F16: return 65504.0f;
+    case DType::BF16: return 3.38953139e38f;
+    default: return std::numeric_limits<float>::max();
     }
+}
+
+// The smallest magnitude that rounds to infinity in `type` (round to nearest even).
+float overflow_threshold(DType type) {
+    switch (type) {
+    case DType::F16: return 65520.0f;
+    case DType::BF16: return std::bit_cast<float>(std::uint32_t{0x7f7f8000});
+    default: return std::numeric_limits<float>::infinity();
+    }
+}
+
+// `t` in `dtype`, refusing (or saturating) finite values the cast would make infinite.
+Tensor narrowed(const Tensor& t, DType dtype, const std::string& what, bool saturate, std::size_t& saturated) {
+    Tensor out = t.converted(dtype);
+    if (dtype == t.dtype() || out.view().count_nonfinite() == t.view().count_nonfinite()) return out;
+    std::vector<float> values = t.to_f32();
+    const float limit = largest_finite(dtype), threshold = overflow_threshold(dtype);
+    float largest = 0;
+    std::size_t count = 0;
+    for (float& v : values) {
+        if (!std::isfinite(v) || std::abs(v) < threshold) continue;
+        largest = std::max(largest, std::abs(v));
+        v = std::copysign(limit, v);
+        ++count;
+    }
+    if (!saturate)
+        fail(ErrorCode::unsupported,
+             "{}: {} value(s) beyond {}'s range (largest magnitude {:.4g}) would become infinite; keep a wider --dtype, or "
+             "--allow-lossy to saturate them at ±{:g}",
+             what, count, dtype_name(dtype), largest, limit);
+    saturated += count;
+    return Tensor::from_f32(dtype, t.shape(), values);
+}
+
+}  // namespace
+
+Adapter with_factor_dtype(Adapter adapter, DType dtype, bool saturate, std::size_t* saturated) {
+    std::size_t count = 0;
+    for (auto& m : adapter.modules) {
+        m.down = narrowed(m.down, dtype, fmt::format("module {}, down factor", quote(m.name)), saturate, count);
+        m.up = narrowed(m.up, dtype, fmt::format("module {}, up factor", quote(m.name)), saturate, count);
+    }
+    if (saturated) *saturated += count;
     return adapter;
 }
+
+std::string drop_refused(Adapter& adapter, const Error& refusal) {
+    std::size_t count = 0;
+    switch (refusal.loss()) {
+    case Loss::none: return "";
+    case Loss::dora_magnitudes:
+        for (auto& m : adapter.modules) count += std::exchange(m.magnitude, std::nullopt).has_value();
+        return count ? fmt::format("the DoRA magnitudes of {} module(s) (they apply as plain LoRAs)", count) : "";
+    case Loss::lora_bias:
+        for (auto& m : adapter.modules) count += std::exchange(m.bias, std::nullopt).has_value();
+        return count ? fmt::format("the LoRA biases of {} module(s)", count) : "";
+    case Loss::other_tensors: {
+        const auto& names = refusal.lost_names();
+        std::string first;
+        std::erase_if(adapter.other_tensors, [&](const NamedTensor& t) {
+            if (!names.empty() && std::find(names.begin(), names.end(), t.name) == names.end()) return false;
+            if (count++ == 0) first = t.name;
+            return true;
+        });
+        return count ? fmt::format("{} tensor(s) that are not LoRA factors ({}{})", count, quote(first), count > 1 ? ", ..." : "")
+                     : "";
+    }
+    }
+    return "";
+}
+
+namespace {
+
+std::string lossy_hint(Loss loss) {
+    switch (loss) {
+    case Loss::none: return "";
+    case Loss::dora_magnitudes: return "; --allow-lossy writes it without DoRA magnitudes";
+    case Loss::lora_bias: return "; --allow-lossy writes it without LoRA biases";
+    case Loss::other_tensors: return "; --allow-lossy writes it without those tensors";
+    }
+    return "";
+}
+
+// Writes `adapter`; when the writer refuses something the target cannot hold (an Error with a
+// Loss), either drops it and writes again (--allow-lossy, with a note saying what was left out)
+// or refuses saying how to accept the loss. A refusal of the adapter's content names the input,
+// which holds it, rather than the output the writer was writing.
+void write_allowing_loss(const Registry& registry, Adapter& adapter, const std::string& convention,
+                         const ConvertRequest& request, const WriteOptions& options, std::vector<std::string>& notes) {
+    for (;;) {
+        std::vector<std::string> attempt = notes;  // a failed attempt's notes are not kept
+        try {
+            registry.write_adapter(adapter, convention, request.output, options, attempt);
+            notes = std::move(attempt);
+            return;
+        } catch (const Error& e) {
+            if (e.loss() != Loss::none && request.allow_lossy) {
+                const std::string dropped = drop_refused(adapter, e);
+                if (dropped.empty()) throw;
+                notes.push_back(fmt::format("left out {}, which {} cannot hold (--allow-lossy)", dropped, convention));
+                continue;
+            }
+            if (e.code() != ErrorCode::unsupported && e.code() != ErrorCode::bad_input) throw;
+            Error refusal(e.code(), e.message() + lossy_hint(e.loss()));
+            refusal.set_loss(e.loss(), e.lost_names());
+            // The outermost layer is the output, named by write_adapter: the input replaces it.
+            const auto& layers = e.context();
+            for (auto layer = layers.rbegin(); layers.size() > 1 && layer != layers.rend() - 1; ++layer)
+                refusal.add_context(*layer);
+            throw refusal.add_context(quote(request.input));
+        }
+    }
+}
+
+}  // namespace
 
 ToolResult run_convert(const Registry& registry, const ConvertRequest& request, Progress& progress) {
     return guarded([&](ToolResult& result) {
@@ -97,10 +218,18 @@ ToolResult run_convert(const Registry& registry, const ConvertRequest& request, 
         registry.check_output(convention, request.output, request.force);
         Json lycoris_report = Json::array();
         std::string lycoris_table;
+        if (!adapter.lycoris_modules.empty() && !request.rank && request.allow_lossy && convention != "kohya" &&
+            convention != "lycoris") {
+            adapter.notes.push_back(fmt::format("left out {} LyCORIS module(s) ({}, ...): --rank N re-factors them into LoRAs "
+                                                "instead (--allow-lossy)",
+                                                adapter.lycoris_modules.size(), quote(adapter.lycoris_modules.front().name)));
+            adapter.lycoris_modules.clear();
+        }
         if (!adapter.lycoris_modules.empty() && (request.rank || (convention != "kohya" && convention != "lycoris"))) {
             if (!request.rank)
                 fail(ErrorCode::usage,
-                     "{} LyCORIS module(s) (LoHa/LoKr/full) must be re-factored into LoRA for {}: give --rank N",
+                     "{} LyCORIS module(s) (LoHa/LoKr/full) must be re-factored into LoRA for {}: give --rank N (or "
+                     "--allow-lossy to leave them out)",
                      adapter.lycoris_modules.size(), convention);
             progress.begin("LyCORIS to LoRA", adapter.lycoris_modules.size(), 0);
             double worst = 0, sum = 0;
@@ -146,11 +275,17 @@ ToolResult run_convert(const Registry& registry, const ConvertRequest& request, 
                                    ? DType::BF16
                                    : (fail(ErrorCode::usage, "unsupported --dtype {} (f32, f16, bf16, q8_0)", quote(d)),
                                       DType::F32);
-            adapter = with_factor_dtype(std::move(adapter), type);
+            std::size_t saturated = 0;
+            adapter = with_context(quote(request.input),
+                                   [&] { return with_factor_dtype(std::move(adapter), type, request.allow_lossy, &saturated); });
+            if (saturated)
+                adapter.notes.push_back(fmt::format("saturated {} value(s) beyond {}'s range at its largest finite value "
+                                                    "(--allow-lossy)",
+                                                    saturated, dtype_name(type)));
             if (convention == "gguf") options.tensor_type = d == "f32" || d == "F32" ? "f32" : d == "f16" || d == "F16" ? "f16" : "bf16";
         }
         std::vector<std::string> notes = adapter.notes;
-        registry.write_adapter(adapter, convention, request.output, options, notes);
+        write_allowing_loss(registry, adapter, convention, request, options, notes);
         progress.advance(3, 0);
         progress.end();
         if (request.json) {

@@ -36,6 +36,12 @@ Error& Error::add_context(std::string outer) {
     return *this;
 }
 
+Error& Error::add_hint(std::string_view hint) {
+    message_ += hint;
+    rebuild();
+    return *this;
+}
+
 void Error::rebuild() {
     full_.clear();
     for (const auto& layer : context_) {

@@ -643,3 +643,130 @@ TEST_CASE("GGUF output refuses head counts that give q and k different head size
     request.hints = {"llama", 8, 2};
     CHECK(convert(request).exit_code == 0);
 }
+
+TEST_CASE("what a target cannot hold is refused naming the input, or with --allow-lossy left out and noted", "[convert][lossy]") {
+    const auto& registry = formats::builtin_registry();
+    test::ScratchDir dir;
+    std::mt19937 g(7);
+    auto has_note = [](const ToolResult& r, const std::string& text) {
+        for (const auto& d : r.diagnostics)
+            if (d.message.find(text) != std::string::npos) return true;
+        return false;
+    };
+    // A PEFT adapter with a DoRA magnitude and a LoRA bias on a llama v_proj (no q/k row order).
+    LoraModule m = test::random_module(g, 8, 6, 2, 4.0, "model.layers.0.self_attn.v_proj");
+    m.magnitude = Tensor::from_f32(DType::F32, {8}, std::vector<float>(8, 1.5f));
+    m.bias = Tensor::from_f32(DType::F32, {8}, std::vector<float>(8, 0.25f));
+    std::vector<std::string> notes;
+    registry.write_adapter(test::adapter_of({m}), "peft", dir / "dora", write_options(false), notes);
+
+    ConvertRequest request;
+    request.input = (dir / "dora").string();
+    request.output = (dir / "out.gguf").string();
+    request.hints.arch = "llama";
+    ToolResult refused = convert(request);
+    CHECK(refused.exit_code == exit_codes::bad_input);
+    REQUIRE_FALSE(refused.diagnostics.empty());
+    const std::string message = refused.diagnostics.front().message;
+    CHECK_THAT(message, Catch::StartsWith(quote(request.input)) && Catch::Contains("LoRA bias") &&
+                            Catch::Contains("--allow-lossy"));
+    CHECK_FALSE(fs::exists(request.output));
+
+    request.allow_lossy = true;
+    const ToolResult written = convert(request);
+    REQUIRE(written.exit_code == 0);
+    CHECK(has_note(written, "the DoRA magnitudes of 1 module(s)"));
+    CHECK(has_note(written, "the LoRA biases of 1 module(s)"));
+    const Adapter back = registry.load_adapter(request.output);
+    REQUIRE(back.modules.size() == 1);
+    CHECK_FALSE(back.modules[0].magnitude);
+    CHECK_FALSE(back.modules[0].bias);
+    LoraModule plain = m;
+    plain.magnitude.reset();
+    plain.bias.reset();
+    CHECK(relative_difference(delta(plain), delta(back.modules[0])) < 1e-6);
+
+    // Tensors that are not LoRA factors (a kohya file with an embedding) into diffusers.
+    Adapter with_embedding = test::adapter_of({test::random_module(g, 8, 6, 2, 2.0, "unet.mid_block.attentions.0.proj_in")});
+    with_embedding.convention = "kohya";
+    with_embedding.other_tensors.push_back({"emb_params", Tensor::from_f32(DType::F32, {2, 6}, std::vector<float>(12, 0.5f))});
+    registry.write_adapter(with_embedding, "kohya", dir / "emb.safetensors", write_options(false), notes);
+    ConvertRequest to_diffusers;
+    to_diffusers.input = (dir / "emb.safetensors").string();
+    to_diffusers.output = (dir / "out.safetensors").string();
+    to_diffusers.to = "diffusers";
+    refused = convert(to_diffusers);
+    CHECK(refused.exit_code == exit_codes::bad_input);
+    CHECK_THAT(refused.diagnostics.front().message, Catch::Contains("'emb_params'") && Catch::Contains("--allow-lossy"));
+    CHECK_FALSE(fs::exists(to_diffusers.output));
+    to_diffusers.allow_lossy = true;
+    const ToolResult dropped = convert(to_diffusers);
+    REQUIRE(dropped.exit_code == 0);
+    CHECK(has_note(dropped, "1 tensor(s) that are not LoRA factors ('emb_params')"));
+    const Adapter diffusers = registry.load_adapter(to_diffusers.output);
+    CHECK(diffusers.modules.size() == 1);
+    CHECK(diffusers.other_tensors.empty());
+}
+
+TEST_CASE("a --dtype cast that would overflow is refused, or saturated with --allow-lossy", "[convert][lossy]") {
+    const auto& registry = formats::builtin_registry();
+    test::ScratchDir dir;
+    std::vector<float> b = {1.0f, -2.0f, 1e5f, -3e6f, 65519.0f, 0.5f}, a = {1.0f, 0.0f, 0.0f, 1.0f};
+    std::vector<std::string> notes;
+    registry.write_adapter(test::adapter_of({test::module_of(b, a, 3, 2, 2, 2.0)}), "peft", dir / "big", write_options(false),
+                           notes);
+    ConvertRequest request;
+    request.input = (dir / "big").string();
+    request.output = (dir / "f16").string();
+    request.dtype = "f16";
+    const ToolResult refused = convert(request);
+    CHECK(refused.exit_code == exit_codes::bad_input);
+    CHECK_THAT(refused.diagnostics.front().message, Catch::Contains("up factor") && Catch::Contains("2 value(s)") &&
+                                                        Catch::Contains("3e+06") && Catch::Contains("--allow-lossy"));
+    CHECK_FALSE(fs::exists(request.output));
+    request.allow_lossy = true;
+    const ToolResult saturated = convert(request);
+    REQUIRE(saturated.exit_code == 0);
+    const Adapter back = registry.load_adapter(request.output);
+    REQUIRE(back.modules.size() == 1);
+    CHECK(back.modules[0].up.dtype() == DType::F16);
+    // 65519 rounds to 65504 (it fits); 1e5 and -3e6 saturate; the rest are exact.
+    CHECK(back.modules[0].up.to_f32() == std::vector<float>{1.0f, -2.0f, 65504.0f, -65504.0f, 65504.0f, 0.5f});
+    bool noted = false;
+    for (const auto& d : saturated.diagnostics) noted |= d.message.find("saturated 2 value(s)") != std::string::npos;
+    CHECK(noted);
+    // bf16 holds them all: no refusal.
+    request.allow_lossy = false;
+    request.dtype = "bf16";
+    request.output = (dir / "bf16").string();
+    CHECK(convert(request).exit_code == 0);
+}
+
+TEST_CASE("a scale folded into f16 factors that would overflow is refused, not written as infinities", "[convert][lossy]") {
+    const auto& registry = formats::builtin_registry();
+    test::ScratchDir dir;
+    // kohya, f16, alpha 2000 at rank 2 (scale 1000): B holds 100, which becomes 1e5 in diffusers.
+    LoraModule m = test::module_of({1.0f, 100.0f, -3.0f, 0.5f}, {1.0f, 0.0f, 0.0f, 1.0f}, 2, 2, 2, 2000.0,
+                                   "unet.mid_block.attentions.0.proj_in");
+    m.down = m.down.converted(DType::F16);
+    m.up = m.up.converted(DType::F16);
+    Adapter adapter = test::adapter_of({m});
+    std::vector<std::string> notes;
+    registry.write_adapter(adapter, "kohya", dir / "k.safetensors", write_options(false), notes);
+    ConvertRequest request;
+    request.input = (dir / "k.safetensors").string();
+    request.output = (dir / "d.safetensors").string();
+    request.to = "diffusers";
+    const ToolResult refused = convert(request);
+    CHECK(refused.exit_code == exit_codes::bad_input);
+    REQUIRE_FALSE(refused.diagnostics.empty());
+    CHECK_THAT(refused.diagnostics.front().message,
+               Catch::StartsWith(quote(request.input)) && Catch::Contains("1 of its values beyond F16") &&
+                   Catch::Contains("--dtype f32"));
+    CHECK_FALSE(fs::exists(request.output));
+    request.dtype = "f32";  // what the message says
+    REQUIRE(convert(request).exit_code == 0);
+    const Adapter back = registry.load_adapter(request.output);
+    REQUIRE(back.modules.size() == 1);
+    CHECK(relative_difference(delta(m), delta(back.modules[0])) < 1e-6);
+}

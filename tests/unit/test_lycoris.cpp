@@ -246,6 +246,44 @@ TEST_CASE("lora-convert --rank turns a kohya LyCORIS file into a LoRA file with 
     CHECK(relative(lora_delta(converted.modules[0]), want) < 1e-5);  // rank 4 = r² holds it exactly
 }
 
+TEST_CASE("LyCORIS modules without --rank: refused saying what would be lost, left out with --allow-lossy", "[lycoris][convert][lossy]") {
+    test::ScratchDir dir;
+    const std::int64_t out = 8, in = 6, r = 2;
+    const auto w1a = random_tensor({out, r}, 31), w1b = random_tensor({r, in}, 32), w2a = random_tensor({out, r}, 33),
+               w2b = random_tensor({r, in}, 34), down = random_tensor({r, in}, 35), up = random_tensor({out, r}, 36);
+    const auto alpha = Tensor::from_f32(DType::F32, {}, std::vector<float>{2.0f});
+    const std::string loha = "lora_unet_down_blocks_0_attentions_0_proj_in", lora = "lora_unet_mid_block_attentions_0_proj_in";
+    const auto bytes = formats::serialize_safetensors({{loha + ".hada_w1_a", w1a.view()},
+                                                       {loha + ".hada_w1_b", w1b.view()},
+                                                       {loha + ".hada_w2_a", w2a.view()},
+                                                       {loha + ".hada_w2_b", w2b.view()},
+                                                       {loha + ".alpha", alpha.view()},
+                                                       {lora + ".lora_down.weight", down.view()},
+                                                       {lora + ".lora_up.weight", up.view()},
+                                                       {lora + ".alpha", alpha.view()}},
+                                                      {{"ss_network_module", "lycoris.kohya"}});
+    test::write_file(dir / "mixed.safetensors", std::string(reinterpret_cast<const char*>(bytes.data()), bytes.size()));
+    ConvertRequest request;
+    request.input = (dir / "mixed.safetensors").string();
+    request.output = (dir / "out.safetensors").string();
+    request.to = "diffusers";
+    const ToolResult refused = run_convert(formats::builtin_registry(), request, no_progress());
+    CHECK(refused.exit_code == exit_codes::usage);
+    REQUIRE_FALSE(refused.diagnostics.empty());
+    CHECK_THAT(refused.diagnostics.front().message, Catch::Contains("--rank N") && Catch::Contains("--allow-lossy"));
+    CHECK_FALSE(std::filesystem::exists(request.output));
+    request.allow_lossy = true;
+    const ToolResult written = run_convert(formats::builtin_registry(), request, no_progress());
+    REQUIRE(written.exit_code == 0);
+    bool noted = false;
+    for (const auto& d : written.diagnostics) noted |= d.message.find("left out 1 LyCORIS module(s)") != std::string::npos;
+    CHECK(noted);
+    const Adapter back = formats::builtin_registry().load_adapter(request.output);
+    REQUIRE(back.modules.size() == 1);
+    CHECK(back.lycoris_modules.empty());
+    CHECK(back.modules[0].up.to_f32() == up.to_f32());  // alpha = rank: nothing folded
+}
+
 TEST_CASE("flattened LoHa/LoKr convolutions of SD UNets get their 3x3 kernel back by name", "[lycoris]") {
     // LyCORIS stores a conv LoHa (and LoKr's low-rank w2) without Tucker as [r, in·3·3].
     const std::int64_t out = 8, in = 4, r = 2;

@@ -6,6 +6,7 @@
 #include <optional>
 #include <string>
 
+#include "lorakit/error.h"
 #include "lorakit/progress.h"
 #include "lorakit/registry.h"
 #include "lorakit/tool_result.h"
@@ -20,6 +21,11 @@ struct ConvertRequest {
     ModelHints hints;   // --arch, --head-count, --head-count-kv
     std::string base;   // a base model's config.json or GGUF, for the hints it does not give
     std::optional<std::int64_t> rank;  // LyCORIS modules are re-factored into LoRAs of this rank
+    // Write what the target can hold when it cannot hold everything (DoRA magnitudes, LoRA
+    // biases, non-LoRA tensors, LyCORIS modules without `rank` are left out; a --dtype cast
+    // saturates values beyond the dtype's range), with a note for each loss; otherwise such a
+    // conversion is refused with a message saying what would be lost.
+    bool allow_lossy = false;
     bool force = false;
     bool json = false;
 };
@@ -29,8 +35,17 @@ struct ConvertRequest {
 // Values already in `hints` win.
 ModelHints hints_from_base(const Registry& registry, const std::string& path, ModelHints hints);
 
-// The adapter with its factors converted to `dtype` (F32, F16 or BF16; alphas unchanged).
-Adapter with_factor_dtype(Adapter adapter, DType dtype);
+// The adapter with its factors converted to `dtype` (F32, F16 or BF16; alphas unchanged). A
+// finite value beyond the dtype's range is refused (ErrorCode::unsupported, naming the module and
+// its largest value) unless `saturate`: then it becomes the largest finite value of its sign, and
+// `saturated` (when given) counts such values.
+Adapter with_factor_dtype(Adapter adapter, DType dtype, bool saturate = false, std::size_t* saturated = nullptr);
+
+// What --allow-lossy leaves out after a writer refused `refusal` (Error::loss()): the DoRA
+// magnitudes or LoRA biases of every module, or the non-LoRA tensors it names (all when it names
+// none). Returns the loss in words ("the DoRA magnitudes of 4 module(s)"), or "" when `adapter`
+// had nothing of that kind.
+std::string drop_refused(Adapter& adapter, const Error& refusal);
 
 ToolResult run_convert(const Registry& registry, const ConvertRequest& request, Progress& progress);
 

@@ -36,6 +36,16 @@ inline constexpr int io = 4;
 inline constexpr int internal = 5;
 }  // namespace exit_codes
 
+// What a refused conversion would have lost, for a caller that may accept the loss instead
+// (lora-convert --allow-lossy drops the named parts and writes the rest). none for every other
+// error.
+enum class Loss {
+    none,
+    dora_magnitudes,  // DoRA magnitude vectors (the modules become plain LoRAs)
+    lora_bias,        // LoRA bias vectors (PEFT lora_bias)
+    other_tensors,    // tensors that are not LoRA factors (textual-inversion embeddings, norms)
+};
+
 int exit_code_for(ErrorCode code) noexcept;
 std::string_view error_code_name(ErrorCode code) noexcept;
 
@@ -51,6 +61,17 @@ public:
 
     // Adds an outer layer of context ("'file.safetensors'"). Returns *this for rethrow.
     Error& add_context(std::string outer);
+    // Appends to the message ("; --allow-lossy drops them"). Returns *this for rethrow.
+    Error& add_hint(std::string_view hint);
+
+    Loss loss() const noexcept { return loss_; }
+    // The tensors concerned, where the refusal names them (Loss::other_tensors); empty: all.
+    const std::vector<std::string>& lost_names() const noexcept { return lost_names_; }
+    Error& set_loss(Loss loss, std::vector<std::string> names = {}) {
+        loss_ = loss;
+        lost_names_ = std::move(names);
+        return *this;
+    }
 
     // "outer: inner: message".
     const char* what() const noexcept override { return full_.c_str(); }
@@ -59,6 +80,8 @@ private:
     void rebuild();
 
     ErrorCode code_;
+    Loss loss_ = Loss::none;
+    std::vector<std::string> lost_names_;
     std::string message_;
     std::vector<std::string> context_;
     std::string full_;
@@ -67,6 +90,14 @@ private:
 template <typename... Args>
 [[noreturn]] void fail(ErrorCode code, fmt::format_string<Args...> format, Args&&... args) {
     throw Error(code, fmt::format(format, std::forward<Args>(args)...));
+}
+
+// A refusal to write something the target cannot hold (ErrorCode::unsupported), tagged with
+// what writing without it would lose (`names`: the tensors concerned; empty: all of that kind).
+template <typename... Args>
+[[noreturn]] void fail_lossy(Loss loss, std::vector<std::string> names, fmt::format_string<Args...> format,
+                             Args&&... args) {
+    throw Error(ErrorCode::unsupported, fmt::format(format, std::forward<Args>(args)...)).set_loss(loss, std::move(names));
 }
 
 // Runs body(); an Error escaping it gets `context` added. Use for file and module scopes:
