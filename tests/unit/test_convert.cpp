@@ -5,6 +5,7 @@
 
 #include <cmath>
 #include <filesystem>
+#include <limits>
 #include <map>
 #include <random>
 #include <set>
@@ -13,6 +14,7 @@
 #include "lorakit/error.h"
 #include "lorakit/formats/builtin.h"
 #include "lorakit/formats/gguf.h"
+#include "lorakit/formats/safetensors.h"
 #include "lorakit/sha256.h"
 
 #include <nlohmann/json.hpp>
@@ -766,6 +768,20 @@ TEST_CASE("a scale folded into f16 factors that would overflow is refused, not w
     CHECK_FALSE(fs::exists(request.output));
     request.dtype = "f32";  // what the message says
     REQUIRE(convert(request).exit_code == 0);
+    // scale_encoded itself: an infinity in the input stays one (not an overflow); a finite value
+    // scaled past the range is refused, also when it is the last of a chunk beside an infinity.
+    const Tensor with_inf = Tensor::from_f32(DType::F16, {3}, std::vector<float>{std::numeric_limits<float>::infinity(), 1.0f, -2.0f});
+    std::vector<std::byte> scaled_bytes(with_inf.bytes().size());
+    formats::scale_encoded(DType::F16, with_inf.bytes().data(), scaled_bytes.data(), 3, 2.0);
+    CHECK(Tensor::own(DType::F16, {3}, std::move(scaled_bytes)).to_f32() ==
+          std::vector<float>{std::numeric_limits<float>::infinity(), 2.0f, -4.0f});
+    std::vector<float> many(5000, 1.0f);
+    many[0] = std::numeric_limits<float>::infinity();
+    many[4097] = 40000.0f;  // the second chunk
+    const Tensor big = Tensor::from_f32(DType::F16, {5000}, many);
+    std::vector<std::byte> sink(big.bytes().size());
+    CHECK_THROWS_WITH(formats::scale_encoded(DType::F16, big.bytes().data(), sink.data(), 5000, 2.0),
+                      Catch::Contains("1 of its values beyond F16"));
     const Adapter back = registry.load_adapter(request.output);
     REQUIRE(back.modules.size() == 1);
     CHECK(relative_difference(delta(m), delta(back.modules[0])) < 1e-6);
