@@ -187,12 +187,14 @@ void write_data(AtomicFile& out, const std::vector<TensorToWrite>& tensors, Sha2
         }
         const std::size_t width = dtype_size(t.view.dtype());
         if (chunk.empty()) chunk.resize(chunk_bytes);
-        for (std::size_t at = 0; at < bytes.size(); at += chunk_bytes) {
-            const std::size_t n = std::min(chunk_bytes, bytes.size() - at);
-            read_bytes(bytes.subspan(at, n), chunk.data());  // pread from a mapped input
-            scale_encoded(t.view.dtype(), chunk.data(), chunk.data(), n / width, t.scale);
-            put({chunk.data(), n});
-        }
+        with_context(fmt::format("tensor {}", quote(t.name)), [&] {
+            for (std::size_t at = 0; at < bytes.size(); at += chunk_bytes) {
+                const std::size_t n = std::min(chunk_bytes, bytes.size() - at);
+                read_bytes(bytes.subspan(at, n), chunk.data());  // pread from a mapped input
+                scale_encoded(t.view.dtype(), chunk.data(), chunk.data(), n / width, t.scale);
+                put({chunk.data(), n});
+            }
+        });
     }
 }
 
