@@ -107,7 +107,7 @@ void write_cloneofsimo(const Adapter& a, const std::filesystem::path& target, co
         const double s = m.scale();
         folded += s != 1.0;
         out.add(m.source_name + ":down", m.down);
-        out.add(m.source_name + ":up", scaled(m.up, s));
+        out.add(m.source_name + ":up", with_context(fmt::format("module {}", quote(m.name)), [&] { return scaled(m.up, s); }));
         metadata[m.source_name + ":rank"] = std::to_string(m.rank());
     }
     for (const auto& t : a.other_tensors) out.add(t.name, t.tensor);

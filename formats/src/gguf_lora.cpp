@@ -411,7 +411,8 @@ void GgufLoraDriver::write(const Adapter& a, const std::filesystem::path& target
     auto make = [&](std::size_t i) {
         const Pending& p = pending[i];
         Made made{p.source, {}};
-        if (p.factor != 1.0) made.values = scaled(made.values, p.factor);
+        if (p.factor != 1.0)
+            made.values = with_context(fmt::format("tensor {}", quote(tensors[i].name)), [&] { return scaled(made.values, p.factor); });
         if (p.heads) made.values = permute_rows(made.values, p.heads, true, p.module);
         if (p.transpose) made.values = made.values.transposed_2d();
         made.encoded = gguf_tensor(tensors[i].name, made.values.view(), tensors[i].type);

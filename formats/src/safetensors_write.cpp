@@ -148,7 +148,9 @@ ScaledBytes scaled_bytes(const TensorToWrite& t) {
     const Tensor held = t.deferred ? t.deferred->take() : Tensor();  // made now, dropped once scaled
     const std::span<const std::byte> in = t.deferred ? held.bytes() : t.view.bytes();
     ScaledBytes out{std::make_unique_for_overwrite<std::byte[]>(in.size()), in.size()};
-    scale_encoded(t.view.dtype(), in.data(), out.data.get(), in.size() / dtype_size(t.view.dtype()), t.scale);
+    with_context(fmt::format("tensor {}", quote(t.name)), [&] {
+        scale_encoded(t.view.dtype(), in.data(), out.data.get(), in.size() / dtype_size(t.view.dtype()), t.scale);
+    });
     return out;
 }
 

@@ -769,6 +769,27 @@ TEST_CASE("a scale folded into f16 factors that would overflow is refused, not w
     CHECK_FALSE(fs::exists(request.output));
     request.dtype = "f32";  // what the message says
     REQUIRE(convert(request).exit_code == 0);
+    // GGUF's one alpha per file (the first module's): the others' scales are folded into their
+    // lora_b, and a fold that overflows names the tensor.
+    std::vector<LoraModule> modules;
+    for (const char* name : {"model.layers.0.self_attn.v_proj", "model.layers.0.self_attn.o_proj", "model.layers.1.self_attn.v_proj"}) {
+        LoraModule f16 = test::module_of({1.0f, 100.0f, -3.0f, 0.5f}, {1.0f, 0.0f, 0.0f, 1.0f}, 2, 2, 2,
+                                         std::string_view(name) == "model.layers.0.self_attn.o_proj" ? 2.0 : 2000.0, name);
+        f16.down = f16.down.converted(DType::F16);
+        f16.up = f16.up.converted(DType::F16);
+        modules.push_back(f16);
+    }
+    registry.write_adapter(test::adapter_of(modules), "peft", dir / "p16", write_options(false), notes);
+    ConvertRequest to_gguf;
+    to_gguf.input = (dir / "p16").string();
+    to_gguf.output = (dir / "p16.gguf").string();
+    to_gguf.hints.arch = "llama";
+    const ToolResult gguf_refused = convert(to_gguf);
+    CHECK(gguf_refused.exit_code == exit_codes::bad_input);
+    REQUIRE_FALSE(gguf_refused.diagnostics.empty());
+    CHECK_THAT(gguf_refused.diagnostics.front().message,
+               Catch::Contains("blk.0.attn_v.weight.lora_b") && Catch::Contains("beyond F16"));
+    CHECK_FALSE(fs::exists(to_gguf.output));
     // scale_encoded itself: an infinity in the input stays one (not an overflow); a finite value
     // scaled past the range is refused, also when it is the last of a chunk beside an infinity.
     const Tensor with_inf = Tensor::from_f32(DType::F16, {3}, std::vector<float>{std::numeric_limits<float>::infinity(), 1.0f, -2.0f});
