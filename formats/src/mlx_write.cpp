@@ -47,7 +47,9 @@ void write_mlx(const Adapter& a, const std::filesystem::path& target, const Writ
     bool any_dora = false;
     for (const auto& m : a.modules) {
         if (!component_of(m.name).empty() || m.name.find(':') != std::string::npos)
-            fail(ErrorCode::unsupported, "module {} is not an LLM module path: mlx-lm adapters are for language models",
+            fail(ErrorCode::unsupported,
+                 "module {} has no mlx-lm path: lorakit writes mlx-lm adapters for Hugging Face LLM paths "
+                 "(model.layers.N...), not for diffusion models or 'transformer.h.N' models (GPT-2, GPT-Neo)",
                  quote(m.name));
         if (m.kind == ModuleKind::conv)
             fail(ErrorCode::unsupported, "module {} is a convolution, which mlx-lm LoRA layers do not cover", quote(m.name));

@@ -808,3 +808,18 @@ TEST_CASE("a scale folded into f16 factors that would overflow is refused, not w
     REQUIRE(back.modules.size() == 1);
     CHECK(relative_difference(delta(m), delta(back.modules[0])) < 1e-6);
 }
+
+TEST_CASE("mlx-lm output refuses paths it cannot name, saying which paths it takes", "[convert]") {
+    LORAKIT_REQUIRE_REAL_TESTDATA();
+    test::ScratchDir dir;
+    ConvertRequest request;
+    request.input = (test::real_testdata_dir() / "peft-gpt2-fmi-chatbot").string();  // transformer.h.N.attn.c_attn
+    request.output = (dir / "mlx").string();
+    request.to = "mlx";
+    const ToolResult r = convert(request);
+    CHECK(r.exit_code == exit_codes::bad_input);
+    REQUIRE_FALSE(r.diagnostics.empty());
+    CHECK_THAT(r.diagnostics.front().message, Catch::StartsWith(quote(request.input)) &&
+                                                  Catch::Contains("has no mlx-lm path") && Catch::Contains("GPT-2"));
+    CHECK_FALSE(fs::exists(request.output));
+}
