@@ -18,7 +18,8 @@ namespace fs = std::filesystem;
 using namespace lorakit::bench;
 
 int main(int argc, char** argv) {
-    const auto [dir, repeats] = bench_arguments(argc, argv);
+    const auto [dir, rounds] = bench_arguments(argc, argv);
+    const int repeats = rounds;  // captured below: a lambda cannot capture a structured binding in C++20 (clang)
     const fs::path llama = llama7b_peft_in(dir), sdxl = sdxl_kohya_in(dir);
     const std::string convert = tool(argv[0], "lora-convert");
     const fs::path copy = dir / "out-copy", diffusers = dir / "out-diffusers.safetensors",

@@ -69,8 +69,9 @@ void write_mlx(const Adapter& a, const std::filesystem::path& target, const Writ
         const double factor = m.scale() / scale;
         folded += factor != 1.0;
         out.add(m.name + ".lora_a", down.transposed_2d());
+        const Tensor& b = up;  // a lambda cannot capture a structured binding in C++20 (clang)
         out.add(m.name + ".lora_b",
-                with_context(fmt::format("module {}", quote(m.name)), [&] { return scaled(up, factor); }).transposed_2d());
+                with_context(fmt::format("module {}", quote(m.name)), [&] { return scaled(b, factor); }).transposed_2d());
         if (m.magnitude) {
             const MagnitudeAxis want =
                 m.kind == ModuleKind::embedding ? MagnitudeAxis::input_columns : MagnitudeAxis::output_rows;
