@@ -245,8 +245,23 @@ void write_safetensors(AtomicFile& out, std::vector<TensorToWrite> tensors, std:
     if (!deferred || !out.patchable()) materialize_scaled(tensors, store);
     sort_for_safetensors(tensors);
     auto hash_data = [&tensors] {
+        // Bytes of a mapped input are read with pread through one buffer: faulting the mapping
+        // in (and unmapping it) cost the hashing thread, the critical path here, ~15% more.
         Sha256 hash;
-        for (const auto& t : tensors) hash.update(t.view.bytes());
+        std::vector<std::byte> chunk;
+        for (const auto& t : tensors) {
+            const std::span<const std::byte> bytes = t.view.bytes();
+            if (!mapped_source(bytes)) {
+                hash.update(bytes);
+                continue;
+            }
+            if (chunk.empty()) chunk.resize(256u << 10);
+            for (std::size_t at = 0; at < bytes.size(); at += chunk.size()) {
+                const std::size_t n = std::min(chunk.size(), bytes.size() - at);
+                read_bytes(bytes.subspan(at, n), chunk.data());
+                hash.update({chunk.data(), n});
+            }
+        }
         return hash.finish_hex();
     };
     if (!out.patchable()) {  // standard output: hash first, then write
