@@ -36,12 +36,6 @@ Error& Error::add_context(std::string outer) {
     return *this;
 }
 
-Error& Error::add_hint(std::string_view hint) {
-    message_ += hint;
-    rebuild();
-    return *this;
-}
-
 void Error::rebuild() {
     full_.clear();
     for (const auto& layer : context_) {

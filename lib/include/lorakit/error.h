@@ -37,8 +37,7 @@ inline constexpr int internal = 5;
 }  // namespace exit_codes
 
 // What a refused conversion would have lost, for a caller that may accept the loss instead
-// (lora-convert --allow-lossy drops the named parts and writes the rest). none for every other
-// error.
+// (lora-convert --allow-lossy drops those parts and writes the rest). none for every other error.
 enum class Loss {
     none,
     dora_magnitudes,  // DoRA magnitude vectors (the modules become plain LoRAs)
@@ -61,8 +60,6 @@ public:
 
     // Adds an outer layer of context ("'file.safetensors'"). Returns *this for rethrow.
     Error& add_context(std::string outer);
-    // Appends to the message ("; --allow-lossy drops them"). Returns *this for rethrow.
-    Error& add_hint(std::string_view hint);
 
     Loss loss() const noexcept { return loss_; }
     // The tensors concerned, where the refusal names them (Loss::other_tensors); empty: all.
