@@ -35,9 +35,7 @@ void scale_encoded(DType type, const std::byte* src, std::byte* dst, std::size_t
     const std::size_t width = dtype_size(type);
     // The smallest magnitude that rounds to infinity in `type`: a finite value scaled past it
     // would be written as an infinity (a broken adapter), so that is refused.
-    const float threshold = type == DType::F16    ? 65520.0f
-                            : type == DType::BF16 ? std::bit_cast<float>(std::uint32_t{0x7f7f8000})
-                                                  : std::numeric_limits<float>::infinity();
+    const float threshold = overflow_threshold(type);
     constexpr std::size_t chunk = 4096;
     float buffer[chunk];
     for (std::size_t at = 0; at < count; at += chunk) {

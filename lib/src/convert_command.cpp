@@ -84,27 +84,9 @@ ModelHints hints_from_base(const Registry& registry, const std::string& path, Mo
 
 namespace {
 
-float largest_finite(DType type) {
-    switch (type) {
-    case DType::F16: return 65504.0f;
-    case DType::BF16: return 3.38953139e38f;
-    default: return std::numeric_limits<float>::max();
-    }
-}
-
-// The smallest magnitude that rounds to infinity in `type` (round to nearest even).
-float overflow_threshold(DType type) {
-    switch (type) {
-    case DType::F16: return 65520.0f;
-    case DType::BF16: return std::bit_cast<float>(std::uint32_t{0x7f7f8000});
-    default: return std::numeric_limits<float>::infinity();
-    }
-}
-
 // `t` in `dtype`, refusing (or saturating) finite values the cast would make infinite.
 Tensor narrowed(const Tensor& t, DType dtype, const std::string& what, bool saturate, std::size_t& saturated) {
-    Tensor out = t.converted(dtype);
-    if (dtype == t.dtype() || out.view().count_nonfinite() == t.view().count_nonfinite()) return out;
+    if (dtype == t.dtype()) return t;
     std::vector<float> values = t.to_f32();
     const float limit = largest_finite(dtype), threshold = overflow_threshold(dtype);
     float largest = 0;
@@ -115,6 +97,7 @@ Tensor narrowed(const Tensor& t, DType dtype, const std::string& what, bool satu
         v = std::copysign(limit, v);
         ++count;
     }
+    if (count == 0) return Tensor::from_f32(dtype, t.shape(), values);
     if (!saturate)
         fail(ErrorCode::unsupported,
              "{}: {} value(s) beyond {}'s range (largest magnitude {:.4g}) would become infinite; keep a wider --dtype, or "

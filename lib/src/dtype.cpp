@@ -346,6 +346,22 @@ void convert_from_f32(DType to, std::span<const float> src, std::span<std::byte>
     convert_from_f32(to, src.data(), dst.data(), src.size());
 }
 
+float overflow_threshold(DType type) noexcept {
+    switch (type) {
+    case DType::F16: return 65520.0f;
+    case DType::BF16: return std::bit_cast<float>(std::uint32_t{0x7f7f8000});
+    default: return std::numeric_limits<float>::infinity();
+    }
+}
+
+float largest_finite(DType type) noexcept {
+    switch (type) {
+    case DType::F16: return 65504.0f;
+    case DType::BF16: return std::bit_cast<float>(std::uint32_t{0x7f7f0000});
+    default: return std::numeric_limits<float>::max();
+    }
+}
+
 void scale_f32(float* values, std::size_t count, double factor) noexcept {
     detail::kernels().scale_f32(values, count, factor);
 }

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <limits>
 
@@ -126,10 +127,37 @@ Tensor Tensor::adopt(DType type, Shape shape, std::shared_ptr<const std::byte> d
     return t;
 }
 
+namespace {
+
+// A finite value that a cast to F16 or BF16 would make infinite: refused, as writing it would
+// leave a broken tensor (a merge with large weights into f16 factors, say) where a wider dtype
+// holds it.
+void refuse_overflow(DType type, std::span<const float> values) {
+    if (type != DType::F16 && type != DType::BF16) return;
+    const float threshold = overflow_threshold(type);
+    std::size_t count = 0;
+    for (std::size_t at = 0; at < values.size(); at += 4096) {  // 32-bit counts vectorise without widening
+        std::uint32_t block = 0;
+        for (const float v : values.subspan(at, std::min<std::size_t>(4096, values.size() - at)))
+            block += (std::abs(v) >= threshold) & (std::abs(v) != std::numeric_limits<float>::infinity());
+        count += block;
+    }
+    if (count == 0) return;
+    float largest = 0;
+    for (const float v : values)
+        if (std::isfinite(v)) largest = std::max(largest, std::abs(v));
+    fail(ErrorCode::unsupported,
+         "{} value(s) beyond {}'s range (largest magnitude {:.4g}) would be written as infinities; use a wider dtype (--dtype f32)",
+         count, dtype_name(type), largest);
+}
+
+}  // namespace
+
 Tensor Tensor::from_f32(DType type, Shape shape, std::span<const float> values) {
     const auto count = checked_element_count(shape);
     if (static_cast<std::size_t>(count) != values.size())
         fail(ErrorCode::internal, "from_f32: {} values for shape {}", values.size(), format_shape(shape));
+    refuse_overflow(type, values);
     // Not zero-filled first: the conversion writes every byte (outputs are hundreds of MB).
     const std::size_t size = values.size() * dtype_size(type);
     std::shared_ptr<std::byte[]> holder = std::make_shared_for_overwrite<std::byte[]>(size);

@@ -2,6 +2,7 @@
 // the energy rule.
 #include <catch2/catch.hpp>
 
+#include <cmath>
 #include <limits>
 
 #include "lorakit/base_model.h"
@@ -96,6 +97,23 @@ TEST_CASE("tensors alias, own, convert, reshape and transpose", "[core][tensor]"
     CHECK(owner.use_count() == 2);              // the tensor keeps the owner alive
     CHECK(Tensor::zeros(DType::F16, {}).scalar_value() == 0.0);
     CHECK_THROWS_AS(Tensor::zeros(DType::F16, {2}).scalar_value(), Error);
+}
+
+TEST_CASE("a finite value that F16 or BF16 would make infinite is refused, an infinity is kept", "[core][tensor]") {
+    const float inf = std::numeric_limits<float>::infinity();
+    // 65519 rounds down to 65504; 65520 rounds to infinity.
+    CHECK(Tensor::from_f32(DType::F16, {2}, std::vector<float>{65519.0f, -inf}).to_f32() == std::vector<float>{65504.0f, -inf});
+    CHECK_THROWS_WITH(Tensor::from_f32(DType::F16, {3}, std::vector<float>{1.0f, -65520.0f, 7e5f}),
+                      Catch::Contains("2 value(s) beyond F16's range (largest magnitude 7e+05)"));
+    CHECK(largest_finite(DType::F16) == 65504.0f);
+    CHECK(overflow_threshold(DType::F32) == inf);
+    // BF16: FLT_MAX rounds to infinity; its largest finite value is kept.
+    CHECK_THROWS(Tensor::from_f32(DType::BF16, {1}, std::vector<float>{std::numeric_limits<float>::max()}));
+    CHECK(Tensor::from_f32(DType::BF16, {1}, std::vector<float>{largest_finite(DType::BF16)}).to_f32()[0] == largest_finite(DType::BF16));
+    CHECK(std::nextafter(overflow_threshold(DType::BF16), 0.0f) < overflow_threshold(DType::BF16));
+    CHECK_NOTHROW(Tensor::from_f32(DType::BF16, {1}, std::vector<float>{std::nextafter(overflow_threshold(DType::BF16), 0.0f)}));
+    CHECK(Tensor::from_f32(DType::F32, {1}, std::vector<float>{std::numeric_limits<float>::max()}).to_f32()[0] ==
+          std::numeric_limits<float>::max());
 }
 
 TEST_CASE("non-finite values are counted", "[core][tensor]") {

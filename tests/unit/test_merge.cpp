@@ -385,6 +385,19 @@ TEST_CASE("lora-merge end to end: exact concat of the samples, then svd", "[merg
     CHECK_THAT(r.err, Catch::Contains("a PEFT adapter covers one model"));
     // Each part named (the LLM's paths have no component name: they used to print as "spans , text_encoder").
     CHECK_THAT(r.err, Catch::Contains("spans an LLM's module paths, 'text_encoder'"));
+    // Weights that push the f16 factors past 65504: refused naming the module (it used to write
+    // infinities and exit 0); with --dtype f32 the same merge is written.
+    const std::string sdxl = (samples / "kohya-sdxl.safetensors").string();
+    for (const char* method : {"concat", "svd"}) {
+        INFO(method);
+        r = test::run_tool("lora-merge", {sdxl, sdxl, "--weights", "1e9,1e9", "--method", method, "--rank", "4", "-o",
+                                          (dir / "big.safetensors").string()});
+        CHECK(r.exit_code == 3);
+        CHECK_THAT(r.err, Catch::Contains("module '") && Catch::Contains("beyond F16's range") && Catch::Contains("--dtype f32"));
+        CHECK_FALSE(std::filesystem::exists(dir / "big.safetensors"));
+    }
+    r = test::run_tool("lora-merge", {sdxl, sdxl, "--weights", "1e9,1e9", "--dtype", "f32", "-o", (dir / "big.safetensors").string()});
+    CHECK(r.exit_code == 0);
     r = test::run_tool("lora-merge", {llama, "-o", (dir / "y").string()});
     CHECK(r.exit_code == 2);
     r = test::run_tool("lora-merge", {llama, llama, "--weights", "1,x", "-o", (dir / "z").string()});

@@ -64,6 +64,12 @@ void convert_from_f32(DType to, std::span<const float> src, std::span<std::byte>
 // largest 64-bit integers, which round to nearest even).
 void convert_to_f64(DType from, const std::byte* src, double* dst, std::size_t count) noexcept;
 
+// For a cast from f32 (round to nearest even): the smallest magnitude that becomes infinite in
+// `type` (65520 for F16; +infinity for F32, F64 and types without infinities), and the largest
+// finite value of `type` (FLT_MAX for F32 and wider).
+float overflow_threshold(DType type) noexcept;
+float largest_finite(DType type) noexcept;
+
 // values[i] = float(double(values[i]) * factor) for each i: the product in f64, rounded once to
 // f32 (how lorakit folds a scale into stored factors).
 void scale_f32(float* values, std::size_t count, double factor) noexcept;

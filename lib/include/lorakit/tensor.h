@@ -109,7 +109,8 @@ public:
                         std::shared_ptr<const void> owner);
     // A tensor owning `bytes`, which must hold exactly shape x dtype bytes.
     static Tensor own(DType type, Shape shape, std::vector<std::byte> bytes);
-    // A tensor of `type` holding `values` rounded once from f32.
+    // A tensor of `type` holding `values` rounded once from f32. A finite value that F16 or BF16
+    // would round to infinity is refused (ErrorCode::unsupported: a wider dtype holds it).
     static Tensor from_f32(DType type, Shape shape, std::span<const float> values);
     // A zero-filled tensor.
     static Tensor zeros(DType type, Shape shape);
