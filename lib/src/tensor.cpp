@@ -139,7 +139,8 @@ void refuse_overflow(DType type, std::span<const float> values) {
     for (std::size_t at = 0; at < values.size(); at += 4096) {  // 32-bit counts vectorise without widening
         std::uint32_t block = 0;
         for (const float v : values.subspan(at, std::min<std::size_t>(4096, values.size() - at)))
-            block += (std::abs(v) >= threshold) & (std::abs(v) != std::numeric_limits<float>::infinity());
+            block += static_cast<std::uint32_t>(std::abs(v) >= threshold) &
+                     static_cast<std::uint32_t>(std::abs(v) != std::numeric_limits<float>::infinity());
         count += block;
     }
     if (count == 0) return;
