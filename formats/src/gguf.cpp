@@ -1,5 +1,6 @@
 #include "lorakit/formats/gguf.h"
 
+#include <algorithm>
 #include <array>
 #include <bit>
 #include <cmath>
@@ -377,6 +378,19 @@ std::vector<std::byte> quantize_q8_0(const float* values, std::size_t count) {
     if (count % 32) fail(ErrorCode::internal, "Q8_0 needs a multiple of 32 values, got {}", count);
     std::vector<std::byte> out(count / 32 * 34);
     quantize_blocks(values, count / 32, out.data());
+    // A block's scale amax / 127 is stored as f16: from a largest finite magnitude of 127 x 65520
+    // on it would be infinite, and the block garbage. Refused (an infinity in the values is kept).
+    for (std::size_t b = 0; b < count / 32; ++b) {
+        std::uint16_t dh;
+        std::memcpy(&dh, out.data() + b * 34, 2);
+        if ((dh & 0x7fff) != 0x7c00) continue;
+        const float* x = values + b * 32;
+        if (std::all_of(x, x + 32, [](float v) { return std::isfinite(v); }))
+            fail(ErrorCode::unsupported,
+                 "a block of 32 values reaches magnitude {:g}, beyond what Q8_0's f16 block scale holds (127 x 65504); "
+                 "write f16 or f32 instead",
+                 static_cast<double>(std::abs(*std::max_element(x, x + 32, [](float a, float c) { return std::abs(a) < std::abs(c); }))));
+    }
     return out;
 }
 

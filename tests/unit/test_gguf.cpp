@@ -5,6 +5,7 @@
 #include <cmath>
 #include <random>
 #include <cstring>
+#include <limits>
 #include <functional>
 
 #include "lorakit/error.h"
@@ -162,6 +163,14 @@ TEST_CASE("Q8_0 quantization follows ggml: f16 scale amax/127, round half away f
     CHECK(back[0] == 127.0f);
     CHECK(back[1] == 3.0f);
     CHECK(back[40] == 0.0f);
+    // The f16 scale overflows from amax = 127 x 65520 on: refused, naming the magnitude; just below
+    // it the block is kept; an infinity in the values stays one.
+    x[33] = -127.0f * 65520.0f;
+    CHECK_THROWS_WITH(quantize_q8_0(x.data(), x.size()), Catch::Contains("8.32104e+06") && Catch::Contains("Q8_0"));
+    x[33] = 127.0f * 65504.0f;
+    CHECK_NOTHROW(quantize_q8_0(x.data(), x.size()));
+    x[33] = std::numeric_limits<float>::infinity();
+    CHECK_NOTHROW(quantize_q8_0(x.data(), x.size()));
 }
 
 TEST_CASE("Q8_0 quantization: the vectorised rounding is roundf's, value for value, and so are the scales", "[gguf]") {
