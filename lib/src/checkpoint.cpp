@@ -99,9 +99,9 @@ void refuse_replacing(const Checkpoint& checkpoint, std::string_view role, const
 }
 
 double dtype_finite_limit(std::string_view name) noexcept {
-    if (name == "F16") return 65504.0;
-    if (name == "BF16") return 3.3895313892515355e38;
-    if (name == "F32") return 3.4028234663852886e38;
+    if (name == "F16") return largest_finite(DType::F16);
+    if (name == "BF16") return largest_finite(DType::BF16);
+    if (name == "F32") return largest_finite(DType::F32);
     if (name == "F64") return 1.7976931348623157e308;
     if (name == "F8_E4M3") return 448.0;
     if (name == "F8_E5M2") return 57344.0;

@@ -3,11 +3,8 @@
 #include "lorakit/convert.h"
 
 #include <algorithm>
-#include <bit>
 #include <cmath>
-#include <cstdint>
 #include <filesystem>
-#include <limits>
 #include <utility>
 
 #include <fmt/format.h>
@@ -88,22 +85,18 @@ namespace {
 Tensor narrowed(const Tensor& t, DType dtype, const std::string& what, bool saturate, std::size_t& saturated) {
     if (dtype == t.dtype()) return t;
     std::vector<float> values = t.to_f32();
-    const float limit = largest_finite(dtype), threshold = overflow_threshold(dtype);
-    float largest = 0;
-    std::size_t count = 0;
-    for (float& v : values) {
-        if (!std::isfinite(v) || std::abs(v) < threshold) continue;
-        largest = std::max(largest, std::abs(v));
-        v = std::copysign(limit, v);
-        ++count;
-    }
-    if (count == 0) return Tensor::from_f32(dtype, t.shape(), values);
+    const Overflow overflow = find_overflow(dtype, values);
+    if (overflow.count == 0) return Tensor::from_f32(dtype, t.shape(), values);
+    const float limit = largest_finite(dtype);
     if (!saturate)
         fail(ErrorCode::unsupported,
              "{}: {} value(s) beyond {}'s range (largest magnitude {:.4g}) would become infinite; keep a wider --dtype, or "
              "--allow-lossy to saturate them at ±{:g}",
-             what, count, dtype_name(dtype), largest, limit);
-    saturated += count;
+             what, overflow.count, dtype_name(dtype), overflow.largest, limit);
+    const float threshold = overflow_threshold(dtype);
+    for (float& v : values)
+        if (std::isfinite(v) && std::abs(v) >= threshold) v = std::copysign(limit, v);
+    saturated += overflow.count;
     return Tensor::from_f32(dtype, t.shape(), values);
 }
 

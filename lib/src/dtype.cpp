@@ -362,6 +362,23 @@ float largest_finite(DType type) noexcept {
     }
 }
 
+Overflow find_overflow(DType type, std::span<const float> values) noexcept {
+    Overflow found;
+    const float threshold = overflow_threshold(type);
+    if (threshold == std::numeric_limits<float>::infinity()) return found;
+    for (std::size_t at = 0; at < values.size(); at += 4096) {  // 32-bit counts vectorise without widening
+        std::uint32_t block = 0;
+        for (const float v : values.subspan(at, std::min<std::size_t>(4096, values.size() - at)))
+            block += static_cast<std::uint32_t>(std::abs(v) >= threshold) &
+                     static_cast<std::uint32_t>(std::abs(v) != std::numeric_limits<float>::infinity());
+        found.count += block;
+    }
+    if (found.count > 0)  // rare: find the largest
+        for (const float v : values)
+            if (std::isfinite(v)) found.largest = std::max(found.largest, std::abs(v));
+    return found;
+}
+
 void scale_f32(float* values, std::size_t count, double factor) noexcept {
     detail::kernels().scale_f32(values, count, factor);
 }

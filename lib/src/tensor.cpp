@@ -133,23 +133,12 @@ namespace {
 // leave a broken tensor (a merge with large weights into f16 factors, say) where a wider dtype
 // holds it.
 void refuse_overflow(DType type, std::span<const float> values) {
-    if (type != DType::F16 && type != DType::BF16) return;
-    const float threshold = overflow_threshold(type);
-    std::size_t count = 0;
-    for (std::size_t at = 0; at < values.size(); at += 4096) {  // 32-bit counts vectorise without widening
-        std::uint32_t block = 0;
-        for (const float v : values.subspan(at, std::min<std::size_t>(4096, values.size() - at)))
-            block += static_cast<std::uint32_t>(std::abs(v) >= threshold) &
-                     static_cast<std::uint32_t>(std::abs(v) != std::numeric_limits<float>::infinity());
-        count += block;
-    }
-    if (count == 0) return;
-    float largest = 0;
-    for (const float v : values)
-        if (std::isfinite(v)) largest = std::max(largest, std::abs(v));
-    fail(ErrorCode::unsupported,
-         "{} value(s) beyond {}'s range (largest magnitude {:.4g}) would be written as infinities; use a wider dtype (--dtype f32)",
-         count, dtype_name(type), largest);
+    const Overflow overflow = find_overflow(type, values);
+    if (overflow.count > 0)
+        fail(ErrorCode::unsupported,
+             "{} value(s) beyond {}'s range (largest magnitude {:.4g}) would be written as infinities; use a wider dtype "
+             "(--dtype f32)",
+             overflow.count, dtype_name(type), overflow.largest);
 }
 
 }  // namespace

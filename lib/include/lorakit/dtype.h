@@ -69,6 +69,13 @@ void convert_to_f64(DType from, const std::byte* src, double* dst, std::size_t c
 // finite value of `type` (FLT_MAX for F32 and wider).
 float overflow_threshold(DType type) noexcept;
 float largest_finite(DType type) noexcept;
+// The finite `values` a cast to `type` would make infinite: how many, and the largest magnitude
+// among them (0 when none).
+struct Overflow {
+    std::size_t count = 0;
+    float largest = 0;
+};
+Overflow find_overflow(DType type, std::span<const float> values) noexcept;
 
 // values[i] = float(double(values[i]) * factor) for each i: the product in f64, rounded once to
 // f32 (how lorakit folds a scale into stored factors).
